@@ -1,0 +1,163 @@
+"""Prepared benchmarks on disk and the dataset that reads them.
+
+Layout written by ``scripts/prepare_datasets.py`` and ``scripts/make_toy.py``::
+
+    ROOT/images/SPLIT/<stem>.(jpg|png)     RGB images
+    ROOT/labels/SPLIT/<stem>.(png|tif)     train ids; uint8 with ignore 255, or uint16 with ignore 65535
+    ROOT/vocab.json                        class names in train-id order (optional when packaged)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ovseg_lab.errors import DataError
+from ovseg_lab.vocab import Vocabulary, load_vocabulary
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+LABEL_EXTENSIONS = (".png", ".tif", ".tiff")
+
+
+@dataclass
+class BenchmarkSpec:
+    """One benchmark split: where it lives, its vocabulary and how to score it.
+
+    vocabulary: packaged vocabulary name ("ade150") or a file; None means ``ROOT/vocab.json``.
+    background_from: PAS-20b style scoring: predicted ids >= this value count as the background class
+        ``background_from`` (the metric then has ``background_from + 1`` classes).
+    prepare: the command that creates this benchmark, quoted in missing-data messages.
+    """
+
+    name: str
+    root: str
+    split: str = "val"
+    vocabulary: str | None = None
+    ignore_index: int = 255
+    background_from: int | None = None
+    max_images: int | None = None
+    prepare: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, name: str, cfg: Mapping[str, Any]) -> "BenchmarkSpec":
+        cfg = dict(cfg)
+        known = {f for f in cls.__dataclass_fields__ if f not in ("name", "extra")}
+        extra = {k: cfg.pop(k) for k in list(cfg) if k not in known}
+        cfg.pop("name", None)
+        return cls(name=name, extra=extra, **cfg)
+
+    @property
+    def image_dir(self) -> Path:
+        return Path(self.root) / "images" / self.split
+
+    @property
+    def label_dir(self) -> Path:
+        return Path(self.root) / "labels" / self.split
+
+    def missing(self) -> str | None:
+        """A one-line description of what is missing, or None when the split is on disk."""
+        if not self.image_dir.is_dir() or not self.label_dir.is_dir():
+            hint = f" (prepare it with: {self.prepare})" if self.prepare else ""
+            return f"{self.name} {self.split} split not found at {self.image_dir}{hint}"
+        return None
+
+    def load_vocabulary(self) -> Vocabulary:
+        source = self.vocabulary or str(Path(self.root) / "vocab.json")
+        return load_vocabulary(source, name=self.name)
+
+    @property
+    def num_eval_classes(self) -> int:
+        """Classes the metric counts (PAS-20b: 20 objects + background)."""
+        return self.background_from + 1 if self.background_from is not None else len(self.load_vocabulary())
+
+
+def _find_with_extension(folder: Path, stem: str, extensions: tuple[str, ...]) -> Path | None:
+    for ext in extensions:
+        candidate = folder / f"{stem}{ext}"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def read_label(path: Path) -> np.ndarray:
+    """A label map as a 2-D integer array (uint8 or uint16 as stored)."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+                raise DataError(f"Label {path} has image mode {img.mode}; expected a single-channel id map.")
+            array = np.array(img)
+    except (OSError, SyntaxError) as err:
+        raise DataError(f"Cannot read label {path}: {err}") from None
+    if array.ndim != 2:
+        raise DataError(f"Label {path} is not a 2-D id map (shape {array.shape}).")
+    return array
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An RGB image as (H, W, 3) uint8."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return np.array(img.convert("RGB"))
+    except (OSError, SyntaxError) as err:
+        raise DataError(f"Cannot read image {path}: {err}") from None
+
+
+class SegmentationFolder(Dataset):
+    """Images and label maps of one prepared benchmark split.
+
+    Items: ``{"image": uint8 (3, H, W), "label": int64 (H, W), "stem": str}``.
+    Label ids must lie in [0, num_classes) or equal ``ignore_index``; anything else is an error naming the file.
+    """
+
+    def __init__(self, spec: BenchmarkSpec, num_classes: int | None = None, transform=None) -> None:
+        missing = spec.missing()
+        if missing:
+            raise DataError(missing)
+        self.spec = spec
+        self.transform = transform
+        self.num_classes = num_classes if num_classes is not None else len(spec.load_vocabulary())
+        images = sorted(p for p in spec.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not images:
+            raise DataError(f"No images (*.jpg / *.png) in {spec.image_dir}.")
+        if spec.max_images:
+            images = images[: spec.max_images]
+        self.samples: list[tuple[Path, Path]] = []
+        for image in images:
+            label = _find_with_extension(spec.label_dir, image.stem, LABEL_EXTENSIONS)
+            if label is None:
+                raise DataError(f"No label for image {image} in {spec.label_dir} (expected {image.stem}.png or .tif).")
+            self.samples.append((image, label))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image_path, label_path = self.samples[index]
+        image = read_image(image_path)
+        label = read_label(label_path)
+        if image.shape[:2] != label.shape:
+            raise DataError(f"Image {image_path} is {image.shape[1]}x{image.shape[0]} but its label {label_path} is {label.shape[1]}x{label.shape[0]}.")
+        valid = label != self.spec.ignore_index
+        if valid.any() and label[valid].max() >= self.num_classes:
+            bad = np.unique(label[valid & (label >= self.num_classes)])[:5].tolist()
+            raise DataError(
+                f"Label {label_path} holds ids {bad} outside the {self.num_classes}-class vocabulary of "
+                f"{self.spec.name} (ignore id {self.spec.ignore_index})."
+            )
+        return image, label
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, label = self.load(index)
+        image_t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        label_t = torch.from_numpy(label.astype(np.int64))
+        if self.transform is not None:
+            image_t, label_t = self.transform(image_t, label_t)
+        return {"image": image_t, "label": label_t, "stem": self.samples[index][0].stem}

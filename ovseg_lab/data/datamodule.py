@@ -1,0 +1,191 @@
+"""The DataModule shared by every per-pixel method: one training benchmark, several evaluation benchmarks.
+
+Each evaluation benchmark has its own vocabulary and is scored as ``val/<name>/mIoU``. Distributed evaluation
+splits images across ranks without the duplicate padding of ``DistributedSampler``, so the summed confusion
+matrices cover every image exactly once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
+
+from ovseg_lab.data.benchmark import BenchmarkSpec, SegmentationFolder
+from ovseg_lab.data.transforms import TrainTransform
+from ovseg_lab.errors import DataError
+from ovseg_lab.vocab import Vocabulary
+
+
+class ShardedEvalSampler(Sampler[int]):
+    """Rank r of w gets indices r, r + w, ...: no padding, no duplicates, order kept within a rank."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack same-sized samples; keep lists when sizes differ (evaluation at original resolution)."""
+    out: dict[str, Any] = {"stem": [b["stem"] for b in batch]}
+    for key in ("image", "label"):
+        tensors = [b[key] for b in batch]
+        same = all(t.shape == tensors[0].shape for t in tensors)
+        out[key] = torch.stack(tensors) if same else tensors
+    return out
+
+
+class EvalBenchmark:
+    """An evaluation benchmark as the LightningModule sees it."""
+
+    def __init__(self, spec: BenchmarkSpec) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.vocabulary: Vocabulary = spec.load_vocabulary()
+        self.num_classes = spec.num_eval_classes
+        self.ignore_index = spec.ignore_index
+        self.background_from = spec.background_from
+        if self.background_from is not None and not 0 < self.background_from < len(self.vocabulary):
+            raise DataError(f"{self.name}: background_from={self.background_from} must lie inside its vocabulary.")
+
+    def __repr__(self) -> str:
+        return f"EvalBenchmark({self.name}, {len(self.vocabulary)} classes)"
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """Args:
+    train: benchmark config of the training split (None for evaluation-only runs).
+    eval: name -> benchmark config of each evaluation split.
+    generate_toy: when set, ``prepare_data`` writes the toy benchmark to ``generate_toy.out`` if absent.
+    """
+
+    def __init__(
+        self,
+        train: Mapping[str, Any] | None = None,
+        eval: Mapping[str, Mapping[str, Any]] | None = None,
+        batch_size: int = 4,
+        eval_batch_size: int = 1,
+        num_workers: int = 4,
+        transform: Mapping[str, Any] | None = None,
+        generate_toy: Mapping[str, Any] | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.train_spec = BenchmarkSpec.from_config(train.get("name", "train"), train) if train else None
+        self.eval_specs = [BenchmarkSpec.from_config(name, cfg) for name, cfg in (eval or {}).items()]
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.transform_cfg = dict(transform or {})
+        self.generate_toy = dict(generate_toy) if generate_toy else None
+        self.pin_memory = pin_memory
+        self._train_set: SegmentationFolder | None = None
+        self._eval_sets: list[SegmentationFolder] = []
+        self._benchmarks: list[EvalBenchmark] | None = None
+        self._train_vocabulary: Vocabulary | None = None
+
+    # ------------------------------------------------------------------ availability
+    def missing(self, stage: str = "fit") -> list[str]:
+        """Every split this run needs that is not on disk, as user-facing lines."""
+        if self.generate_toy:
+            return []  # prepare_data creates it
+        specs = list(self.eval_specs)
+        if stage == "fit" and self.train_spec is not None:
+            specs.insert(0, self.train_spec)
+        return [m for m in (s.missing() for s in specs) if m]
+
+    def prepare_data(self) -> None:
+        if self.generate_toy:
+            from ovseg_lab.data.toy import ToyConfig, generate_toy
+
+            options = dict(self.generate_toy)
+            out = options.pop("out")
+            generate_toy(out, ToyConfig(**options))
+
+    # ------------------------------------------------------------------ what the model needs to know
+    @property
+    def train_vocabulary(self) -> Vocabulary:
+        if self._train_vocabulary is None:
+            if self.train_spec is None:
+                raise DataError("This data config has no training split (data.train).")
+            self._train_vocabulary = self.train_spec.load_vocabulary()
+        return self._train_vocabulary
+
+    @property
+    def eval_benchmarks(self) -> list[EvalBenchmark]:
+        if self._benchmarks is None:
+            self._benchmarks = [EvalBenchmark(spec) for spec in self.eval_specs]
+        return self._benchmarks
+
+    # ------------------------------------------------------------------ datasets and loaders
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_spec is not None and self._train_set is None:
+            transform = TrainTransform(ignore_index=self.train_spec.ignore_index, **self.transform_cfg)
+            self._train_set = SegmentationFolder(self.train_spec, len(self.train_vocabulary), transform)
+        if not self._eval_sets:
+            self._eval_sets = [
+                SegmentationFolder(b.spec, len(b.vocabulary)) for b in self.eval_benchmarks
+            ]
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+            "collate_fn": collate,
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        if self._train_set is None:
+            self.setup("fit")
+        if self._train_set is None:
+            raise DataError("No training split configured (data.train).")
+        # The trainer runs with use_distributed_sampler=False (so evaluation is not padded); training
+        # shards itself here. Lightning calls set_epoch on this sampler every epoch.
+        rank, world = self._rank_and_world()
+        if world > 1:
+            sampler: Sampler[int] = DistributedSampler(self._train_set, num_replicas=world, rank=rank, shuffle=True)
+        else:
+            sampler = RandomSampler(self._train_set)
+        return DataLoader(
+            self._train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=len(self._train_set) >= self.batch_size,
+            **self._loader_kwargs(),
+        )
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def val_dataloader(self) -> list[DataLoader]:
+        if not self._eval_sets:
+            self.setup("validate")
+        rank, world = self._rank_and_world()
+        return [
+            DataLoader(
+                dataset,
+                batch_size=self.eval_batch_size,
+                sampler=ShardedEvalSampler(len(dataset), rank, world),
+                **self._loader_kwargs(),
+            )
+            for dataset in self._eval_sets
+        ]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()
+
+    @property
+    def data_roots(self) -> list[Path]:
+        return [Path(s.root) for s in ([self.train_spec] if self.train_spec else []) + self.eval_specs]

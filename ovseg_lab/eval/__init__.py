@@ -1,0 +1,1 @@
+"""Evaluation: inference protocols (whole image, sliding window) and benchmark-specific scoring."""

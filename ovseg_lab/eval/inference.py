@@ -1,0 +1,99 @@
+"""From a model to per-class score maps at the input resolution, under a configurable protocol.
+
+- ``whole``: one forward pass; the model resizes to its own input size, scores are resized back.
+- ``slide`` (CAT-Seg): squash the image to ``slide_size``, run overlapping ``crop`` windows with ``stride``
+  plus one global view of the whole image at ``crop`` size, average window scores per pixel, then average
+  local and global maps 50/50, and resize back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ovseg_lab.errors import SetupError
+from ovseg_lab.layers.losses import upsample_to
+
+
+@dataclass
+class InferenceConfig:
+    mode: str = "whole"
+    score: str = "sigmoid"  # sigmoid | softmax | identity: applied to logits before averaging views
+    slide_size: int = 640
+    crop: int = 384
+    stride: int = 256
+    global_view: bool = True
+    global_weight: float = 0.5
+    batch_windows: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("whole", "slide"):
+            raise SetupError(f"inference.mode must be 'whole' or 'slide', got '{self.mode}'.")
+        if self.score not in ("sigmoid", "softmax", "identity"):
+            raise SetupError(f"inference.score must be sigmoid, softmax or identity, got '{self.score}'.")
+        if self.mode == "slide" and not 0 < self.stride <= self.crop <= self.slide_size:
+            raise SetupError("inference needs 0 < stride <= crop <= slide_size for sliding windows.")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | "InferenceConfig" | None) -> "InferenceConfig":
+        if cfg is None:
+            return cls()
+        if isinstance(cfg, InferenceConfig):
+            return cfg
+        return cls(**dict(cfg))
+
+
+def _score(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "sigmoid":
+        return logits.sigmoid()
+    if kind == "softmax":
+        return logits.softmax(dim=1)
+    return logits
+
+
+def window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Window offsets covering [0, length): regular steps plus a last window flush with the end."""
+    if length <= crop:
+        return [0]
+    starts = list(range(0, length - crop + 1, stride))
+    if starts[-1] + crop < length:
+        starts.append(length - crop)
+    return starts
+
+
+def segment(
+    forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, cfg: InferenceConfig
+) -> torch.Tensor:
+    """Per-class scores (B, T, H, W) for images (B, 3, H, W) in [0, 1].
+
+    ``forward`` maps a batch of images to logits (B, T, h, w) at any resolution (vocabulary already bound).
+    """
+    height, width = images.shape[-2:]
+    if cfg.mode == "whole":
+        return _score(upsample_to(forward(images), (height, width)), cfg.score)
+
+    size, crop = cfg.slide_size, cfg.crop
+    squashed = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    offsets = [(top, left) for top in window_starts(size, crop, cfg.stride) for left in window_starts(size, crop, cfg.stride)]
+    windows = [squashed[:, :, t : t + crop, l : l + crop] for t, l in offsets]
+    views = windows + ([F.interpolate(images, size=(crop, crop), mode="bilinear", align_corners=False)] if cfg.global_view else [])
+    batch = images.shape[0]
+    if cfg.batch_windows:
+        scores = _score(upsample_to(forward(torch.cat(views, dim=0)), (crop, crop)), cfg.score)
+        scores = list(scores.split(batch, dim=0))
+    else:
+        scores = [_score(upsample_to(forward(v), (crop, crop)), cfg.score) for v in views]
+    num_classes = scores[0].shape[1]
+    total = images.new_zeros(batch, num_classes, size, size)
+    count = images.new_zeros(1, 1, size, size)
+    for (top, left), window_scores in zip(offsets, scores[: len(offsets)]):
+        total[:, :, top : top + crop, left : left + crop] += window_scores
+        count[:, :, top : top + crop, left : left + crop] += 1
+    local = total / count
+    if cfg.global_view:
+        global_scores = upsample_to(scores[-1], (size, size))
+        local = (1 - cfg.global_weight) * local + cfg.global_weight * global_scores
+    return upsample_to(local, (height, width))

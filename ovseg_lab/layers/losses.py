@@ -1,0 +1,38 @@
+"""Per-pixel losses shared by the dense methods."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def upsample_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, T, h, w) -> (B, T, H, W), bilinear."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def per_pixel_bce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """CAT-Seg's loss: sigmoid BCE of every class logit against the one-hot label, ignore pixels excluded.
+
+    logits: (B, T, h, w), upsampled to the label size; labels: (B, H, W) with ids in [0, T) or ``ignore_index``.
+    The mean runs over (valid pixel, class) pairs. (The official release averages over ignore pixels too, with
+    all-zero targets, which pushes every class down on void regions.)
+    """
+    logits = upsample_to(logits, labels.shape[-2:])
+    num_classes = logits.shape[1]
+    valid = labels != ignore_index
+    if not valid.any():
+        return logits.sum() * 0.0
+    logits = logits.permute(0, 2, 3, 1)[valid]  # (N, T)
+    target = F.one_hot(labels[valid].long(), num_classes).to(logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def per_pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Softmax cross-entropy over classes (LSeg), ignore pixels excluded; logits upsampled to the label size."""
+    logits = upsample_to(logits, labels.shape[-2:])
+    if not (labels != ignore_index).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, labels.long(), ignore_index=ignore_index)

@@ -1,0 +1,6 @@
+"""LightningModules: one per training recipe, sharing a base that owns evaluation, metrics and logging."""
+
+from ovseg_lab.lit.base import OpenVocabModule
+from ovseg_lab.lit.dense import DenseSupervisedModule, NonFiniteLossError
+
+__all__ = ["DenseSupervisedModule", "NonFiniteLossError", "OpenVocabModule"]

@@ -1,0 +1,171 @@
+"""The LightningModule base every method shares: evaluation, metrics, logging, optimizers.
+
+A method plugs in a ``net`` with ``net(images, vocabulary) -> logits (B, T, h, w)`` (images in [0, 1]) and a
+recipe subclass that defines ``training_step``. Evaluation runs every benchmark of the DataModule with its own
+vocabulary, through the configured inference protocol, into one confusion matrix per benchmark.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Mapping
+
+import lightning as L
+import torch
+from torch import nn
+
+from ovseg_lab.eval.inference import InferenceConfig, segment
+from ovseg_lab.lit.optim import build_param_groups
+from ovseg_lab.metrics import SegmentationMetric
+from ovseg_lab.vocab import Vocabulary
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [0, 1]; float input is assumed to be in [0, 1] already."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+
+
+class OpenVocabModule(L.LightningModule):
+    """Args:
+    net: the method's network.
+    optimizer: partial optimizer (``_partial_: true``) taking param groups.
+    scheduler: partial schedule taking the optimizer, stepped every iteration.
+    backbone_lr_multiplier: learning-rate factor for CLIP parameters (CAT-Seg: 0.01).
+    inference: :class:`InferenceConfig` fields (whole / slide).
+    metric_convention: detectron2 (classes present in GT) or mmseg.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        backbone_lr_multiplier: float = 1.0,
+        weight_decay_norm: float | None = 0.0,
+        weight_decay_embed: float | None = 0.0,
+        inference: Mapping[str, Any] | None = None,
+        metric_convention: str = "detectron2",
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.backbone_lr_multiplier = backbone_lr_multiplier
+        self.weight_decay_norm = weight_decay_norm
+        self.weight_decay_embed = weight_decay_embed
+        self.inference_cfg = InferenceConfig.from_config(inference)
+        self.metric_convention = metric_convention
+        self.metrics = nn.ModuleDict()
+        self._benchmarks: list = []
+        self.eval_results: dict[str, dict] = {}
+        self.run_config_yaml: str | None = None  # the resolved Hydra config, stored in checkpoints
+
+    # ------------------------------------------------------------------ data-dependent state
+    @property
+    def datamodule(self):
+        trainer = self._trainer
+        return trainer.datamodule if trainer is not None else None
+
+    @property
+    def train_vocabulary(self) -> Vocabulary:
+        return self.datamodule.train_vocabulary
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.datamodule
+        benchmarks = getattr(datamodule, "eval_benchmarks", []) if datamodule is not None else []
+        self._benchmarks = list(benchmarks)
+        for bench in self._benchmarks:
+            if bench.name not in self.metrics:
+                self.metrics[bench.name] = SegmentationMetric(
+                    bench.num_classes, ignore_index=bench.ignore_index, convention=self.metric_convention
+                )
+
+    # ------------------------------------------------------------------ inference
+    def forward(self, images: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
+        return self.net(images, vocabulary)
+
+    @torch.no_grad()
+    def predict_scores(self, images: torch.Tensor, vocabulary: Vocabulary, inference: InferenceConfig | None = None) -> torch.Tensor:
+        """Per-class scores (B, T, H, W) at the input resolution under the inference protocol."""
+        return segment(lambda x: self.net(x, vocabulary), to_unit_float(images), inference or self.inference_cfg)
+
+    @torch.no_grad()
+    def predict_labels(self, images: torch.Tensor, vocabulary: Vocabulary, background_from: int | None = None) -> torch.Tensor:
+        """(B, H, W) argmax class ids; with ``background_from`` ids above it collapse onto it (PAS-20b)."""
+        pred = self.predict_scores(images, vocabulary).argmax(dim=1)
+        if background_from is not None:
+            pred = pred.clamp(max=background_from)
+        return pred
+
+    # ------------------------------------------------------------------ evaluation loop
+    def _eval_step(self, batch: Mapping[str, Any], dataloader_idx: int) -> None:
+        bench = self._benchmarks[dataloader_idx]
+        images, labels = batch["image"], batch["label"]
+        if isinstance(images, torch.Tensor):
+            pairs = [(images, labels)]
+        else:  # differently sized images: one at a time
+            pairs = [(img[None], lab[None]) for img, lab in zip(images, labels)]
+        for image, label in pairs:
+            pred = self.predict_labels(image, bench.vocabulary, bench.background_from)
+            self.metrics[bench.name].update(pred, label)
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def _finish_eval(self, prefix: str) -> None:
+        results: dict[str, dict] = {}
+        for bench in self._benchmarks:
+            metric = self.metrics[bench.name]
+            # Every rank computes (a collective sync), also one that received no image of this benchmark.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                scores = metric.compute()
+            metric.reset()
+            if scores["num_pixels"] == 0:
+                continue
+            class_names = list(bench.vocabulary.classes[: bench.num_classes])
+            if bench.background_from is not None:
+                class_names = class_names[: bench.background_from] + ["background"]
+            scores["per_class_iou"] = dict(zip(class_names, scores["per_class_iou"]))
+            scores["per_class_accuracy"] = dict(zip(class_names, scores["per_class_accuracy"]))
+            results[bench.name] = scores
+            for key in ("mIoU", "pixel_accuracy", "fwIoU"):
+                self.log(f"{prefix}/{bench.name}/{key}", scores[key], add_dataloader_idx=False, sync_dist=False)
+        if results:
+            mean = sum(r["mIoU"] for r in results.values()) / len(results)
+            self.log(f"{prefix}/mIoU_mean", mean, add_dataloader_idx=False, prog_bar=True)
+        self.eval_results = results
+        self.on_eval_results(prefix, results)
+
+    def on_eval_results(self, prefix: str, results: dict[str, dict]) -> None:
+        """Hook for loggers that want more than scalars (per-class tables, mask overlays)."""
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_eval("test")
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise RuntimeError("No optimizer configured (model.optimizer).")
+        base_lr = self.optimizer_factory.keywords.get("lr", 1e-3) if hasattr(self.optimizer_factory, "keywords") else 1e-3
+        weight_decay = self.optimizer_factory.keywords.get("weight_decay", 0.0) if hasattr(self.optimizer_factory, "keywords") else 0.0
+        groups = build_param_groups(
+            self, base_lr, weight_decay, self.backbone_lr_multiplier, self.weight_decay_norm, self.weight_decay_embed
+        )
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain strings only, so checkpoints load with torch.load(weights_only=True).
+        if self.run_config_yaml is not None:
+            checkpoint["ovseg_config"] = self.run_config_yaml
+        checkpoint["ovseg_net_class"] = f"{type(self.net).__module__}.{type(self.net).__qualname__}"

@@ -1,0 +1,86 @@
+"""Optimizer parameter groups and learning-rate schedules shared by every recipe."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def _backbone_modules(module: nn.Module) -> list[nn.Module]:
+    """Submodules trained with the backbone learning-rate multiplier (the CLIP towers)."""
+    from ovseg_lab.clip import CLIPBackbone
+
+    return [m for m in module.modules() if isinstance(m, CLIPBackbone) or getattr(m, "is_backbone", False)]
+
+
+def build_param_groups(
+    module: nn.Module,
+    lr: float,
+    weight_decay: float,
+    backbone_lr_multiplier: float = 1.0,
+    weight_decay_norm: float | None = 0.0,
+    weight_decay_embed: float | None = 0.0,
+) -> list[dict]:
+    """Trainable parameters grouped by (lr, weight decay), detectron2-style.
+
+    Parameters inside CLIP towers (or modules flagged ``is_backbone``) get ``lr * backbone_lr_multiplier``;
+    parameters of normalisation layers get ``weight_decay_norm`` and of ``nn.Embedding`` ``weight_decay_embed``
+    (None: the general weight decay).
+    """
+    backbone_ids = {id(p) for m in _backbone_modules(module) for p in m.parameters()}
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    seen: set[int] = set()
+    for submodule in module.modules():
+        for param in submodule.parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            decay = weight_decay
+            if isinstance(submodule, NORM_TYPES) and weight_decay_norm is not None:
+                decay = weight_decay_norm
+            elif isinstance(submodule, nn.Embedding) and weight_decay_embed is not None:
+                decay = weight_decay_embed
+            group_lr = lr * backbone_lr_multiplier if id(param) in backbone_ids else lr
+            groups.setdefault((group_lr, decay), []).append(param)
+    return [{"params": params, "lr": group_lr, "weight_decay": decay} for (group_lr, decay), params in groups.items()]
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    kind: str = "cosine",
+    warmup_steps: int = 0,
+    warmup_factor: float = 0.001,
+    power: float = 0.9,
+    min_factor: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule: linear warm-up from ``warmup_factor``, then cosine / poly decay or constant."""
+    if kind not in ("cosine", "poly", "constant"):
+        raise ValueError(f"unknown schedule kind {kind!r}")
+    total_steps = max(1, int(total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            alpha = step / max(1, warmup_steps)
+            warm = warmup_factor * (1 - alpha) + alpha
+        else:
+            warm = 1.0
+        progress = min(1.0, step / total_steps)
+        if kind == "cosine":
+            decay = 0.5 * (1 + math.cos(math.pi * progress))
+        elif kind == "poly":
+            decay = (1 - progress) ** power
+        else:
+            decay = 1.0
+        return warm * (min_factor + (1 - min_factor) * decay)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def count_trainable(parameters: Iterable[torch.nn.Parameter]) -> int:
+    return sum(p.numel() for p in parameters if p.requires_grad)

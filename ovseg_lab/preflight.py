@@ -1,0 +1,78 @@
+"""Checks that run before anything heavy: is the data there, can the CLIP weights be had?
+
+All problems are gathered into one paragraph so a user fixes them in one go, instead of meeting them one
+traceback at a time after minutes of model building.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Iterator
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ovseg_lab.errors import SetupError
+
+CLIP_TARGET = "ovseg_lab.clip.CLIPBackbone"
+QUICKSTART_HINT = "To try ovseg-lab offline in a few minutes, run `make quickstart` (= `python train.py experiment=quickstart`)."
+
+
+def _clip_nodes(node: Any) -> Iterator[DictConfig]:
+    if isinstance(node, DictConfig):
+        if node.get("_target_") == CLIP_TARGET:
+            yield node
+            return
+        for key in node:
+            yield from _clip_nodes(node[key])
+    elif isinstance(node, ListConfig):
+        for item in node:
+            yield from _clip_nodes(item)
+
+
+def network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def missing_weights(cfg: DictConfig) -> list[str]:
+    """CLIP weights named by the model config that are neither local files nor cached, when offline."""
+    from ovseg_lab.clip.loading import pretrained_cached
+
+    problems, checked = [], set()
+    for node in _clip_nodes(cfg.get("model")):
+        name, pretrained = node.get("model_name"), node.get("pretrained")
+        if node.get("model_cfg") is not None or not pretrained or (name, pretrained) in checked:
+            continue
+        checked.add((name, pretrained))
+        if str(pretrained).startswith(("/", "~", ".")) and not os.path.isfile(os.path.expanduser(str(pretrained))):
+            problems.append(f"the CLIP checkpoint file {pretrained} (clip.pretrained) does not exist")
+            continue
+        cached = pretrained_cached(name, pretrained)
+        if cached is False and not network_reachable():
+            problems.append(
+                f"the CLIP weights {name} '{pretrained}' are not in the local cache and the network is unreachable "
+                "(run once with internet, or set clip.pretrained=/path/to/checkpoint.pt, or clip.pretrained=null for random weights)"
+            )
+    return problems
+
+
+def check_run(cfg: DictConfig, datamodule: Any, stage: str = "fit") -> None:
+    """Raise one :class:`SetupError` listing everything this run needs that is missing."""
+    problems = list(datamodule.missing(stage)) if hasattr(datamodule, "missing") else []
+    problems += missing_weights(cfg)
+    if problems:
+        listing = "; ".join(problems)
+        raise SetupError(
+            f"ovseg-lab cannot start this run ({cfg.get('task_name', 'run')}): {listing}. "
+            f"Dataset preparation is described in data/README.md. {QUICKSTART_HINT}"
+        )
+
+
+def resolved_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

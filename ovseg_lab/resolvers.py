@@ -1,0 +1,22 @@
+"""OmegaConf resolvers used by the configs; registered on import (train.py / eval.py / tests import this)."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+
+def auto_precision() -> str:
+    """bf16 autocast where a CUDA GPU with bf16 support is present, fp32 elsewhere."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def register() -> None:
+    if not OmegaConf.has_resolver("auto_precision"):
+        OmegaConf.register_new_resolver("auto_precision", auto_precision)
+
+
+register()

@@ -1,0 +1,172 @@
+"""What ``train.py`` and ``eval.py`` do: compose -> check -> instantiate -> fit / validate -> metrics.json.
+
+Every run directory receives ``config_resolved.yaml`` (the composed config with interpolations resolved) at
+the start and ``metrics.json`` (per benchmark: mIoU, pixel accuracy, fwIoU, per-class IoU, all in percent)
+at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ovseg_lab.errors import SetupError
+from ovseg_lab.preflight import check_run, resolved_yaml
+from ovseg_lab.utils.io import write_json, write_text
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(OmegaConf.select(cfg, "paths.output_dir", default="outputs/run"))
+
+
+def instantiate_list(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every entry with a ``_target_`` of a name -> config mapping (loggers, callbacks)."""
+    from hydra.utils import instantiate
+
+    if not cfg:
+        return []
+    return [instantiate(node) for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def format_table(results: dict[str, dict], title: str) -> str:
+    """A plain-text table of the per-benchmark scores (also readable in CI logs)."""
+    header = f"{'benchmark':<14}{'classes':>8}{'mIoU':>8}{'pAcc':>8}{'fwIoU':>8}"
+    lines = [title, header, "-" * len(header)]
+    for name, scores in results.items():
+        lines.append(
+            f"{name:<14}{scores['num_classes']:>8}{scores['mIoU']:>8.2f}{scores['pixel_accuracy']:>8.2f}{scores['fwIoU']:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def _finish_loggers(loggers: list[Any]) -> None:
+    for logger in loggers:
+        experiment = getattr(logger, "_experiment", None)
+        if experiment is not None and hasattr(experiment, "finish"):
+            offline_dir = getattr(experiment, "dir", None) if getattr(logger, "_offline", False) else None
+            experiment.finish()  # wandb.finish(): required between multirun jobs
+            if offline_dir:
+                print(f"W&B run stored offline; upload it with: wandb sync {Path(offline_dir).parent}")
+
+
+def _write_results(cfg: DictConfig, run_dir: Path, results: dict[str, dict], extra: dict[str, Any]) -> None:
+    if not results:
+        raise SetupError("Evaluation produced no metrics: no evaluation benchmark is configured (data.eval).")
+    write_json(run_dir / "metrics.json", results)
+    write_json(run_dir / "run_info.json", {"task_name": cfg.get("task_name"), "overrides": _overrides(), **extra})
+    print(format_table(results, f"{cfg.get('task_name', 'run')}: mIoU per split (%, {next(iter(results.values()))['convention']} convention)"))
+    print(f"metrics written to {run_dir / 'metrics.json'}")
+
+
+def _overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return []
+
+
+def _build(cfg: DictConfig, stage: str):
+    """Config -> (datamodule, lightning module, loggers, trainer), after the preflight checks."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    L.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    check_run(cfg, datamodule, stage)
+    model = instantiate(cfg.model)
+    model.run_config_yaml = resolved_yaml(cfg)
+    loggers = instantiate_list(cfg.get("logger"))
+    callbacks = instantiate_list(cfg.get("callbacks"))
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(container)
+    return datamodule, model, loggers, trainer
+
+
+def train(cfg: DictConfig) -> dict[str, dict]:
+    """Fit, then evaluate every benchmark once more with the final weights and write metrics.json."""
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config_resolved.yaml", resolved_yaml(cfg))
+    start = time.time()
+    datamodule, model, loggers, trainer = _build(cfg, "fit")
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        if trainer.interrupted:
+            raise SetupError("Training was interrupted; no final evaluation was run. Resume with ckpt_path=last.")
+        trainer.validate(model, datamodule=datamodule, verbose=False)
+        if trainer.is_global_zero:
+            _write_results(cfg, run_dir, model.eval_results, {
+                "global_step": trainer.global_step,
+                "train_seconds": round(time.time() - start, 1),
+            })
+    finally:
+        _finish_loggers(loggers)
+    return model.eval_results
+
+
+def load_weights(model: Any, ckpt_path: str) -> dict[str, Any]:
+    """Load a Lightning checkpoint's weights into ``model`` (weights_only), with a clear message on mismatch."""
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise SetupError(f"Checkpoint not found: {path} (ckpt=...).")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt file, pickled objects, truncated write
+        raise SetupError(f"Cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise SetupError(f"Checkpoint {path} holds no state_dict.")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        trained_with = checkpoint.get("ovseg_net_class", "an unknown model")
+        raise SetupError(
+            f"Checkpoint {path} does not fit the configured model {type(model.net).__name__} "
+            f"(it was trained with {trained_with}): {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(mismatched)} with other shapes "
+            f"(e.g. {mismatched[:3]}). Pass the same model/clip/experiment overrides used for training."
+        )
+    model.load_state_dict(state)
+    return checkpoint
+
+
+def evaluate(cfg: DictConfig) -> dict[str, dict]:
+    """Evaluate a checkpoint (``ckpt=...``) on every configured benchmark and write metrics.json."""
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config_resolved.yaml", resolved_yaml(cfg))
+    datamodule, model, loggers, trainer = _build(cfg, "validate")
+    if cfg.get("ckpt"):
+        load_weights(model, cfg.ckpt)
+    elif not cfg.get("allow_untrained", False):
+        raise SetupError("eval.py needs a checkpoint: pass ckpt=/path/to/last.ckpt (or allow_untrained=true).")
+    try:
+        trainer.validate(model, datamodule=datamodule, verbose=False)
+        if trainer.is_global_zero:
+            _write_results(cfg, run_dir, model.eval_results, {"ckpt": cfg.get("ckpt")})
+    finally:
+        _finish_loggers(loggers)
+    return model.eval_results
+
+
+def main_guard(fn, cfg: DictConfig) -> Any:
+    """Run ``fn(cfg)``; a :class:`SetupError` becomes a one-paragraph message and exit status 2."""
+    try:
+        return fn(cfg)
+    except SetupError as err:
+        print(f"\nERROR: {err}\n", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,96 @@
+"""Vocabularies: the class names a model is asked about. Data, never baked into weights.
+
+A vocabulary comes from a packaged benchmark list (``"ade150"``, ``"coco_stuff171"``, ...) or from a file:
+a JSON array of names in train-id order, or a text file with one name per line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from ovseg_lab.errors import DataError
+
+PACKAGED_VOCABULARIES = ("ade150", "ade847", "coco_stuff171", "pc59", "pc459", "voc20", "voc20b")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """An ordered list of class names; index i is train id i."""
+
+    name: str
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(self.classes))
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def __iter__(self):
+        return iter(self.classes)
+
+    def __getitem__(self, index: int) -> str:
+        return self.classes[index]
+
+    def subset(self, indices, name: str | None = None) -> "Vocabulary":
+        return Vocabulary(name or f"{self.name}[subset]", tuple(self.classes[i] for i in indices))
+
+
+def _packaged_path(name: str) -> Path:
+    return Path(str(resources.files("ovseg_lab") / "assets" / "vocab" / f"{name}.json"))
+
+
+def _parse_names(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"Vocabulary file not found: {path}") from None
+    if path.suffix == ".json":
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"Vocabulary file {path} is not valid JSON ({err}).") from None
+        if isinstance(names, dict) and "classes" in names:
+            names = names["classes"]
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+        raise DataError(f"Vocabulary file {path} must hold a JSON array of non-empty class-name strings.")
+    return names
+
+
+def load_vocabulary(source: str | Path, name: str | None = None, expected_size: int | None = None) -> Vocabulary:
+    """Load a vocabulary from a packaged name or a file path.
+
+    ``expected_size`` guards against a vocabulary file that does not match the labels it describes.
+    """
+    source_str = str(source)
+    if source_str in PACKAGED_VOCABULARIES:
+        path = _packaged_path(source_str)
+    else:
+        path = Path(source_str).expanduser()
+    names = _parse_names(path)
+    if not names:
+        raise DataError(f"Vocabulary file {path} is empty.")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DataError(f"Vocabulary file {path} repeats class names {duplicates[:5]}: train ids would be ambiguous.")
+    if expected_size is not None and len(names) != expected_size:
+        raise DataError(
+            f"Vocabulary file {path} has {len(names)} classes but {expected_size} were expected "
+            "(num_classes of the benchmark config)."
+        )
+    return Vocabulary(name or path.stem, tuple(names))
+
+
+def vocabulary_from_names(names: str | list[str], name: str = "custom") -> Vocabulary:
+    """Build a vocabulary from a comma-separated string or a list of names (CLI use)."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",")]
+    names = [n for n in names if n]
+    if not names:
+        raise DataError("An empty class list was given.")
+    return Vocabulary(name, tuple(names))

@@ -1,0 +1,53 @@
+"""The quickstart experiment end to end at reduced size: train, evaluate, metrics.json, resolved config."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT, small_toy_overrides
+
+
+def test_quickstart_reduced(toy_data_dir, tmp_path):
+    run_dir = tmp_path / "qs"
+    cmd = [
+        sys.executable, "train.py", "experiment=quickstart", "logger=csv",
+        "trainer.max_steps=30", "trainer.val_check_interval=15", f"hydra.run.dir={run_dir}",
+        *small_toy_overrides(toy_data_dir),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) == {"toy_seen", "toy_unseen", "toy_large"}
+    for name, scores in metrics.items():
+        assert 0.0 <= scores["mIoU"] <= 100.0
+        assert len(scores["per_class_iou"]) == scores["num_classes"]
+        assert scores["convention"] == "detectron2"
+    assert metrics["toy_large"]["num_classes"] == 72
+    resolved = (run_dir / "config_resolved.yaml").read_text()
+    assert "${" not in resolved and "toy_seen" in resolved
+    assert "toy_unseen" in proc.stdout and "mIoU" in proc.stdout  # the printed table
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "csv" / "metrics.csv").is_file()
+
+
+def test_eval_reproduces_training_metrics_from_checkpoint(toy_data_dir, tmp_path):
+    run_dir = tmp_path / "qs"
+    common = ["experiment=quickstart", "logger=csv", *small_toy_overrides(toy_data_dir)]
+    train = [sys.executable, "train.py", *common, "trainer.max_steps=12", "trainer.val_check_interval=12",
+             f"hydra.run.dir={run_dir}"]
+    assert subprocess.run(train, cwd=ROOT, capture_output=True, timeout=300).returncode == 0
+    eval_dir = tmp_path / "ev"
+    evaluate = [sys.executable, "eval.py", *common, "data/eval=[toy_seen,toy_unseen]",
+                f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={eval_dir}"]
+    proc = subprocess.run(evaluate, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    evaluated = json.loads((eval_dir / "metrics.json").read_text())
+    assert set(evaluated) == {"toy_seen", "toy_unseen"}
+    for name in evaluated:
+        assert math.isclose(evaluated[name]["mIoU"], trained[name]["mIoU"], abs_tol=1e-6)
+        assert evaluated[name].keys() == trained[name].keys()
