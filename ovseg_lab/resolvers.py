@@ -14,9 +14,15 @@ def auto_precision() -> str:
     return "32-true"
 
 
+def run_suffix(choice: str, default: str) -> str:
+    """"" for the default choice, "_<choice>" otherwise: outputs/quickstart vs outputs/quickstart_lseg."""
+    return "" if str(choice) == str(default) else f"_{choice}"
+
+
 def register() -> None:
-    if not OmegaConf.has_resolver("auto_precision"):
-        OmegaConf.register_new_resolver("auto_precision", auto_precision)
+    for name, fn in (("auto_precision", auto_precision), ("run_suffix", run_suffix)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 register()

@@ -87,6 +87,10 @@ def _build(cfg: DictConfig, stage: str):
     model.run_config_yaml = resolved_yaml(cfg)
     loggers = instantiate_list(cfg.get("logger"))
     callbacks = instantiate_list(cfg.get("callbacks"))
+    if not loggers:  # an LR monitor has nowhere to write without a logger (logger=none)
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     container = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:

@@ -36,3 +36,28 @@ def per_pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_i
     if not (labels != ignore_index).any():
         return logits.sum() * 0.0
     return F.cross_entropy(logits, labels.long(), ignore_index=ignore_index)
+
+
+def dice_loss(pred_logits: torch.Tensor, target: torch.Tensor, num_masks: float | None = None) -> torch.Tensor:
+    """Dice loss of matched masks: pred_logits and target (N, P); summed over masks, divided by ``num_masks``
+    (defaults to N). Zero for perfect, confident predictions."""
+    prob = pred_logits.sigmoid().flatten(1)
+    target = target.flatten(1).to(prob.dtype)
+    numerator = 2 * (prob * target).sum(-1)
+    denominator = prob.sum(-1) + target.sum(-1)
+    loss = 1 - (numerator + 1) / (denominator + 1)
+    return loss.sum() / (num_masks if num_masks is not None else max(1, prob.shape[0]))
+
+
+def sigmoid_focal_loss(
+    pred_logits: torch.Tensor, target: torch.Tensor, num_masks: float | None = None, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
+    """Sigmoid focal loss (RetinaNet) of matched masks (N, P): mean over pixels, summed over masks / num_masks."""
+    target = target.to(pred_logits.dtype)
+    prob = pred_logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(pred_logits, target, reduction="none")
+    p_t = prob * target + (1 - prob) * (1 - target)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
+    return loss.flatten(1).mean(1).sum() / (num_masks if num_masks is not None else max(1, pred_logits.shape[0]))
