@@ -109,7 +109,8 @@ def train(cfg: DictConfig) -> dict[str, dict]:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         if trainer.interrupted:
             raise SetupError("Training was interrupted; no final evaluation was run. Resume with ckpt_path=last.")
-        trainer.validate(model, datamodule=datamodule, verbose=False)
+        if not model.eval_results or model.eval_results_step != trainer.global_step:
+            trainer.validate(model, datamodule=datamodule, verbose=False)  # the final weights, once
         if trainer.is_global_zero:
             _write_results(cfg, run_dir, model.eval_results, {
                 "global_step": trainer.global_step,
@@ -167,10 +168,41 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     return model.eval_results
 
 
+class JobFailed(RuntimeError):
+    """A sweep job stopped on a user-facing error; the sweep goes on with the other jobs."""
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _record_failure(cfg: DictConfig, text: str) -> None:
+    """error.txt in the run directory: make_table.py marks the job as failed and quotes the first line."""
+    try:
+        write_text(run_dir_of(cfg) / "error.txt", text.rstrip() + "\n")
+    except OSError:
+        pass
+
+
 def main_guard(fn, cfg: DictConfig) -> Any:
-    """Run ``fn(cfg)``; a :class:`SetupError` becomes a one-paragraph message and exit status 2."""
+    """Run ``fn(cfg)``; a :class:`SetupError` becomes a one-paragraph message and exit status 2.
+
+    In a multirun sweep a failing job records error.txt and raises an ordinary exception, which Hydra stores
+    as that job's result: the remaining jobs still run (Hydra reports the failure when the sweep ends).
+    """
     try:
         return fn(cfg)
     except SetupError as err:
         print(f"\nERROR: {err}\n", file=sys.stderr)
+        _record_failure(cfg, str(err))
+        if _in_multirun():
+            raise JobFailed(str(err)) from None
         sys.exit(2)
+    except Exception as err:
+        import traceback
+
+        _record_failure(cfg, f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
+        raise

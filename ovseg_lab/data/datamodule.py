@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from ovseg_lab.data.benchmark import BenchmarkSpec, SegmentationFolder
 from ovseg_lab.data.transforms import TrainTransform
@@ -77,6 +77,7 @@ class SegmentationDataModule(L.LightningDataModule):
         transform: Mapping[str, Any] | None = None,
         generate_toy: Mapping[str, Any] | None = None,
         pin_memory: bool = False,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
         self.train_spec = BenchmarkSpec.from_config(train.get("name", "train"), train) if train else None
@@ -87,6 +88,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.transform_cfg = dict(transform or {})
         self.generate_toy = dict(generate_toy) if generate_toy else None
         self.pin_memory = pin_memory
+        self.shuffle_seed = shuffle_seed
         self._train_set: SegmentationFolder | None = None
         self._eval_sets: list[SegmentationFolder] = []
         self._benchmarks: list[EvalBenchmark] | None = None
@@ -149,12 +151,12 @@ class SegmentationDataModule(L.LightningDataModule):
         if self._train_set is None:
             raise DataError("No training split configured (data.train).")
         # The trainer runs with use_distributed_sampler=False (so evaluation is not padded); training
-        # shards itself here. Lightning calls set_epoch on this sampler every epoch.
+        # shards itself here, with the same seeded permutation whatever the world size: rank r of w takes
+        # every w-th sample, so w ranks with batch b see exactly the samples of one process with batch w*b.
+        # Lightning calls set_epoch on this sampler every epoch.
         rank, world = self._rank_and_world()
-        if world > 1:
-            sampler: Sampler[int] = DistributedSampler(self._train_set, num_replicas=world, rank=rank, shuffle=True)
-        else:
-            sampler = RandomSampler(self._train_set)
+        sampler = DistributedSampler(self._train_set, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=self.shuffle_seed, drop_last=True)
         return DataLoader(
             self._train_set,
             batch_size=self.batch_size,

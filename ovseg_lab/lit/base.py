@@ -45,6 +45,7 @@ class OpenVocabModule(L.LightningModule):
         weight_decay_embed: float | None = 0.0,
         inference: Mapping[str, Any] | None = None,
         metric_convention: str = "detectron2",
+        num_visuals: int = 4,
     ) -> None:
         super().__init__()
         self.net = net
@@ -56,8 +57,12 @@ class OpenVocabModule(L.LightningModule):
         self.inference_cfg = InferenceConfig.from_config(inference)
         self.metric_convention = metric_convention
         self.metrics = nn.ModuleDict()
+        self.num_visuals = num_visuals
+        # first evaluation batch of each benchmark (fixed across evaluations): images, predictions, labels
+        self._visuals: dict[str, list[tuple[Any, Any, Any]]] = {}
         self._benchmarks: list = []
         self.eval_results: dict[str, dict] = {}
+        self.eval_results_step: int | None = None  # global step at which eval_results were computed
         self.run_config_yaml: str | None = None  # the resolved Hydra config, stored in checkpoints
 
     # ------------------------------------------------------------------ data-dependent state
@@ -98,22 +103,28 @@ class OpenVocabModule(L.LightningModule):
         return pred
 
     # ------------------------------------------------------------------ evaluation loop
-    def _eval_step(self, batch: Mapping[str, Any], dataloader_idx: int) -> None:
+    def _eval_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int) -> None:
         bench = self._benchmarks[dataloader_idx]
         images, labels = batch["image"], batch["label"]
         if isinstance(images, torch.Tensor):
             pairs = [(images, labels)]
         else:  # differently sized images: one at a time
             pairs = [(img[None], lab[None]) for img, lab in zip(images, labels)]
+        keep = batch_idx == 0 and self.num_visuals > 0 and self.trainer.is_global_zero
+        if keep:
+            self._visuals[bench.name] = []
         for image, label in pairs:
             pred = self.predict_labels(image, bench.vocabulary, bench.background_from)
             self.metrics[bench.name].update(pred, label)
+            if keep:
+                for i in range(min(len(pred), self.num_visuals - len(self._visuals[bench.name]))):
+                    self._visuals[bench.name].append((image[i].permute(1, 2, 0).cpu().numpy(), pred[i].cpu().numpy(), label[i].cpu().numpy()))
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx)
+        self._eval_step(batch, batch_idx, dataloader_idx)
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx)
+        self._eval_step(batch, batch_idx, dataloader_idx)
 
     def _finish_eval(self, prefix: str) -> None:
         results: dict[str, dict] = {}
@@ -138,10 +149,30 @@ class OpenVocabModule(L.LightningModule):
             mean = sum(r["mIoU"] for r in results.values()) / len(results)
             self.log(f"{prefix}/mIoU_mean", mean, add_dataloader_idx=False, prog_bar=True)
         self.eval_results = results
+        self.eval_results_step = self.global_step
         self.on_eval_results(prefix, results)
 
     def on_eval_results(self, prefix: str, results: dict[str, dict]) -> None:
-        """Hook for loggers that want more than scalars (per-class tables, mask overlays)."""
+        """W&B: a per-class IoU table and prediction / ground-truth masks of a fixed batch per benchmark."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        if self._trainer is None or not self.trainer.is_global_zero:
+            return
+        for logger in (lg for lg in self.loggers if isinstance(lg, WandbLogger)):
+            for bench in self._benchmarks:
+                if bench.name not in results:
+                    continue
+                rows = [[name, None if iou != iou else iou] for name, iou in results[bench.name]["per_class_iou"].items()]
+                logger.log_table(key=f"{prefix}/{bench.name}/per_class_iou", columns=["class", "IoU"], data=rows, step=self.global_step)
+                visuals = self._visuals.get(bench.name)
+                if visuals:
+                    names = list(results[bench.name]["per_class_iou"])
+                    class_labels = {i: n for i, n in enumerate(names)} | {bench.ignore_index: "ignore"}
+                    masks = [{"predictions": {"mask_data": pred.astype("int64"), "class_labels": class_labels},
+                              "ground_truth": {"mask_data": label.astype("int64"), "class_labels": class_labels}}
+                             for _, pred, label in visuals]
+                    logger.log_image(key=f"{prefix}/{bench.name}/masks", images=[img for img, _, _ in visuals],
+                                     masks=masks, step=self.global_step)
 
     def on_validation_epoch_end(self) -> None:
         self._finish_eval("val")

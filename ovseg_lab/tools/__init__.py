@@ -1,0 +1,1 @@
+"""Small command-line tools, run with ``python -m ovseg_lab.tools.<name>``."""

@@ -1,0 +1,71 @@
+"""Convert an official checkpoint into an ovseg-lab checkpoint that eval.py / predict.py can load.
+
+    python scripts/convert_checkpoint.py --format catseg --input model_final_vitb.pth \
+        --output checkpoints/catseg_vitb16.ckpt -- clip=vitb16
+    python eval.py ckpt=checkpoints/catseg_vitb16.ckpt clip=vitb16
+
+Everything after ``--`` are Hydra overrides describing the model the checkpoint belongs to (the same ones you
+pass to eval.py). The converted weights are checked key by key and shape by shape against that model (built
+with random weights, nothing downloaded); a mismatch is refused with the offending keys named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from ovseg_lab.convert import FORMATS  # noqa: E402
+from ovseg_lab.convert.common import check_against, lightning_checkpoint, load_official  # noqa: E402
+from ovseg_lab.errors import SetupError  # noqa: E402
+from ovseg_lab.utils.io import atomic_path  # noqa: E402
+
+
+def convert(fmt: str, source: Path, target: Path, overrides: list[str]) -> Path:
+    from omegaconf import OmegaConf
+
+    from ovseg_lab.tools.count_params import build_net, compose_config
+
+    if fmt not in FORMATS:
+        raise SetupError(f"Unknown --format {fmt!r}; choose one of {sorted(FORMATS)}.")
+    converter, default_overrides = FORMATS[fmt]
+    overrides = default_overrides + overrides
+    official = load_official(source)
+    converted = converter(official)
+    net = build_net(overrides)
+    expected = {f"net.{k}": v for k, v in net.state_dict().items()}
+    check_against(converted, expected, str(source))
+    cfg = compose_config(overrides)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=False)
+    net_class = f"{type(net).__module__}.{type(net).__qualname__}"
+    with atomic_path(target) as tmp:
+        torch.save(lightning_checkpoint(converted, net_class, config_yaml), tmp)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, overrides = argv[:split], argv[split + 1:]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--format", required=True, choices=sorted(FORMATS))
+    parser.add_argument("--input", required=True, type=Path, help="official checkpoint file")
+    parser.add_argument("--output", required=True, type=Path, help="ovseg-lab checkpoint to write")
+    args = parser.parse_args(argv)
+    try:
+        out = convert(args.format, args.input, args.output, overrides)
+    except SetupError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,41 @@
+"""Turn a Hydra sweep folder into its paper table, our numbers beside the paper's.
+
+    python train.py -m experiment=catseg_table6_toy
+    python scripts/make_table.py outputs/multirun/catseg_table6_toy/<date_time> [--format md|tex|csv] [--table NAME]
+
+Writes table.md / table.tex / table.csv next to the sweep's job folders and prints the chosen format.
+Missing or failed jobs are marked in their row instead of stopping the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ovseg_lab.errors import SetupError  # noqa: E402
+from ovseg_lab.tables import build_table, render  # noqa: E402
+from ovseg_lab.utils.io import write_text  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--format", default="md", choices=["md", "tex", "csv"], help="format printed (all are written)")
+    parser.add_argument("--table", default=None, help="paper table name (default: from the sweep's experiment)")
+    args = parser.parse_args(argv)
+    try:
+        table = build_table(args.sweep_dir, args.table)
+    except SetupError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
+    for fmt in ("md", "tex", "csv"):
+        write_text(args.sweep_dir / f"table.{fmt}", render(table, fmt))
+    print(render(table, args.format), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""Every experiment file (one per paper table, a toy flavour of each, quickstart) stays runnable."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import CONF_DIR, compose, small_toy_overrides
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+TOY = [e for e in EXPERIMENTS if e.endswith("_toy") or e == "quickstart"]
+PAPER = [e for e in EXPERIMENTS if e not in TOY]
+
+
+def _sweep_points(cfg) -> list[list[str]]:
+    """One override list per value of every swept key (the rows of the table)."""
+    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    points = [[]]
+    for key, values in params.items():
+        points += [[f"{key}={v.strip()}"] for v in str(values).split(",")]
+    return points
+
+
+def _resolve_all(cfg) -> None:
+    for key in cfg:
+        if key != "hydra" and OmegaConf.is_config(cfg[key]):
+            OmegaConf.to_container(cfg[key], resolve=True)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_and_every_sweep_row_compose(experiment):
+    cfg = compose("train", [f"experiment={experiment}"])
+    for point in _sweep_points(cfg):
+        _resolve_all(compose("train", [f"experiment={experiment}", *point]))
+
+
+def test_every_paper_table_has_a_toy_flavour_and_paper_numbers():
+    from ovseg_lab.tables import available_tables
+
+    tables = set(available_tables())
+    for experiment in PAPER:
+        cfg = compose("train", [f"experiment={experiment}"])
+        if OmegaConf.select(cfg, "hydra.sweeper.params"):
+            assert f"{experiment}_toy" in EXPERIMENTS, experiment
+            assert experiment in tables, f"no ovseg_lab/assets/paper_tables/{experiment}.json"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", TOY)
+def test_toy_experiment_runs_one_step(experiment, toy_data_dir, tmp_path):
+    import json
+
+    from ovseg_lab.runner import train
+
+    cfg = compose("train", [f"experiment={experiment}", "logger=csv", "trainer.max_steps=1",
+                            "trainer.val_check_interval=1", *small_toy_overrides(toy_data_dir)], tmp_path)
+    train(cfg)
+    assert json.loads((tmp_path / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", PAPER)
+def test_paper_experiment_builds_and_names_its_data(experiment, tmp_path):
+    from hydra.utils import instantiate
+
+    from ovseg_lab.tools.count_params import build_net
+
+    cfg = compose("train", [f"experiment={experiment}", f"paths.data_dir={tmp_path}"])
+    datamodule = instantiate(cfg.data)
+    missing = datamodule.missing("fit")
+    assert missing and all("prepare" in m or "make_toy" in m for m in missing)
+    overrides = [f"experiment={experiment}"]
+    assert sum(p.numel() for p in build_net(overrides).parameters()) > 0
