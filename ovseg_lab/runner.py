@@ -121,8 +121,8 @@ def train(cfg: DictConfig) -> dict[str, dict]:
     return model.eval_results
 
 
-def load_weights(model: Any, ckpt_path: str) -> dict[str, Any]:
-    """Load a Lightning checkpoint's weights into ``model`` (weights_only), with a clear message on mismatch."""
+def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """torch.load(weights_only=True) with user-facing errors."""
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise SetupError(f"Checkpoint not found: {path} (ckpt=...).")
@@ -130,9 +130,18 @@ def load_weights(model: Any, ckpt_path: str) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt file, pickled objects, truncated write
         raise SetupError(f"Cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
+    if not isinstance(checkpoint, dict):
         raise SetupError(f"Checkpoint {path} holds no state_dict.")
+    return checkpoint
+
+
+def load_weights(model: Any, source: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """Load a checkpoint's weights (path or already-read dict) into ``model``, with a clear message on mismatch."""
+    checkpoint = source if isinstance(source, dict) else read_checkpoint(source)
+    where = "the checkpoint" if isinstance(source, dict) else f"Checkpoint {source}"
+    state = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(state, dict):
+        raise SetupError(f"{where} holds no state_dict.")
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -140,7 +149,7 @@ def load_weights(model: Any, ckpt_path: str) -> dict[str, Any]:
     if missing or unexpected or mismatched:
         trained_with = checkpoint.get("ovseg_net_class", "an unknown model")
         raise SetupError(
-            f"Checkpoint {path} does not fit the configured model {type(model.net).__name__} "
+            f"{where} does not fit the configured model {type(model.net).__name__} "
             f"(it was trained with {trained_with}): {len(missing)} missing keys (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(mismatched)} with other shapes "
             f"(e.g. {mismatched[:3]}). Pass the same model/clip/experiment overrides used for training."
@@ -155,6 +164,8 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config_resolved.yaml", resolved_yaml(cfg))
     datamodule, model, loggers, trainer = _build(cfg, "validate")
+    if cfg.get("save_predictions", False):
+        model.save_predictions_dir = str(run_dir / "predictions")
     if cfg.get("ckpt"):
         load_weights(model, cfg.ckpt)
     elif not cfg.get("allow_untrained", False):

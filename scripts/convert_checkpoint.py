@@ -28,7 +28,7 @@ from ovseg_lab.utils.io import atomic_path  # noqa: E402
 def convert(fmt: str, source: Path, target: Path, overrides: list[str]) -> Path:
     from omegaconf import OmegaConf
 
-    from ovseg_lab.tools.count_params import build_net, compose_config
+    from ovseg_lab.build import build_net, compose_config
 
     if fmt not in FORMATS:
         raise SetupError(f"Unknown --format {fmt!r}; choose one of {sorted(FORMATS)}.")
@@ -40,7 +40,8 @@ def convert(fmt: str, source: Path, target: Path, overrides: list[str]) -> Path:
     expected = {f"net.{k}": v for k, v in net.state_dict().items()}
     check_against(converted, expected, str(source))
     cfg = compose_config(overrides)
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=False)
+    # the model node, resolved: what build.model_from_checkpoint needs to rebuild the network
+    config_yaml = OmegaConf.to_yaml({"model": OmegaConf.to_container(cfg.model, resolve=True)})
     net_class = f"{type(net).__module__}.{type(net).__qualname__}"
     with atomic_path(target) as tmp:
         torch.save(lightning_checkpoint(converted, net_class, config_yaml), tmp)

@@ -263,7 +263,8 @@ CLIP_ARITHMETIC = {"qv": 64_487_424, "attn": 129_110_016, "full": 387_363_840, "
 @pytest.mark.slow
 @pytest.mark.parametrize("finetune", sorted(TABLE6))
 def test_vitl_counts_match_table6(finetune):
-    from ovseg_lab.tools.count_params import build_net, count_learnable
+    from ovseg_lab.build import build_net
+    from ovseg_lab.tools.count_params import count_learnable
 
     counts = count_learnable(build_net(["model=catseg", "clip=vitl14", f"finetune={finetune}"]))
     assert counts["clip"] == CLIP_ARITHMETIC[finetune]

@@ -63,7 +63,7 @@ def test_toy_experiment_runs_one_step(experiment, toy_data_dir, tmp_path):
 def test_paper_experiment_builds_and_names_its_data(experiment, tmp_path):
     from hydra.utils import instantiate
 
-    from ovseg_lab.tools.count_params import build_net
+    from ovseg_lab.build import build_net
 
     cfg = compose("train", [f"experiment={experiment}", f"paths.data_dir={tmp_path}"])
     datamodule = instantiate(cfg.data)

@@ -50,3 +50,17 @@ def test_bce_excludes_ignore_pixels():
     logits_changed = logits.clone()
     logits_changed[0, :, 1, :] = 50.0  # anything on ignore pixels does not matter
     assert per_pixel_bce(logits_changed, labels) == pytest.approx(with_void.item())
+
+
+def test_palette_and_overlay():
+    import numpy as np
+
+    from ovseg_lab.viz import colorize, legend_entries, palette
+
+    colours = palette(150)
+    assert colours.shape == (150, 3) and len({tuple(c) for c in colours}) == 150
+    label = np.array([[0, 1], [255, 2]])
+    rgb = colorize(label, 3)
+    assert (rgb[1, 0] == 0).all() and (rgb[0, 0] == colours[0]).all()
+    entries = legend_entries(label, ["a", "b", "c"])
+    assert [name for _, name, _ in entries] == ["a", "b", "c"] and abs(sum(f for *_, f in entries) - 0.75) < 1e-9

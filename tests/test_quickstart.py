@@ -34,18 +34,14 @@ def test_quickstart_reduced(toy_data_dir, tmp_path):
     assert (run_dir / "csv" / "metrics.csv").is_file()
 
 
-def test_eval_reproduces_training_metrics_from_checkpoint(toy_data_dir, tmp_path):
-    run_dir = tmp_path / "qs"
-    common = ["experiment=quickstart", "logger=csv", *small_toy_overrides(toy_data_dir)]
-    train = [sys.executable, "train.py", *common, "trainer.max_steps=12", "trainer.val_check_interval=12",
-             f"hydra.run.dir={run_dir}"]
-    assert subprocess.run(train, cwd=ROOT, capture_output=True, timeout=300).returncode == 0
+def test_eval_reproduces_training_metrics_from_checkpoint(quickstart_run, toy_data_dir, tmp_path):
     eval_dir = tmp_path / "ev"
-    evaluate = [sys.executable, "eval.py", *common, "data/eval=[toy_seen,toy_unseen]",
-                f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={eval_dir}"]
+    evaluate = [sys.executable, "eval.py", "experiment=quickstart", "logger=csv", *small_toy_overrides(toy_data_dir),
+                "data/eval=[toy_seen,toy_unseen]", f"ckpt={quickstart_run / 'checkpoints' / 'last.ckpt'}",
+                f"hydra.run.dir={eval_dir}"]
     proc = subprocess.run(evaluate, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    trained = json.loads((run_dir / "metrics.json").read_text())
+    trained = json.loads((quickstart_run / "metrics.json").read_text())
     evaluated = json.loads((eval_dir / "metrics.json").read_text())
     assert set(evaluated) == {"toy_seen", "toy_unseen"}
     for name in evaluated:

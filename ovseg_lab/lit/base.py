@@ -8,6 +8,7 @@ vocabulary, through the configured inference protocol, into one confusion matrix
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import lightning as L
@@ -18,6 +19,20 @@ from ovseg_lab.eval.inference import InferenceConfig, segment
 from ovseg_lab.lit.optim import build_param_groups
 from ovseg_lab.metrics import SegmentationMetric
 from ovseg_lab.vocab import Vocabulary
+
+
+def save_label_maps(pred: torch.Tensor, stems: list[str], folder: Path) -> None:
+    """(B, H, W) class ids -> folder/<stem>.png (uint8, or uint16 above 255 classes), written atomically."""
+    import numpy as np
+    from PIL import Image
+
+    from ovseg_lab.utils.io import atomic_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for label, stem in zip(pred.cpu().numpy(), stems):
+        dtype = np.uint8 if label.max(initial=0) < 255 else np.uint16
+        with atomic_path(folder / f"{stem}.png") as tmp:
+            Image.fromarray(label.astype(dtype)).save(tmp, format="PNG")
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
@@ -64,6 +79,7 @@ class OpenVocabModule(L.LightningModule):
         self.eval_results: dict[str, dict] = {}
         self.eval_results_step: int | None = None  # global step at which eval_results were computed
         self.run_config_yaml: str | None = None  # the resolved Hydra config, stored in checkpoints
+        self.save_predictions_dir: str | None = None  # eval.py save_predictions=true: label maps per image
 
     # ------------------------------------------------------------------ data-dependent state
     @property
@@ -105,17 +121,19 @@ class OpenVocabModule(L.LightningModule):
     # ------------------------------------------------------------------ evaluation loop
     def _eval_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int) -> None:
         bench = self._benchmarks[dataloader_idx]
-        images, labels = batch["image"], batch["label"]
+        images, labels, stems = batch["image"], batch["label"], list(batch.get("stem", []))
         if isinstance(images, torch.Tensor):
-            pairs = [(images, labels)]
+            groups = [(images, labels, stems)]
         else:  # differently sized images: one at a time
-            pairs = [(img[None], lab[None]) for img, lab in zip(images, labels)]
+            groups = [(img[None], lab[None], stems[i : i + 1]) for i, (img, lab) in enumerate(zip(images, labels))]
         keep = batch_idx == 0 and self.num_visuals > 0 and self.trainer.is_global_zero
         if keep:
             self._visuals[bench.name] = []
-        for image, label in pairs:
+        for image, label, group_stems in groups:
             pred = self.predict_labels(image, bench.vocabulary, bench.background_from)
             self.metrics[bench.name].update(pred, label)
+            if self.save_predictions_dir is not None:
+                save_label_maps(pred, group_stems, Path(self.save_predictions_dir) / bench.name)
             if keep:
                 for i in range(min(len(pred), self.num_visuals - len(self._visuals[bench.name]))):
                     self._visuals[bench.name].append((image[i].permute(1, 2, 0).cpu().numpy(), pred[i].cpu().numpy(), label[i].cpu().numpy()))

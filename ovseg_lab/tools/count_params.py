@@ -10,36 +10,8 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
-from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-
-def compose_config(overrides: list[str], config_name: str = "train") -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    import ovseg_lab.resolvers  # noqa: F401
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
-
-
-def _random_init(node: Any) -> None:
-    """Set pretrained=None on every CLIP node (and backbone_pretrained=False elsewhere): no downloads."""
-    if isinstance(node, DictConfig):
-        with open_dict(node):
-            if node.get("_target_") == "ovseg_lab.clip.CLIPBackbone":
-                node.pretrained = None
-            for key in ("backbone_pretrained", "pretrained_backbone", "text_pretrained"):
-                if key in node:
-                    node[key] = False
-        for key in node:
-            _random_init(node._get_node(key))
+from ovseg_lab.build import build_net
 
 
 def count_learnable(net) -> dict[str, int]:
@@ -58,17 +30,6 @@ def count_learnable(net) -> dict[str, int]:
         else:
             head += param.numel()
     return {"clip": clip, "head": head, "total": clip + head}
-
-
-def build_net(overrides: list[str]):
-    from hydra.utils import instantiate
-
-    cfg = compose_config(overrides)
-    model_cfg = cfg.model
-    OmegaConf.resolve(model_cfg)  # interpolations (${clip}, ${finetune}) resolved before editing
-    _random_init(model_cfg)
-    net_cfg = model_cfg.net if "net" in model_cfg else model_cfg
-    return instantiate(net_cfg)
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:

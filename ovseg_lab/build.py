@@ -1,0 +1,79 @@
+"""Building models outside the training entry point: from Hydra overrides or from a checkpoint.
+
+Both paths construct pretrained-weight nodes with random initialisation (nothing is downloaded): counting
+parameters needs no weights, and a checkpoint carries its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ovseg_lab.errors import SetupError
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+PRETRAINED_FLAGS = ("backbone_pretrained", "pretrained_backbone", "text_pretrained")
+
+
+def compose_config(overrides: list[str], config_name: str = "train") -> DictConfig:
+    """The config ``train.py`` would run with these overrides (no Hydra run directory involved)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import ovseg_lab.resolvers  # noqa: F401
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+def without_pretrained_weights(node: Any) -> None:
+    """In place: pretrained=None on every CLIP node, ``*_pretrained`` flags false elsewhere."""
+    if isinstance(node, DictConfig):
+        with open_dict(node):
+            if node.get("_target_") == "ovseg_lab.clip.CLIPBackbone":
+                node.pretrained = None
+            for key in PRETRAINED_FLAGS:
+                if key in node:
+                    node[key] = False
+        for key in node:
+            without_pretrained_weights(node._get_node(key))
+
+
+def resolved_model_config(cfg: DictConfig) -> DictConfig:
+    """The ``model`` node with interpolations resolved and pretrained downloads switched off."""
+    model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
+    without_pretrained_weights(model_cfg)
+    return model_cfg
+
+
+def build_net(overrides: list[str]):
+    """The network (``model.net``) of a composed config, with random weights."""
+    from hydra.utils import instantiate
+
+    model_cfg = resolved_model_config(compose_config(overrides))
+    return instantiate(model_cfg.net if "net" in model_cfg else model_cfg)
+
+
+def model_from_checkpoint(path: str | Path):
+    """(LightningModule with the checkpoint's weights, its stored config) for prediction and notebooks."""
+    from hydra.utils import instantiate
+
+    from ovseg_lab.runner import load_weights, read_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    config_yaml = checkpoint.get("ovseg_config")
+    if not config_yaml:
+        raise SetupError(
+            f"{path} carries no ovseg-lab config (ovseg_config): it was not written by train.py or "
+            "scripts/convert_checkpoint.py. Convert official checkpoints first."
+        )
+    import ovseg_lab.resolvers  # noqa: F401
+
+    cfg = OmegaConf.create(config_yaml)
+    module = instantiate(resolved_model_config(cfg))
+    load_weights(module, checkpoint)
+    module.eval()
+    return module, cfg

@@ -1,0 +1,57 @@
+"""Open-vocabulary segmentation of your own images with any ovseg-lab checkpoint, on CPU or GPU.
+
+    python scripts/predict.py --checkpoint outputs/quickstart/checkpoints/last.ckpt \
+        --image photo.jpg --classes "red circle,striped grass,plain sky" --output predictions/
+    python scripts/predict.py --checkpoint catseg_vitb16.ckpt --image folder/ --vocab ade150 --output out/
+
+Writes per image <stem>_overlay.png (legend of the classes present), <stem>_labels.png (label map) and
+<stem>_areas.json (pixels and area fraction per class). The model's evaluation protocol is used (CAT-Seg:
+sliding window); --inference whole|slide overrides it. Official checkpoints: convert them first with
+scripts/convert_checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ovseg_lab.errors import SetupError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--image", required=True, type=Path, help="an image file or a folder of images")
+    parser.add_argument("--classes", default=None, help='comma-separated class names, e.g. "cat,sofa,wall"')
+    parser.add_argument("--vocab", default=None, help="vocabulary file (JSON list / one name per line) or packaged name")
+    parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--inference", choices=["whole", "slide"], default=None, help="override the protocol")
+    args = parser.parse_args(argv)
+    try:
+        import torch
+
+        from ovseg_lab.build import model_from_checkpoint
+        from ovseg_lab.predict import list_images, predict_paths, resolve_vocabulary
+
+        vocabulary = resolve_vocabulary(args.classes, args.vocab)
+        images = list_images(args.image)
+        module, _ = model_from_checkpoint(args.checkpoint)
+        module.to(torch.device(args.device))
+        inference = replace(module.inference_cfg, mode=args.inference) if args.inference else None
+        results = predict_paths(module, images, vocabulary, args.output, inference)
+    except SetupError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
+    for result in results:
+        top = ", ".join(f"{name} {info['fraction'] * 100:.1f}%" for name, info in list(result.areas.items())[:5])
+        print(f"{result.overlay_path}: {top}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
