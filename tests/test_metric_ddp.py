@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -46,7 +48,11 @@ def score(indices, convention: str) -> dict:
 
 
 def _rank_main(rank: int, port: int, sampler_kind: str, convention: str, results) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    # A forked child must not enter the OpenMP pool its parent already started (it would wait forever):
+    # one intra-op thread keeps every torch op inline.
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
     try:
         if sampler_kind == "sharded":
             indices = list(ShardedEvalSampler(NUM_IMAGES, rank, WORLD))
@@ -68,8 +74,14 @@ def run_distributed(sampler_kind: str, convention: str) -> dict:
     manager = mp.get_context("fork").Manager()
     results = manager.dict()
     # fork: the ranks inherit the imported modules (a spawned rank would spend ~15 s importing torchmetrics)
-    mp.start_processes(_rank_main, args=(_free_port(), sampler_kind, convention, results), nprocs=WORLD,
-                       start_method="fork", join=True)
+    context = mp.start_processes(_rank_main, args=(_free_port(), sampler_kind, convention, results), nprocs=WORLD,
+                                 start_method="fork", join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError("the two ranks did not finish within 120 s")
     return dict(results)
 
 
