@@ -63,9 +63,11 @@ class BenchmarkSpec:
 
     def missing(self) -> str | None:
         """A one-line description of what is missing, or None when the split is on disk."""
+        hint = f" (prepare it with: {self.prepare})" if self.prepare else ""
         if not self.image_dir.is_dir() or not self.label_dir.is_dir():
-            hint = f" (prepare it with: {self.prepare})" if self.prepare else ""
             return f"{self.name} {self.split} split not found at {self.image_dir}{hint}"
+        if self.vocabulary is None and not (Path(self.root) / "vocab.json").is_file():
+            return f"{self.name} has no vocabulary file {Path(self.root) / 'vocab.json'}{hint}"
         return None
 
     def load_vocabulary(self) -> Vocabulary:
@@ -124,7 +126,8 @@ class SegmentationFolder(Dataset):
         self.spec = spec
         self.transform = transform
         self.num_classes = num_classes if num_classes is not None else len(spec.load_vocabulary())
-        images = sorted(p for p in spec.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        # hidden files: temporaries of an interrupted atomic write, editor or OS litter
+        images = sorted(p for p in spec.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
         if not images:
             raise DataError(f"No images (*.jpg / *.png) in {spec.image_dir}.")
         if spec.max_images:

@@ -1,7 +1,9 @@
 """Training augmentation (CAT-Seg / MaskFormer recipe) on uint8 tensors.
 
 Short-side resize, random crop with a category-area constraint, SSD colour jitter, horizontal flip and
-padding to the crop size (image ``pad_value``, label ``ignore_index``). Randomness comes from torch's global
+padding to the crop size (image ``pad_value``, label ``ignore_index``). Each step follows detectron2's
+implementation (ResizeShortestEdge with PIL bilinear / nearest, RandomCrop_CategoryAreaConstraint,
+ColorAugSSDTransform), so the training distribution is the papers'. Randomness comes from torch's global
 generator, which Lightning seeds per worker.
 """
 
@@ -10,49 +12,87 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 
 
 def resize_pair(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize image (bilinear) and label (nearest) to ``size`` = (H, W)."""
+    """Resize image and label to ``size`` = (H, W) as detectron2's ResizeTransform does with PIL: antialiased
+    bilinear for the image, nearest with pixel-centre sampling for the label (no new ids appear)."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image, label
-    image = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    image = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)[0]
     image = image.round().clamp(0, 255).to(torch.uint8)
-    label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].to(label.dtype)
+    label = F.interpolate(label[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(label.dtype)
     return image, label
 
 
 def short_side_size(height: int, width: int, short: int, max_size: int | None = None) -> tuple[int, int]:
+    """detectron2's ResizeShortestEdge output size: short side -> ``short``, long side capped at ``max_size``,
+    rounded half up."""
     scale = short / min(height, width)
-    if max_size is not None and max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    new_h, new_w = height * scale, width * scale
+    if max_size is not None and max(new_h, new_w) > max_size:
+        shrink = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * shrink, new_w * shrink
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
 
 
-def ssd_color_jitter(image: torch.Tensor) -> torch.Tensor:
-    """SSD photometric distortion: brightness +-32, contrast and saturation x[0.5, 1.5], hue +-18 degrees,
-    each applied with probability 0.5 (contrast before or after the HSV changes at random)."""
+def _to_uint8(values: torch.Tensor) -> torch.Tensor:
+    """Clip to [0, 255] and truncate, as ``np.clip(x, 0, 255).astype(np.uint8)`` in the reference."""
+    return values.clamp(0, 255).floor()
+
+
+def _hsv_channel_change(image: torch.Tensor, channel: int, change) -> torch.Tensor:
+    """Apply ``change`` to the hue (0) or saturation (1) of a float (3, H, W) image in [0, 255] through HSV."""
+    from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
+
+    hsv = rgb_to_hsv(image.permute(1, 2, 0).numpy() / 255.0)
+    hsv[..., channel] = change(hsv[..., channel])
+    rgb = hsv_to_rgb(hsv) * 255.0
+    return torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)
+
+
+def ssd_color_jitter(image: torch.Tensor, brightness_delta: int = 32, contrast: tuple[float, float] = (0.5, 1.5),
+                     saturation: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18) -> torch.Tensor:
+    """SSD photometric distortion (detectron2's ColorAugSSDTransform) on a uint8 (3, H, W) image.
+
+    Brightness +-32 first; then contrast, saturation, hue or saturation, hue, contrast (coin flip); each step
+    applied with probability 0.5 and followed by clipping to uint8. Contrast multiplies the pixel values,
+    saturation multiplies the HSV saturation by [0.5, 1.5], hue adds an integer in [-18, 18] in OpenCV's
+    0..180 hue units (= +-36 degrees).
+    """
+
+    def maybe() -> bool:
+        return bool(torch.rand(()) < 0.5)
+
+    def uniform(low: float, high: float) -> float:
+        return float(torch.empty(()).uniform_(low, high))
+
+    def adjust_contrast(x: torch.Tensor) -> torch.Tensor:
+        return _to_uint8(x * uniform(*contrast)) if maybe() else x
+
+    def adjust_saturation(x: torch.Tensor) -> torch.Tensor:
+        if not maybe():
+            return x
+        factor = uniform(*saturation)
+        return _to_uint8(_hsv_channel_change(x, 1, lambda s: np.clip(s * factor, 0.0, 1.0)))
+
+    def adjust_hue(x: torch.Tensor) -> torch.Tensor:
+        if not maybe():
+            return x
+        shift = int(torch.randint(-hue_delta, hue_delta + 1, ())) / 180.0
+        return _to_uint8(_hsv_channel_change(x, 0, lambda h: (h + shift) % 1.0))
+
     out = image.float()
-
-    def maybe(p: float = 0.5) -> bool:
-        return bool(torch.rand(()) < p)
-
     if maybe():
-        out = out + torch.empty(()).uniform_(-32, 32)
-    contrast_first = maybe()
-    if contrast_first and maybe():
-        out = out * torch.empty(()).uniform_(0.5, 1.5)
-    out = out.clamp(0, 255)
+        out = _to_uint8(out + uniform(-brightness_delta, brightness_delta))
     if maybe():
-        out = TF.adjust_saturation(out / 255, float(torch.empty(()).uniform_(0.5, 1.5))) * 255
-    if maybe():
-        out = TF.adjust_hue(out / 255, float(torch.empty(()).uniform_(-18, 18)) / 360) * 255
-    if not contrast_first and maybe():
-        out = out * torch.empty(()).uniform_(0.5, 1.5)
-    return out.clamp(0, 255).round().to(torch.uint8)
+        out = adjust_hue(adjust_saturation(adjust_contrast(out)))
+    else:
+        out = adjust_contrast(adjust_hue(adjust_saturation(out)))
+    return out.to(torch.uint8)
 
 
 @dataclass
@@ -61,8 +101,9 @@ class TrainTransform:
 
     short_side: resize the short side to a value drawn from this list (detectron2's ResizeShortestEdge
     "choice" sampling); None keeps the size.
-    cat_max_ratio: a crop is redrawn (up to 10 times) while one class covers more than this fraction of its
-    labelled pixels (1.0 disables the constraint, the CAT-Seg default).
+    max_size: cap on the long side after the resize (detectron2's MAX_SIZE_TRAIN, 1333 by default).
+    cat_max_ratio: a crop is redrawn (up to 10 times) while one class covers this fraction of its labelled
+    pixels or more (1.0 disables the constraint, the CAT-Seg default).
     """
 
     crop_size: int = 384
@@ -83,14 +124,16 @@ class TrainTransform:
             left = int(torch.randint(0, width - cw + 1, ()))
             return top, left
 
-        top, left = draw()
-        if self.cat_max_ratio < 1.0:
-            for _ in range(10):
-                crop = label[top : top + ch, left : left + cw]
-                ids, counts = crop[crop != self.ignore_index].unique(return_counts=True)
-                if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
-                    break
-                top, left = draw()
+        if self.cat_max_ratio >= 1.0:
+            return draw()
+        # detectron2: up to 10 draws; stop at the first whose largest class covers < cat_max_ratio of its
+        # labelled pixels (and that holds more than one class), else keep the 10th
+        for _ in range(10):
+            top, left = draw()
+            crop = label[top : top + ch, left : left + cw]
+            _, counts = crop[crop != self.ignore_index].unique(return_counts=True)
+            if len(counts) > 1 and counts.max() < counts.sum() * self.cat_max_ratio:
+                break
         return top, left
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
