@@ -211,3 +211,24 @@ def test_episode_metric_counts_a_class_without_union_as_zero_and_rejects_bad_lab
     assert metric.compute()["mIoU"] == pytest.approx(50.0)  # class 1 never seen: IoU 0, as HSNet
     with pytest.raises(ValueError):
         metric.update(torch.full((1, 2, 2), 2), torch.ones(1, 2, 2), torch.tensor([0]))
+
+
+# ---------------------------------------------------------------------------------------------- paper tables
+@pytest.mark.parametrize("table", ["lseg_fss1000", "lseg_pascal5i", "lseg_coco20i"])
+def test_lseg_paper_tables_match_their_sweeps(table):
+    import json
+    from importlib import resources
+
+    from tests.conftest import compose
+
+    spec = json.loads((resources.files("ovseg_lab") / "assets" / "paper_tables" / f"{table}.json").read_text())
+    for flavour in ("", "_toy"):
+        params = compose("train", [f"experiment={spec['experiment']}{flavour}"]).hydra.sweeper.params
+        for row in spec["rows"]:
+            for key, value in row["overrides"].items():
+                assert value in str(params[key]).split(","), (flavour, key, value)
+    real = {Pascal5i("/x", fold=i).benchmark_name for i in range(4)} | {Coco20i("/x", fold=i).benchmark_name for i in range(4)}
+    toy = {ToyFolds("/x", fold=i).benchmark_name for i in range(4)} | {ToyClassSplit("/x").benchmark_name}
+    for column in spec["columns"]:
+        assert column["benchmark"] in real | {Fss1000("/x").benchmark_name} and column["toy"] in toy
+        assert all(set(row["paper"]) <= {c["label"] for c in spec["columns"]} for row in spec["rows"])
