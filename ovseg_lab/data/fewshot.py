@@ -79,6 +79,13 @@ def interleaved_fold_classes(num_classes: int, fold: int, num_folds: int = NUM_F
     return [c for c in range(num_classes) if c % num_folds == fold]
 
 
+def _read_lines(path: Path, key: str) -> list[str]:
+    try:
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except OSError as err:
+        raise DataError(f"Cannot read {path} ({key}): {err.strerror or err}.") from None
+
+
 def _packaged_lines(name: str) -> list[str]:
     text = (resources.files("ovseg_lab") / "assets" / "fewshot" / name).read_text()
     return [line.strip() for line in text.splitlines() if line.strip()]
@@ -90,7 +97,7 @@ def _class_names(source: str | Sequence[str] | None, default: Sequence[str], exp
         names = list(default)
     elif isinstance(source, str):
         names = list(load_vocabulary(source).classes) if (source in PACKAGED_VOCABULARIES or Path(source).suffix == ".json") \
-            else [line.strip() for line in Path(source).read_text().splitlines() if line.strip()]
+            else _read_lines(Path(source), "data.options.class_names")
     else:
         names = [str(n) for n in source]
     if len(names) != expected:
@@ -264,7 +271,7 @@ class Pascal5i(FewShotProtocol):
 
     def _list(self, folder: Path | None, fold: int) -> list[tuple[str, int]]:
         lines = _packaged_lines(f"pascal5i_val_fold{fold}.txt") if folder is None else \
-            [line.strip() for line in (folder / f"fold{fold}.txt").read_text().splitlines() if line.strip()]
+            _read_lines(folder / f"fold{fold}.txt", "data.options.val_lists / train_lists")
         pairs = []
         for line in lines:
             stem, _, cls = line.partition("__")
@@ -288,7 +295,7 @@ class Pascal5i(FewShotProtocol):
         if self.train_lists is not None:
             pairs = [p for j in range(NUM_FOLDS) if j != self.fold for p in self._list(self.train_lists, j)]
             return [self._episode(stem, cls) for stem, cls in pairs]
-        val_ids = set((self.root / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").read_text().split())
+        val_ids = set(_read_lines(self.root / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt", "VOC2012 val ids"))
         labels = {s: p for s, p in _files_by_stem(self.label_dir, (".png",)).items() if s not in val_ids}
         images = {s: self.image_dir / f"{s}.jpg" for s in labels}
         index = index_labels(labels, self.root / ".ovseg_cache" / "pascal5i_train_index.json", "PASCAL-5i train labels")
