@@ -14,6 +14,7 @@ counterpart of the same family for tests and the toy benchmark (``tiny=True``).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -27,6 +28,8 @@ from ovseg_lab.errors import SetupError
 from ovseg_lab.layers.dpt import DPTFusion, Reassemble
 from ovseg_lab.layers.losses import per_pixel_cross_entropy
 from ovseg_lab.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
 
 HALF = (0.5, 0.5, 0.5)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -203,10 +206,14 @@ def build_encoder(
         raise SetupError(f"Unknown LSeg encoder '{name}' (model.net.encoder.name); choose one of {sorted(ENCODERS)}.")
     spec = ENCODERS[name]
     if tiny and spec.tiny is not None:
-        spec = ENCODERS[spec.tiny]
+        name, spec = spec.tiny, ENCODERS[spec.tiny]
     kwargs = dict(spec.timm_kwargs)
     if spec.timm_kwargs:  # the tiny variants are architecture overrides: no weights exist for them
         pretrained, checkpoint = False, None
+        log.info("LSeg image encoder: the tiny random-init variant '%s' (tests and toy runs only).", name)
+    elif not pretrained and not checkpoint:
+        log.warning("LSeg image encoder '%s' starts from random weights (model.net.encoder.pretrained=false): "
+                    "the paper's numbers need timm's pretrained weights.", name)
     if spec.kind == "vit":
         if img_size is not None and not spec.timm_kwargs:
             kwargs["img_size"] = img_size
