@@ -97,9 +97,11 @@ class OpenVocabModule(L.LightningModule):
         self._benchmarks = list(benchmarks)
         for bench in self._benchmarks:
             if bench.name not in self.metrics:
-                self.metrics[bench.name] = SegmentationMetric(
-                    bench.num_classes, ignore_index=bench.ignore_index, convention=self.metric_convention
-                )
+                self.metrics[bench.name] = self._make_metric(bench)
+
+    def _make_metric(self, bench):
+        """The metric a benchmark is scored with (a recipe may score its own kinds of benchmark differently)."""
+        return SegmentationMetric(bench.num_classes, ignore_index=bench.ignore_index, convention=self.metric_convention)
 
     # ------------------------------------------------------------------ inference
     def forward(self, images: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
@@ -153,13 +155,9 @@ class OpenVocabModule(L.LightningModule):
                 warnings.simplefilter("ignore")
                 scores = metric.compute()
             metric.reset()
-            if scores["num_pixels"] == 0:
+            scores = self._benchmark_scores(bench, scores)
+            if scores is None:
                 continue
-            class_names = list(bench.vocabulary.classes[: bench.num_classes])
-            if bench.background_from is not None:
-                class_names = class_names[: bench.background_from] + ["background"]
-            scores["per_class_iou"] = dict(zip(class_names, scores["per_class_iou"]))
-            scores["per_class_accuracy"] = dict(zip(class_names, scores["per_class_accuracy"]))
             results[bench.name] = scores
             for key in ("mIoU", "pixel_accuracy", "fwIoU"):
                 self.log(f"{prefix}/{bench.name}/{key}", scores[key], add_dataloader_idx=False, sync_dist=False)
@@ -169,6 +167,17 @@ class OpenVocabModule(L.LightningModule):
         self.eval_results = results
         self.eval_results_step = self.global_step
         self.on_eval_results(prefix, results)
+
+    def _benchmark_scores(self, bench, scores: dict) -> dict | None:
+        """metric.compute() -> the benchmark's metrics.json entry (None: it saw no pixel, leave it out)."""
+        if scores["num_pixels"] == 0:
+            return None
+        class_names = list(bench.vocabulary.classes[: bench.num_classes])
+        if bench.background_from is not None:
+            class_names = class_names[: bench.background_from] + ["background"]
+        scores["per_class_iou"] = dict(zip(class_names, scores["per_class_iou"]))
+        scores["per_class_accuracy"] = dict(zip(class_names, scores["per_class_accuracy"]))
+        return scores
 
     def on_eval_results(self, prefix: str, results: dict[str, dict]) -> None:
         """W&B: a per-class IoU table and prediction / ground-truth masks of a fixed batch per benchmark."""

@@ -30,7 +30,7 @@ class DenseSupervisedModule(OpenVocabModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int):
         images = to_unit_float(batch["image"])
         labels = batch["label"]
-        logits = self.net(images, self.train_vocabulary)
+        logits = self.training_logits(batch, images)
         loss = self.net.loss(logits, labels)
         if not torch.isfinite(loss):
             stems = list(batch.get("stem", []))
@@ -45,3 +45,7 @@ class DenseSupervisedModule(OpenVocabModule):
             return None
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=images.shape[0])
         return loss
+
+    def training_logits(self, batch: Mapping[str, Any], images: torch.Tensor) -> torch.Tensor:
+        """Logits the loss compares with ``batch["label"]``: every image against the training vocabulary."""
+        return self.net(images, self.train_vocabulary)

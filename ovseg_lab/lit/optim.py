@@ -29,10 +29,16 @@ def build_param_groups(
     """Trainable parameters grouped by (lr, weight decay), detectron2-style.
 
     Parameters inside CLIP towers (or modules flagged ``is_backbone``) get ``lr * backbone_lr_multiplier``;
-    parameters of normalisation layers get ``weight_decay_norm`` and of ``nn.Embedding`` ``weight_decay_embed``
-    (None: the general weight decay).
+    parameters inside a module with a float attribute ``lr_multiplier`` (e.g. LSeg's decoder, 10x) have their
+    lr multiplied by it (the innermost such module wins); parameters of normalisation layers get
+    ``weight_decay_norm`` and of ``nn.Embedding`` ``weight_decay_embed`` (None: the general weight decay).
     """
     backbone_ids = {id(p) for m in _backbone_modules(module) for p in m.parameters()}
+    module_multiplier: dict[int, float] = {}
+    for submodule in module.modules():  # parents come before children, so inner flags overwrite outer ones
+        factor = getattr(submodule, "lr_multiplier", None)
+        if isinstance(factor, (int, float)) and not isinstance(factor, bool):
+            module_multiplier.update({id(p): float(factor) for p in submodule.parameters()})
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     seen: set[int] = set()
     for submodule in module.modules():
@@ -46,6 +52,7 @@ def build_param_groups(
             elif isinstance(submodule, nn.Embedding) and weight_decay_embed is not None:
                 decay = weight_decay_embed
             group_lr = lr * backbone_lr_multiplier if id(param) in backbone_ids else lr
+            group_lr *= module_multiplier.get(id(param), 1.0)
             groups.setdefault((group_lr, decay), []).append(param)
     return [{"params": params, "lr": group_lr, "weight_decay": decay} for (group_lr, decay), params in groups.items()]
 
