@@ -144,7 +144,8 @@ class GroupViTEncoder(nn.Module):
         self.grid = (image_size // patch_size, image_size // patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], embed_dim))
         trunc_normal_(self.pos_embed, std=0.02)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total = sum(depths)
+        rates = [drop_path_rate * i / max(1, total - 1) for i in range(total)]  # stochastic depth, linear in depth
         self.stages = nn.ModuleList()
         for i, depth in enumerate(depths):
             self.stages.append(GroupViTStage(
@@ -473,6 +474,9 @@ class OVSegmentor(nn.Module):
         captions = list(batch["caption"])
         out = self.image_encoder(self.normalize(batch["image"]))
         image_x = self.image_head(out.tokens.mean(dim=1))
+        # as in the release, the segment tokens pass the projector too, so that its BatchNorm statistics (used
+        # at test time on single segments) cover segments and not only their mean
+        group_x = self.image_head(out.tokens)
         pooled, tokens, attention = self.text_encoder.encode(captions)
         losses = {"contrastive": info_nce(image_x, self.text_head(pooled), self.scale)}
         total = losses["contrastive"]
@@ -486,7 +490,7 @@ class OVSegmentor(nn.Module):
             losses["mlm"] = self._masked_language_modelling(out.tokens, captions)
             total = total + self.mlm_weight * losses["mlm"]
         if self.cross_image_weight > 0:
-            losses["cross_image"] = self._cross_image(out, batch)
+            losses["cross_image"] = self._cross_image(out, group_x, batch)
             total = total + self.cross_image_weight * losses["cross_image"]
         losses["loss"] = total
         return losses
@@ -568,7 +572,7 @@ class OVSegmentor(nn.Module):
         if self.momentum_encoder is not None:
             self.momentum_encoder.load_state_dict(self.image_encoder.state_dict())
 
-    def _cross_image(self, out: EncoderOutput, batch: Mapping[str, Any]) -> torch.Tensor:
+    def _cross_image(self, out: EncoderOutput, group_x: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         """Predict the partner image's momentum masks from this image's group queries (see ovsegmentor_losses)."""
         if "pair_image" not in batch:
             raise SetupError("Cross-image mask consistency needs paired images: set data.pair_images=true.")
@@ -586,5 +590,5 @@ class OVSegmentor(nn.Module):
         with torch.no_grad():
             entities = [e for e, p in zip(batch["pair_entity"], has_pair.tolist()) if p]
             entity_text = self.encode_text([self.prompt_template.format(e) for e in entities])
-        selected = select_related_groups(self.image_head(out.tokens[has_pair]), entity_text, self.group_ratio)
+        selected = select_related_groups(group_x[has_pair], entity_text, self.group_ratio)
         return cross_image_mask_loss(predicted, target_logits, partner.grid, self.mask_size, self.cross_threshold, selected)
