@@ -230,3 +230,11 @@ def test_stage_two_cross_image_loss_and_momentum_update():
     after = list(net.momentum_encoder.parameters())
     online = list(net.image_encoder.parameters())
     assert torch.allclose(after[0], 0.9 * before[0] + 0.1 * online[0], atol=1e-6)
+
+
+def test_multi_label_can_be_added_to_entity_completion():
+    net = tiny_net("all_entities", add_multi_label=True, num_prompts=2).train()
+    losses = net.training_losses(caption_batch())
+    assert set(losses) == {"contrastive", "entity", "multi_label", "loss"}
+    assert torch.allclose(losses["loss"], losses["contrastive"] + losses["entity"] + losses["multi_label"])
+    assert not hasattr(tiny_net("all_entities"), "multi_label_logit_scale")  # off by default (paper configs)

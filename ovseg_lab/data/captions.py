@@ -97,11 +97,8 @@ class CaptionStream(IterableDataset):
         self.pair_images = pair_images
         self.pair_buffer = pair_buffer
         self.noun_parser = noun_parser
-        self.epoch = 0
         self.skipped = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._passes = 0
 
     # -- reading ------------------------------------------------------------------------------
     def _raw(self, slot: int, slots: int, rng: random.Random) -> Iterator[dict[str, Any]]:
@@ -179,7 +176,10 @@ class CaptionStream(IterableDataset):
         slot, slots = slot_of(self.rank, self.world_size)
         info = get_worker_info()
         workers = info.num_workers if info is not None else 1
-        rng = random.Random(hash((self.seed, self.epoch, slot)) & 0xFFFFFFFF)
+        # torch.initial_seed() differs in every freshly started worker (Lightning seeds them per epoch from the
+        # run seed); _passes does in the main process: every epoch visits the shards in a new order
+        self._passes += 1
+        rng = random.Random(hash((self.seed, torch.initial_seed(), self._passes, slot)) & 0xFFFFFFFF)
         per_reader = -(-self.samples_per_epoch // workers)
         items = self._shuffled(self._decoded(slot, slots, rng), rng)
         if self.pair_images:

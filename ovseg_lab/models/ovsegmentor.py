@@ -310,6 +310,8 @@ class OVSegmentor(nn.Module):
         objective: the auxiliary objective, one of ``OBJECTIVES`` (OVSegmentor: all_entities; GroupViT: multi_label).
         entity_weight / multi_label_weight / mlm_weight: weights of the auxiliary losses (1.0 in the papers).
         num_prompts: prompts per image for multi_label (GroupViT: 3).
+        add_multi_label: add the multi-label loss to any other objective (the release's ``multi_label > 0``;
+            off in the paper's OVSegmentor configs, on for the toy, whose captions never name a single entity).
         cross_image_weight: weight of the cross-image mask consistency (stage 2: 0.1; 0 = off, no momentum encoder).
         cross_threshold / group_ratio / momentum / mask_size: its binarisation factor (0.6), fraction of groups
             trained (0.5: the 4 of 8 most related to the shared entity), EMA (0.99), mask resolution (224).
@@ -331,6 +333,7 @@ class OVSegmentor(nn.Module):
         multi_label_weight: float = 1.0,
         mlm_weight: float = 1.0,
         num_prompts: int = 3,
+        add_multi_label: bool = False,
         mlm_probability: float = 0.15,
         decoder_heads: int = 8,
         cross_image_weight: float = 0.0,
@@ -364,7 +367,8 @@ class OVSegmentor(nn.Module):
         self.entity_weight, self.multi_label_weight, self.mlm_weight = entity_weight, multi_label_weight, mlm_weight
         self.num_prompts = num_prompts
         self.mlm_probability = mlm_probability
-        if objective == "multi_label":
+        self.add_multi_label = add_multi_label and objective != "multi_label"
+        if objective == "multi_label" or self.add_multi_label:
             self.multi_label_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
         if objective in MASKING_OBJECTIVES + ("mlm", "mlm_nogroups"):
             width = min(image_encoder.width, text_encoder.width)
@@ -489,6 +493,9 @@ class OVSegmentor(nn.Module):
         elif self.objective in ("mlm", "mlm_nogroups"):
             losses["mlm"] = self._masked_language_modelling(out.tokens, captions)
             total = total + self.mlm_weight * losses["mlm"]
+        if self.add_multi_label:
+            losses["multi_label"] = self._multi_label(image_x, batch["entities"])
+            total = total + self.multi_label_weight * losses["multi_label"]
         if self.cross_image_weight > 0:
             losses["cross_image"] = self._cross_image(out, group_x, batch)
             total = total + self.cross_image_weight * losses["cross_image"]
