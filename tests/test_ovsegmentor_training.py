@@ -85,4 +85,6 @@ def test_quickstart_ovsegmentor_beats_the_untrained_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = json.loads((trained_dir / "metrics.json").read_text())
     before = json.loads((untrained_dir / "metrics.json").read_text())
-    assert after["toy_seen"]["mIoU"] > before["toy_seen"]["mIoU"] + 3.0, (before["toy_seen"]["mIoU"], after["toy_seen"]["mIoU"])
+    for split in ("toy_seen", "toy_unseen", "toy_large"):
+        assert after[split]["mIoU"] > before[split]["mIoU"], (split, before[split]["mIoU"], after[split]["mIoU"])
+    assert after["toy_seen"]["mIoU"] > before["toy_seen"]["mIoU"] + 1.0
