@@ -64,7 +64,7 @@ def test_cc4m_filter_and_unreadable_images_are_counted(tmp_path):
     assert (stats.seen, stats.kept, stats.without_entity, stats.unreadable) == (5, 2, 1, 2)
     manifest = json.loads((tmp_path / "cc4m" / "manifest.json").read_text())
     assert manifest["dropped_without_entity"] == 1 and manifest["unreadable"] == 2
-    kept = {i["caption"]: i["entities"] for i in _stream(shard_urls(tmp_path / "cc4m"), samples_per_epoch=2)}
+    kept = {i["caption"]: i["entities"] for i in _stream(shard_urls(tmp_path / "cc4m"), samples_per_epoch=2, shuffle_buffer=1)}
     assert kept == {"a dog on a bus": ["dog", "bus"], "two glasses": ["glass"]}
     # GroupViT keeps every caption
     stats = write_caption_shards(_samples(["a sunset"]), tmp_path / "cc12m", PARSER, require_entity=False, progress=False)
@@ -82,7 +82,7 @@ def test_corrupt_samples_inside_shards_are_skipped_and_counted(tmp_path):
         writer.write({"__key__": "1", "png": b"garbage", "txt": "a cat", "json": b'{"entities": ["cat"]}'})
         writer.write({"__key__": "2", "png": _png(2), "txt": "a cow", "json": b"{not json"})
         writer.write({"__key__": "3", "png": _png(3), "txt": "a bus", "json": b'{"entities": ["bus"], "mentions": []}'})
-    stream = _stream([str(path)], samples_per_epoch=4)
+    stream = _stream([str(path)], samples_per_epoch=4, shuffle_buffer=1)
     items = list(stream)
     assert [i["caption"] for i in items[:2]] and {i["caption"] for i in items} == {"a dog", "a bus"}
     assert items[-1]["skipped"] >= 2 and stream.skipped >= 2
@@ -110,14 +110,15 @@ def test_two_ddp_ranks_read_disjoint_samples(tmp_path):
 
 def test_epoch_length_is_fixed_and_the_stream_resamples(tmp_path):
     write_caption_shards(_samples([f"a dog {i}" for i in range(6)]), tmp_path / "s", PARSER, maxcount=3, progress=False)
-    items = list(_stream(shard_urls(tmp_path / "s"), samples_per_epoch=15))
+    items = list(_stream(shard_urls(tmp_path / "s"), samples_per_epoch=15, shuffle_buffer=1))
     assert len(items) == 15 and len({i["caption"] for i in items}) == 6  # more than one pass over 6 samples
 
 
 def test_pairs_share_an_entity(tmp_path):
     captions = ["a dog", "a cat", "a dog and a bus", "a cat on a sofa", "a bus", "a dog"] * 3
     write_caption_shards(_samples(captions), tmp_path / "s", PARSER, progress=False)
-    items = list(_stream(shard_urls(tmp_path / "s"), samples_per_epoch=18, pair_images=True, pair_buffer=8))
+    items = list(_stream(shard_urls(tmp_path / "s"), samples_per_epoch=18, pair_images=True, pair_buffer=8,
+                         shuffle_buffer=1))
     paired = [i for i in items if i["has_pair"]]
     assert len(paired) >= 12
     for item in paired:
