@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ovseg_lab.errors import DataError
 
-PACKAGED_VOCABULARIES = ("ade150", "ade847", "coco_stuff171", "pc59", "pc459", "voc20", "voc20b")
+PACKAGED_VOCABULARIES = ("ade150", "ade847", "coco_stuff171", "pc59", "pc459", "voc20", "voc20b",
+                         "voc21", "pc60", "coco_object81")
 
 
 @dataclass(frozen=True)

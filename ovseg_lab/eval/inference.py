@@ -3,7 +3,8 @@
 - ``whole``: one forward pass; the model resizes to its own input size, scores are resized back.
 - ``slide`` (CAT-Seg): squash the image to ``slide_size``, run overlapping ``crop`` windows with ``stride``
   plus one global view of the whole image at ``crop`` size, average window scores per pixel, then average
-  local and global maps 50/50, and resize back.
+  local and global maps 50/50, and resize back. With ``keep_ratio`` the image is resized so that its short
+  side is ``slide_size`` instead of squashed (mmseg's slide protocol, GroupViT / OVSegmentor).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class InferenceConfig:
     global_view: bool = True
     global_weight: float = 0.5
     batch_windows: bool = True
+    keep_ratio: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("whole", "slide"):
@@ -75,9 +77,14 @@ def segment(
     if cfg.mode == "whole":
         return _score(upsample_to(forward(images), (height, width)), cfg.score)
 
-    size, crop = cfg.slide_size, cfg.crop
-    squashed = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    offsets = [(top, left) for top in window_starts(size, crop, cfg.stride) for left in window_starts(size, crop, cfg.stride)]
+    crop = cfg.crop
+    if cfg.keep_ratio:
+        scale = cfg.slide_size / min(height, width)
+        size_hw = (max(crop, round(height * scale)), max(crop, round(width * scale)))
+    else:
+        size_hw = (cfg.slide_size, cfg.slide_size)
+    squashed = F.interpolate(images, size=size_hw, mode="bilinear", align_corners=False)
+    offsets = [(top, left) for top in window_starts(size_hw[0], crop, cfg.stride) for left in window_starts(size_hw[1], crop, cfg.stride)]
     windows = [squashed[:, :, t : t + crop, l : l + crop] for t, l in offsets]
     views = windows + ([F.interpolate(images, size=(crop, crop), mode="bilinear", align_corners=False)] if cfg.global_view else [])
     batch = images.shape[0]
@@ -87,13 +94,13 @@ def segment(
     else:
         scores = [_score(upsample_to(forward(v), (crop, crop)), cfg.score) for v in views]
     num_classes = scores[0].shape[1]
-    total = images.new_zeros(batch, num_classes, size, size)
-    count = images.new_zeros(1, 1, size, size)
+    total = images.new_zeros(batch, num_classes, *size_hw)
+    count = images.new_zeros(1, 1, *size_hw)
     for (top, left), window_scores in zip(offsets, scores[: len(offsets)]):
         total[:, :, top : top + crop, left : left + crop] += window_scores
         count[:, :, top : top + crop, left : left + crop] += 1
     local = total / count
     if cfg.global_view:
-        global_scores = upsample_to(scores[-1], (size, size))
+        global_scores = upsample_to(scores[-1], size_hw)
         local = (1 - cfg.global_weight) * local + cfg.global_weight * global_scores
     return upsample_to(local, (height, width))

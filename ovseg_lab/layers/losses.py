@@ -41,7 +41,13 @@ def per_pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_i
 def dice_loss(pred_logits: torch.Tensor, target: torch.Tensor, num_masks: float | None = None) -> torch.Tensor:
     """Dice loss of matched masks: pred_logits and target (N, P); summed over masks, divided by ``num_masks``
     (defaults to N). Zero for perfect, confident predictions."""
-    prob = pred_logits.sigmoid().flatten(1)
+    return soft_dice_loss(pred_logits.sigmoid(), target, num_masks)
+
+
+def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, num_masks: float | None = None) -> torch.Tensor:
+    """:func:`dice_loss` of masks that are already probabilities in [0, 1] (N, P) (OVSegmentor min-max
+    normalises its predicted masks instead of a sigmoid)."""
+    prob = prob.flatten(1)
     target = target.flatten(1).to(prob.dtype)
     numerator = 2 * (prob * target).sum(-1)
     denominator = prob.sum(-1) + target.sum(-1)

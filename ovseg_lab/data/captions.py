@@ -1,0 +1,340 @@
+"""Streaming image-caption training data for caption-supervised methods (OVSegmentor, GroupViT).
+
+Reading (:class:`CaptionStream`): every (rank, dataloader worker) slot reads its own disjoint part of the
+shards, at shard granularity when there are enough shards and sample granularity otherwise, and re-reads its
+part in a fresh random order forever (resampled); an epoch is a fixed number of batches per rank, so ranks
+never disagree on the number of steps (which would hang DDP). Samples that do not decode are skipped and
+counted. With ``pair_images`` every sample is paired with a recent sample of the same slot that shares an
+entity (OVSegmentor's cross-image mask consistency).
+
+:class:`CaptionDataModule` adds this to the evaluation side of :class:`SegmentationDataModule` (benchmarks,
+vocabularies, sharded evaluation); on the toy benchmark it writes the caption shards itself from the toy
+captions, so training sees images and captions only, never a mask.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ovseg_lab.data.caption_shards import from_toy, shard_urls, write_caption_shards
+from ovseg_lab.data.datamodule import SegmentationDataModule
+from ovseg_lab.data.entities import EntityParser, EntityVocabulary
+from ovseg_lab.errors import DataError, SetupError
+from ovseg_lab.vocab import Vocabulary
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+class CaptionTransform:
+    """uint8 (3, H, W) -> (3, S, S): random resized crop (scale range of the crop's area) and horizontal flip."""
+
+    def __init__(self, image_size: int = 224, scale: Sequence[float] = (0.08, 1.0), flip: bool = True) -> None:
+        from torchvision.transforms import v2
+
+        self.image_size = image_size
+        ops = [v2.RandomResizedCrop(image_size, scale=tuple(scale), antialias=True)]
+        if flip:
+            ops.append(v2.RandomHorizontalFlip())
+        self.ops = v2.Compose(ops)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.ops(image).contiguous()
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    with Image.open(io.BytesIO(data)) as img:
+        array = np.array(img.convert("RGB"))
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def slot_of(rank: int, world: int) -> tuple[int, int]:
+    """(this reader's slot, number of slots) over every rank's dataloader workers."""
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank * workers + worker, world * workers
+
+
+class CaptionStream(IterableDataset):
+    """Endless, shuffled, rank- and worker-disjoint samples of caption shards, ``samples_per_epoch`` per rank.
+
+    Items: {"image": uint8 (3, S, S), "caption": str, "mentions": [[start, end, entity]], "entities": [str],
+    "key": str, "skipped": int (this reader's unreadable samples so far), "reader": int}, plus
+    "pair_image" / "pair_entity" / "has_pair" with ``pair_images``.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        transform: CaptionTransform,
+        samples_per_epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        pair_images: bool = False,
+        pair_buffer: int = 512,
+        noun_parser: EntityParser | None = None,
+    ) -> None:
+        super().__init__()
+        if not urls:
+            raise DataError("CaptionStream needs at least one shard.")
+        self.urls = list(urls)
+        self.transform = transform
+        self.samples_per_epoch = samples_per_epoch
+        self.rank, self.world_size = rank, world_size
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.pair_images = pair_images
+        self.pair_buffer = pair_buffer
+        self.noun_parser = noun_parser
+        self.skipped = 0
+        self._passes = 0
+
+    # -- reading ------------------------------------------------------------------------------
+    def _raw(self, slot: int, slots: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Raw tar samples of this slot, forever; each pass visits the slot's shards in a new order."""
+        import webdataset as wds
+
+        if len(self.urls) >= slots:
+            shards = [(i, u) for i, u in enumerate(self.urls) if i % slots == slot]
+            by_sample = False
+        else:  # fewer shards than readers: every reader scans all shards and keeps every slots-th sample
+            shards, by_sample = list(enumerate(self.urls)), True
+
+        def count_error(exn: Exception) -> bool:
+            self.skipped += 1
+            return True
+
+        while True:
+            order = shards[:]
+            rng.shuffle(order)
+            for shard_index, url in order:
+                for position, sample in enumerate(wds.tarfile_samples([{"url": url}], handler=count_error)):
+                    if by_sample and (shard_index + position) % slots != slot:
+                        continue
+                    yield sample
+
+    def _decoded(self, slot: int, slots: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+        for raw in self._raw(slot, slots, rng):
+            try:
+                ext = next(e for e in IMAGE_KEYS if e in raw)
+                image = self.transform(decode_image(raw[ext]))
+                caption = raw["txt"].decode("utf-8")
+                meta = json.loads(raw["json"]) if "json" in raw else {"entities": [], "mentions": []}
+            except Exception:  # a broken image, caption or metadata must not stop a week-long run
+                self.skipped += 1
+                continue
+            item = {"image": image, "caption": caption, "mentions": meta.get("mentions", []),
+                    "entities": meta.get("entities", []), "key": raw.get("__key__", "")}
+            if self.noun_parser is not None:
+                item["noun_mentions"] = [m.to_list() for m in self.noun_parser.noun_mentions(caption)]
+            yield item
+
+    def _shuffled(self, items: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        buffer: list[dict[str, Any]] = []
+        for item in items:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(item)
+                continue
+            index = rng.randrange(len(buffer))
+            buffer[index], item = item, buffer[index]
+            yield item
+        yield from buffer
+
+    def _paired(self, items: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Attach to every sample a recent sample that shares one of its entities (None while none is buffered)."""
+        recent: deque[dict[str, Any]] = deque(maxlen=self.pair_buffer)
+        by_entity: dict[str, list[dict[str, Any]]] = {}
+        for item in items:
+            candidates = [(e, p) for e in item["entities"] for p in by_entity.get(e, []) if p is not item]
+            if candidates:
+                entity, partner = rng.choice(candidates)
+                item = {**item, "pair_image": partner["image"], "pair_entity": entity, "has_pair": True}
+            else:
+                item = {**item, "pair_image": torch.zeros_like(item["image"]),
+                        "pair_entity": item["entities"][0] if item["entities"] else "", "has_pair": False}
+            if len(recent) == recent.maxlen:
+                old = recent[0]
+                for e in old["entities"]:
+                    by_entity[e] = [p for p in by_entity.get(e, []) if p is not old]
+            recent.append(item)
+            for e in item["entities"]:
+                by_entity.setdefault(e, []).append(item)
+            yield item
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        slot, slots = slot_of(self.rank, self.world_size)
+        info = get_worker_info()
+        workers = info.num_workers if info is not None else 1
+        # torch.initial_seed() differs in every freshly started worker (Lightning seeds them per epoch from the
+        # run seed); _passes does in the main process: every epoch visits the shards in a new order
+        self._passes += 1
+        rng = random.Random(hash((self.seed, torch.initial_seed(), self._passes, slot)) & 0xFFFFFFFF)
+        per_reader = -(-self.samples_per_epoch // workers)
+        items = self._shuffled(self._decoded(slot, slots, rng), rng)
+        if self.pair_images:
+            items = self._paired(items, rng)
+        for count, item in enumerate(items):
+            if count >= per_reader:
+                return
+            yield {**item, "skipped": self.skipped, "reader": slot}
+
+
+def collate_captions(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images; keep texts and mention lists as lists."""
+    out: dict[str, Any] = {"image": torch.stack([b["image"] for b in batch])}
+    for key in ("caption", "mentions", "entities", "key", "noun_mentions", "pair_entity"):
+        if key in batch[0]:
+            out[key] = [b[key] for b in batch]
+    if "pair_image" in batch[0]:
+        out["pair_image"] = torch.stack([b["pair_image"] for b in batch])
+        out["has_pair"] = torch.tensor([bool(b["has_pair"]) for b in batch])
+    # unreadable samples so far, per reader (a reader's count only grows)
+    skipped: dict[int, int] = {}
+    for b in batch:
+        skipped[b["reader"]] = max(skipped.get(b["reader"], 0), b["skipped"])
+    out["skipped"] = skipped
+    return out
+
+
+class CaptionDataModule(SegmentationDataModule):
+    """Caption shards for training, prepared benchmarks for evaluation.
+
+    Args (beyond :class:`SegmentationDataModule`'s evaluation ones):
+        shards: a shard folder (with manifest.json), a brace pattern or a list of tar paths.
+        toy_shards: on the toy benchmark, where to write caption shards made from ``train``'s captions
+            (entities = the training class names); ``shards`` is then ignored.
+        steps_per_epoch: batches per rank per epoch (the resampled stream has no natural end).
+        image_size, scale, flip: training augmentation (:class:`CaptionTransform`).
+        pair_images: pair samples that share an entity (stage 2, cross-image mask consistency).
+        nouns: a word list for the "all nouns" masking ablation (None: unavailable).
+        entity_vocabulary: what ``toy_shards`` parses ("train": the training class names, or see
+            :meth:`EntityVocabulary.load`).
+    """
+
+    def __init__(
+        self,
+        shards: str | list[str] | None = None,
+        toy_shards: Mapping[str, Any] | None = None,
+        steps_per_epoch: int = 1000,
+        image_size: int = 224,
+        scale: Sequence[float] = (0.08, 1.0),
+        flip: bool = True,
+        shuffle_buffer: int = 1000,
+        pair_images: bool = False,
+        pair_buffer: int = 512,
+        nouns: Sequence[str] | None = None,
+        seed: int = 0,
+        train: Mapping[str, Any] | None = None,
+        eval: Mapping[str, Mapping[str, Any]] | None = None,
+        batch_size: int = 4,
+        eval_batch_size: int = 1,
+        num_workers: int = 4,
+        transform: Mapping[str, Any] | None = None,
+        generate_toy: Mapping[str, Any] | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(train=train, eval=eval, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                         num_workers=num_workers, transform=transform, generate_toy=generate_toy, pin_memory=pin_memory)
+        self.shards = shards
+        self.toy_shards = dict(toy_shards) if toy_shards else None
+        if shards is None and self.toy_shards is None:
+            raise SetupError("CaptionDataModule needs data.shards (caption webdataset shards) or data.toy_shards.")
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.caption_transform = CaptionTransform(image_size, scale, flip)
+        self.shuffle_buffer = shuffle_buffer
+        self.pair_images = pair_images
+        self.pair_buffer = pair_buffer
+        if isinstance(nouns, str):  # a word-list file, one word per line
+            path = Path(nouns).expanduser()
+            if not path.is_file():
+                raise DataError(f"Noun list {path} (data.nouns) not found.")
+            nouns = [w.strip() for w in path.read_text().splitlines() if w.strip()]
+        self.nouns = list(nouns) if nouns is not None else None
+        self.seed = seed
+        self._stream: CaptionStream | None = None
+
+    # ------------------------------------------------------------------ shards
+    @property
+    def shard_location(self) -> str | list[str]:
+        return self.toy_shards["out"] if self.toy_shards else self.shards
+
+    def missing(self, stage: str = "fit") -> list[str]:
+        problems = [] if self.generate_toy else [m for m in (s.missing() for s in self.eval_specs) if m]
+        if stage == "fit" and not self.toy_shards:
+            try:
+                for url in shard_urls(self.shards):
+                    if "://" not in url and not Path(url).is_file():
+                        problems.append(f"caption shard {url} not found (write shards with scripts/make_caption_shards.py)")
+                        break
+            except DataError as err:
+                problems.append(f"{err} (write shards with scripts/make_caption_shards.py)")
+        return problems
+
+    def prepare_data(self) -> None:
+        super().prepare_data()
+        if not self.toy_shards:
+            return
+        out = Path(self.toy_shards["out"])
+        manifest = out / "manifest.json"
+        fingerprint = self._toy_fingerprint()
+        if manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") == fingerprint:
+            return
+        if self.train_spec is None:
+            raise SetupError("data.toy_shards needs data.train (the toy split whose captions become shards).")
+        write_caption_shards(
+            from_toy(self.train_spec.root, self.train_spec.split), out, self.toy_parser(),
+            maxcount=int(self.toy_shards.get("maxcount", 100)), overwrite=True, progress=False,
+            extra_manifest={"fingerprint": fingerprint},
+        )
+
+    def _toy_fingerprint(self) -> str:
+        toy_manifest = Path(self.train_spec.root).parent / "manifest.json" if self.train_spec else None
+        toy_print = json.loads(toy_manifest.read_text()).get("fingerprint") if toy_manifest and toy_manifest.is_file() else ""
+        return f"{toy_print}/{self.toy_shards.get('maxcount', 100)}/{self.toy_shards.get('entities', 'train')}"
+
+    def toy_parser(self) -> EntityParser:
+        source = self.toy_shards.get("entities", "train") if self.toy_shards else "train"
+        vocabulary = (EntityVocabulary.from_names(self.train_vocabulary.classes, name=self.train_vocabulary.name)
+                      if source == "train" else EntityVocabulary.load(source))
+        return EntityParser(vocabulary, self.nouns)
+
+    # ------------------------------------------------------------------ loaders
+    @property
+    def train_vocabulary(self) -> Vocabulary:
+        return super().train_vocabulary
+
+    def setup(self, stage: str | None = None) -> None:
+        # Training reads shards only (never the masks of data.train); evaluation as in the base class.
+        if not self._eval_sets:
+            from ovseg_lab.data.benchmark import SegmentationFolder
+
+            self._eval_sets = [SegmentationFolder(b.spec, len(b.vocabulary)) for b in self.eval_benchmarks]
+
+    def build_stream(self, rank: int = 0, world_size: int = 1) -> CaptionStream:
+        """The training stream of one rank (tests build two to check that ranks read disjoint samples)."""
+        noun_parser = EntityParser(None, self.nouns) if self.nouns is not None else None
+        return CaptionStream(
+            shard_urls(self.shard_location), self.caption_transform, self.steps_per_epoch * self.batch_size,
+            rank=rank, world_size=world_size, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
+            pair_images=self.pair_images, pair_buffer=self.pair_buffer, noun_parser=noun_parser,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_and_world()
+        self._stream = self.build_stream(rank, world)
+        workers = self.num_workers
+        return DataLoader(
+            self._stream, batch_size=self.batch_size, drop_last=True, num_workers=workers,
+            pin_memory=self.pin_memory, persistent_workers=False, collate_fn=collate_captions,
+        )

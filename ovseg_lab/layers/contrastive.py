@@ -1,0 +1,70 @@
+"""Image-text contrastive losses with negatives gathered from every rank (CLIP / GroupViT / OVSegmentor)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (B, ...) from every rank along dim 0; gradients flow back to each rank's own part."""
+    rank, size = world()
+    if size == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def info_nce(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE of matching rows: image (B, C), text (B, C), both L2-normalised here.
+
+    Each local row is contrasted against the rows of every rank; its positive sits at ``rank * B + i``.
+    """
+    image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    rank, _ = world()
+    labels = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
+    logits_image = logit_scale * image @ gather_with_grad(text).t()
+    logits_text = logit_scale * text @ gather_with_grad(image).t()
+    return 0.5 * (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels))
+
+
+def multi_label_info_nce(image: torch.Tensor, texts: torch.Tensor, valid: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """GroupViT's multi-label contrastive loss: each image against K prompts of its own caption's words.
+
+    image: (B, C); texts: (B, K, C) prompt embeddings ("a photo of a {noun}."); valid: (B, K) bool, False for
+    padding prompts of captions with fewer than K words. An image's target is uniform over its valid prompts;
+    a prompt's target is its image. Negatives are every other rank's prompts and images too.
+    """
+    image, texts = F.normalize(image, dim=-1), F.normalize(texts, dim=-1)
+    rank, _ = world()
+    batch, k = valid.shape
+    flat_texts, flat_valid = texts.reshape(batch * k, -1), valid.reshape(-1)
+    all_texts, all_valid = gather_with_grad(flat_texts), gather_with_grad(flat_valid.float()).bool()
+    all_images = gather_with_grad(image)
+
+    logits_image = logit_scale * image @ all_texts.t()  # (B, W*B*K)
+    logits_image = logits_image.masked_fill(~all_valid[None], float("-inf"))
+    owner = torch.arange(batch, device=image.device) + rank * batch
+    target_image = torch.zeros_like(logits_image)
+    columns = (owner[:, None] * k + torch.arange(k, device=image.device)[None]).reshape(-1)
+    target_image[torch.arange(batch, device=image.device).repeat_interleave(k), columns] = flat_valid.float()
+    has_prompt = valid.any(dim=1)
+    if not has_prompt.any():  # still after the gathers, so every rank takes part in them
+        return (image.sum() + texts.sum()) * 0.0
+    target_image = target_image[has_prompt] / target_image[has_prompt].sum(dim=1, keepdim=True)
+    log_prob_image = logits_image[has_prompt].log_softmax(dim=1).masked_fill(target_image == 0, 0.0)
+    loss_image = -(target_image * log_prob_image).sum(dim=1).mean()
+
+    logits_text = logit_scale * flat_texts[flat_valid] @ all_images.t()  # (valid prompts, W*B)
+    text_owner = owner.repeat_interleave(k)[flat_valid]
+    loss_text = F.cross_entropy(logits_text, text_owner)
+    return 0.5 * (loss_image + loss_text)
