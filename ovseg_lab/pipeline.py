@@ -10,9 +10,10 @@ A config with a ``pipeline`` node lists its stages in order::
         clip_pretrain: {run: ovseg_lab.runner.train, config: train, overrides: [model=ovseg_clip_adapt, ...]}
         maskformer: {run: ..., config: train, overrides: ["model.net.clip_weights=${stage:clip_pretrain}/clip_adapted.pt"]}
 
-``${stage:NAME}`` is the folder of stage NAME: ``<dir>/<NAME>-<hash>`` where the hash covers the stage's config
-name and resolved overrides (which contain the folders of the stages it reads), so a folder is a content address:
-same inputs, same folder; a changed input upstream changes every folder downstream. Stages run in process
+``${stage:NAME}`` is the folder of stage NAME: ``<dir>/<NAME>-<hash>`` where the hash covers the stage's fully
+composed, resolved config (which contains the folders of the stages it reads), so a folder is a content address:
+same config, same folder; a changed config file or input upstream changes every folder downstream. (Code edits
+are not part of the hash: ``pipeline.reuse=false`` reruns everything.) Stages run in process
 before the parent run, which then reads their outputs through the same ``${stage:...}`` paths.
 """
 
@@ -75,16 +76,31 @@ def stage_overrides(root: DictConfig, name: str) -> list[str]:
     return [o for o in inherited if o.split("=", 1)[0].lstrip("+") not in own_keys] + own
 
 
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def _fingerprint(config_name: str, run: str | None, overrides: list[str]) -> str:
+    """Hash of the stage's fully composed and resolved config (so an edit of a config file counts, not only the
+    overrides); its own output folder is left out (it is what the hash names)."""
+    key = (config_name, run, tuple(overrides))
+    if key not in _FINGERPRINTS:
+        cfg = _compose(config_name, overrides + ["paths.output_dir=STAGE_OUTPUT"], None)
+        with open_dict(cfg):
+            cfg.pop("hydra", None)
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+        _FINGERPRINTS[key] = hashlib.sha1(json.dumps([run, text]).encode()).hexdigest()[:10]
+    return _FINGERPRINTS[key]
+
+
 def stage_dir(name: str, *, _root_: DictConfig) -> str:
     """Resolver ``${stage:NAME}``: the content-addressed folder of a stage."""
-    spec = _root_.pipeline.stages[name] if name in _root_.get("pipeline", {}).get("stages", {}) else None
     overrides = stage_overrides(_root_, name)
-    payload = json.dumps({"config": spec.get("config", "train"), "run": spec.get("run"), "overrides": overrides})
-    digest = hashlib.sha1(payload.encode()).hexdigest()[:10]
+    spec = _root_.pipeline.stages[name]
+    digest = _fingerprint(str(spec.get("config", "train")), spec.get("run"), overrides)
     return str(Path(str(_root_.pipeline.dir)) / f"{name}-{digest}")
 
 
-def _compose(config_name: str, overrides: list[str], out_dir: Path) -> DictConfig:
+def _compose(config_name: str, overrides: list[str], out_dir: Path | None) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -97,8 +113,9 @@ def _compose(config_name: str, overrides: list[str], out_dir: Path) -> DictConfi
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = _do()
     with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out_dir)
-        cfg.hydra.run.dir = str(out_dir)
+        if out_dir is not None:
+            cfg.hydra.runtime.output_dir = str(out_dir)
+            cfg.hydra.run.dir = str(out_dir)
         cfg.pop("pipeline", None)  # a stage never starts a pipeline of its own
     return cfg
 
@@ -124,6 +141,7 @@ def run_stages(cfg: DictConfig) -> list[Path]:
         module_name, _, function = str(spec.get("run", "ovseg_lab.runner.train")).rpartition(".")
         run = getattr(importlib.import_module(module_name), function)
         start = time.time()
+        out.mkdir(parents=True, exist_ok=True)
         sub = _compose(str(spec.get("config", "train")), overrides, out)
         try:
             HydraConfig.instance().set_config(sub)
