@@ -111,8 +111,9 @@ class CLIPAdaptModule(LabelAwareEval):
         adapt: phases joined by '_' run one after the other, each for ``phase_steps`` (default: equal shares of
             ``total_steps``):
             ``ft`` (whole image tower), ``mpt`` (mask prompts only; needs ``clip.mask_prompt_depth > 0``),
-            ``pretrain`` (every CLIP parameter, both towers and the logit scale: the toy stand-in for CLIP's
-            web pre-training, on image-caption pairs); ``none`` exports the CLIP unchanged.
+            ``pretrain`` (every CLIP parameter but the token embedding table, both towers and the logit scale:
+            the toy stand-in for CLIP's web pre-training, on image-caption pairs); ``none`` exports the CLIP
+            unchanged.
         lr / weight_decay: per phase kind (OVSeg: FT 5e-6 / 0.2, MPT 2e-2 / 0).
         train_template: how a noun becomes a prompt for the (frozen) text tower.
         duplicate_texts: ``unique`` (same noun twice in a batch = one text, both images positive) or ``keep``
@@ -165,7 +166,11 @@ class CLIPAdaptModule(LabelAwareEval):
             return list(clip.model.visual.parameters())
         if kind == "mpt":
             return [clip.mask_prompts]
-        return list(clip.model.parameters()) + ([clip.mask_prompts] if clip.mask_prompts is not None else [])
+        # pretrain: everything but the token embedding table (49k x width, random fixed inputs serve as well and
+        # its dense Adam update would dominate a tiny model's step)
+        embedding = clip.model.token_embedding.weight
+        return [p for p in clip.model.parameters() if p is not embedding] + (
+            [clip.mask_prompts] if clip.mask_prompts is not None else [])
 
     def phase_at(self, step: int) -> int:
         return next((i for i in range(len(self.phases)) if step < self.phase_bounds[i + 1]), len(self.phases) - 1)
@@ -195,7 +200,7 @@ class CLIPAdaptModule(LabelAwareEval):
             params = [p for p in self.phase_params(kind) if id(p) not in seen]
             seen.update(id(p) for p in params)
             groups.append({"params": params, "lr": self.lr[kind], "weight_decay": self.weight_decay[kind]})
-        optimizer = torch.optim.AdamW(groups)
+        optimizer = torch.optim.AdamW(groups, foreach=True)
 
         def window(index: int):
             start, span = self.phase_bounds[index], max(1, self.phase_bounds[index + 1] - self.phase_bounds[index])
