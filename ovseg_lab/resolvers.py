@@ -20,7 +20,9 @@ def run_suffix(choice: str, default: str) -> str:
 
 
 def register() -> None:
-    for name, fn in (("auto_precision", auto_precision), ("run_suffix", run_suffix)):
+    from ovseg_lab.pipeline import stage_dir  # ${stage:NAME}: a pipeline stage's folder
+
+    for name, fn in (("auto_precision", auto_precision), ("run_suffix", run_suffix), ("stage", stage_dir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -102,8 +102,12 @@ def train(cfg: DictConfig) -> dict[str, dict]:
     """Fit, then evaluate every benchmark once more with the final weights and write metrics.json."""
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config_resolved.yaml", resolved_yaml(cfg))
     start = time.time()
+    if cfg.get("pipeline"):  # runs this one reads from (e.g. OVSeg's toy chain), each in its own folder
+        from ovseg_lab.pipeline import run_stages
+
+        run_stages(cfg)
+    write_text(run_dir / "config_resolved.yaml", resolved_yaml(cfg))
     datamodule, model, loggers, trainer = _build(cfg, "fit")
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

@@ -1,0 +1,253 @@
+"""OVSeg's two training recipes, both evaluated through the shared base (with labels for the analysis modes).
+
+- :class:`MaskFormerModule` (``model=ovseg``): stage 1, MaskFormer with the frozen CLIP text tower as its
+  classifier; evaluation runs the whole OVSeg pipeline (proposals + masked-region CLIP + ensemble).
+- :class:`CLIPAdaptModule` (``model=ovseg_clip_adapt``): adapts the CLIP image tower on mask-category pairs with
+  a symmetric InfoNCE loss: full fine-tuning (``ft``), mask prompt tuning (``mpt``) or both in a configured
+  order (``ft_mpt``: FT, then MPT on the frozen fine-tuned tower). Evaluation classifies ground-truth segments
+  with the adapted CLIP (the bottleneck analysis). At the end it exports the CLIP weights.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ovseg_lab.errors import SetupError
+from ovseg_lab.eval.inference import segment
+from ovseg_lab.lit.base import OpenVocabModule, to_unit_float
+from ovseg_lab.models.ovseg import load_state_from
+from ovseg_lab.utils.io import atomic_path
+
+ADAPT_KINDS = ("ft", "mpt", "pretrain")
+
+
+class LabelAwareEval(OpenVocabModule):
+    """Evaluation that hands ground-truth labels to nets whose analysis modes need them."""
+
+    def _eval_step(self, batch: Mapping[str, Any], dataloader_idx: int) -> None:
+        if not getattr(self.net, "needs_labels", False):
+            return super()._eval_step(batch, dataloader_idx)
+        if self.inference_cfg.mode != "whole":
+            raise SetupError("OVSeg's analysis modes evaluate whole images: set model.inference.mode=whole.")
+        bench = self._benchmarks[dataloader_idx]
+        images, labels = batch["image"], batch["label"]
+        pairs = [(images, labels)] if isinstance(images, torch.Tensor) else [(i[None], l[None]) for i, l in zip(images, labels)]
+        for image, label in pairs:
+            with torch.no_grad():
+                scores = segment(lambda x: self.net(x, bench.vocabulary, labels=label), to_unit_float(image), self.inference_cfg)
+            pred = scores.argmax(dim=1)
+            if bench.background_from is not None:
+                pred = pred.clamp(max=bench.background_from)
+            self.metrics[bench.name].update(pred, label)
+
+
+class MaskFormerModule(LabelAwareEval):
+    """Stage 1: ``loss = SetCriterion(MaskFormer(images, text features of the training vocabulary), labels)``.
+
+    The CLIP towers stay frozen (OVSeg trains MaskFormer against fixed CLIP text embeddings).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.net.clip.requires_grad_(False)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int):
+        images = to_unit_float(batch["image"])
+        labels = batch["label"]
+        div = self.net.maskformer.size_divisibility
+        ph, pw = (-images.shape[-2]) % div, (-images.shape[-1]) % div
+        if ph or pw:
+            images = F.pad(images, (0, pw, 0, ph))
+            labels = F.pad(labels, (0, pw, 0, ph), value=self.net.ignore_index)
+        self.net.clip.eval()
+        outputs = self.net.maskformer_outputs(images, self.train_vocabulary.classes)
+        losses = self.net.loss(outputs, labels)
+        if not torch.isfinite(losses["loss"]):
+            raise SetupError(f"Non-finite MaskFormer loss at step {self.global_step} (images {list(batch.get('stem', []))[:8]}).")
+        batch_size = images.shape[0]
+        self.log("train/loss", losses["loss"], prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
+        for key in ("loss_ce", "loss_mask", "loss_dice"):
+            self.log(f"train/{key}", losses[key], on_step=True, on_epoch=False, batch_size=batch_size)
+        return losses["loss"]
+
+
+def parse_adapt(adapt: str) -> list[str]:
+    """``"ft_mpt"`` -> ["ft", "mpt"]; ``"none"`` or "" -> [] (the CLIP is exported unchanged)."""
+    if adapt in (None, "", "none"):
+        return []
+    phases = str(adapt).split("_")
+    bad = [p for p in phases if p not in ADAPT_KINDS]
+    if bad or len(set(phases)) != len(phases):
+        raise SetupError(f"model.adapt='{adapt}': use phases from {ADAPT_KINDS} joined by '_' (each once), e.g. ft_mpt.")
+    return phases
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE between L2-normalised image (B, C) and text (T, C) embeddings.
+
+    groups (B,): index of each image's text. None: T == B and pair i matches text i (duplicates are negatives,
+    as in CLIP). Otherwise texts are unique and every image of a text counts as its positive.
+    """
+    logits = scale * image @ text.t()
+    if groups is None:
+        target = torch.arange(image.shape[0], device=image.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    image_to_text = F.cross_entropy(logits, groups)
+    positives = F.one_hot(groups, text.shape[0]).t().float()  # (T, B)
+    log_prob = logits.t().log_softmax(dim=1)
+    text_to_image = -((log_prob * positives).sum(1) / positives.sum(1).clamp(min=1)).mean()
+    return 0.5 * (image_to_text + text_to_image)
+
+
+class CLIPAdaptModule(LabelAwareEval):
+    """Adapts CLIP to masked regions on (masked crop, noun) pairs.
+
+    Args:
+        adapt: phases joined by '_' run one after the other, each for ``phase_steps`` (default: equal shares of
+            ``total_steps``):
+            ``ft`` (whole image tower), ``mpt`` (mask prompts only; needs ``clip.mask_prompt_depth > 0``),
+            ``pretrain`` (every CLIP parameter but the token embedding table, both towers and the logit scale:
+            the toy stand-in for CLIP's web pre-training, on image-caption pairs); ``none`` exports the CLIP
+            unchanged.
+        lr / weight_decay: per phase kind (OVSeg: FT 5e-6 / 0.2, MPT 2e-2 / 0).
+        train_template: how a noun becomes a prompt for the (frozen) text tower.
+        duplicate_texts: ``unique`` (same noun twice in a batch = one text, both images positive) or ``keep``
+            (CLIP's loss: duplicates are false negatives, as in the release).
+        init_weights: CLIP weights to start from (a previous stage's export); mask prompts may be absent.
+        export: file name in the run directory for the adapted CLIP state dict (``model.net.clip_weights``).
+    """
+
+    def __init__(self, *args, adapt: str = "mpt", total_steps: int = 1, phase_steps: list[int] | None = None, lr: Mapping[str, float] | None = None,
+                 weight_decay: Mapping[str, float] | None = None, warmup_steps: int = 0,
+                 train_template: str = "a photo of a {}.", duplicate_texts: str = "unique",
+                 init_weights: str | None = None, export: str = "clip_adapted.pt", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.phases = parse_adapt(adapt)
+        if "mpt" in self.phases and self.net.clip.mask_prompts is None:
+            raise SetupError("model.adapt includes mpt but clip.mask_prompt_depth is 0: set a prompt depth (paper: 3).")
+        if duplicate_texts not in ("unique", "keep"):
+            raise SetupError(f"model.duplicate_texts must be 'unique' or 'keep', got '{duplicate_texts}'.")
+        if "{}" not in train_template:
+            raise SetupError(f"model.train_template must contain '{{}}', got '{train_template}'.")
+        self.total_steps = max(1, int(total_steps))
+        if phase_steps is None:  # equal shares
+            bounds = [round(self.total_steps * (i + 1) / max(1, len(self.phases))) for i in range(len(self.phases))]
+        else:
+            if len(phase_steps) != len(self.phases):
+                raise SetupError(f"model.phase_steps {list(phase_steps)} must give one step count per phase of '{adapt}'.")
+            bounds = [int(sum(phase_steps[: i + 1])) for i in range(len(phase_steps))]
+        self.phase_bounds = [0] + bounds  # phase i trains steps [bounds[i], bounds[i+1])
+        self.lr = {"ft": 5e-6, "mpt": 2e-2, "pretrain": 1e-3, **dict(lr or {})}
+        self.weight_decay = {"ft": 0.2, "mpt": 0.0, "pretrain": 0.1, **dict(weight_decay or {})}
+        self.warmup_steps = warmup_steps
+        self.train_template = train_template
+        self.duplicate_texts = duplicate_texts
+        self.export = export
+        clip = self.net.clip
+        if init_weights:
+            state = load_state_from(init_weights, ("net.clip.", "clip.", ""))
+            if "mask_prompts" not in state and clip.mask_prompts is not None:
+                state["mask_prompts"] = clip.mask_prompts.detach().clone()  # fresh prompts for a first MPT
+            missing, unexpected = clip.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise SetupError(f"model.init_weights {init_weights} does not fit the configured CLIP: missing {missing[:3]}, unexpected {unexpected[:3]}.")
+        clip.requires_grad_(False)
+        self._set_phase(0 if self.phases else None)
+
+    # ------------------------------------------------------------------ what trains when
+    def phase_params(self, kind: str) -> list[torch.nn.Parameter]:
+        clip = self.net.clip
+        if kind == "ft":
+            return list(clip.model.visual.parameters())
+        if kind == "mpt":
+            return [clip.mask_prompts]
+        # pretrain: everything but the token embedding table (49k x width, random fixed inputs serve as well and
+        # its dense Adam update would dominate a tiny model's step)
+        embedding = clip.model.token_embedding.weight
+        return [p for p in clip.model.parameters() if p is not embedding] + (
+            [clip.mask_prompts] if clip.mask_prompts is not None else [])
+
+    def phase_at(self, step: int) -> int:
+        return next((i for i in range(len(self.phases)) if step < self.phase_bounds[i + 1]), len(self.phases) - 1)
+
+    def _set_phase(self, index: int | None) -> None:
+        self.net.clip.requires_grad_(False)
+        if index is not None:
+            for param in self.phase_params(self.phases[index]):
+                param.requires_grad_(True)
+        self._phase = index
+
+    def on_train_start(self) -> None:
+        if not self.phases:
+            self.trainer.should_stop = True  # adapt=none: nothing trains, the CLIP is exported as it is
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.phases:
+            index = self.phase_at(self.global_step)
+            if index != self._phase:
+                self._set_phase(index)
+
+    def configure_optimizers(self):
+        if not self.phases:
+            return None
+        groups, seen = [], set()
+        for kind in self.phases:
+            params = [p for p in self.phase_params(kind) if id(p) not in seen]
+            seen.update(id(p) for p in params)
+            groups.append({"params": params, "lr": self.lr[kind], "weight_decay": self.weight_decay[kind]})
+        optimizer = torch.optim.AdamW(groups, foreach=True)
+
+        def window(index: int):
+            start, span = self.phase_bounds[index], max(1, self.phase_bounds[index + 1] - self.phase_bounds[index])
+
+            def factor(step: int) -> float:
+                local = step - start
+                if local < 0 or local >= span:
+                    return 0.0  # another phase trains now
+                warm = min(1.0, (local + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+                return warm * 0.5 * (1 + math.cos(math.pi * local / span))
+
+            return factor
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [window(i) for i in range(len(groups))])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int):
+        clip = self.net.clip
+        masks = batch["mask"].bool()
+        # background exactly at the CLIP mean (0) whatever rounding the stored crop went through
+        crops = clip.normalize(to_unit_float(batch["image"])) * masks[:, None]
+        image = self.net.region.region_features(crops, masks)
+        texts = list(batch["text"])
+        if self.duplicate_texts == "unique":
+            unique = list(dict.fromkeys(texts))
+            groups = torch.tensor([unique.index(t) for t in texts], device=image.device)
+        else:
+            unique, groups = texts, None
+        prompts = [self.train_template.format(t) for t in unique]
+        with torch.set_grad_enabled(self.phases[self._phase] == "pretrain"):
+            text = F.normalize(clip.encode_text(prompts).float(), dim=-1)
+        loss = contrastive_loss(image, text, clip.model.logit_scale.exp().clamp(max=100), groups)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=crops.shape[0])
+        self.log("train/phase", float(self._phase), on_step=True, on_epoch=False, batch_size=crops.shape[0])
+        return loss
+
+    def training_adapted_state(self) -> dict[str, torch.Tensor]:
+        state = {k: v.detach().cpu() for k, v in self.net.clip.state_dict().items()}
+        if "mpt" not in self.phases:
+            state.pop("mask_prompts", None)  # untrained prompts are not part of the result
+        return state
+
+    def on_fit_end(self) -> None:
+        if self.trainer is None or not self.trainer.is_global_zero:
+            return
+        path = Path(self.trainer.default_root_dir) / self.export
+        with atomic_path(path) as tmp:
+            torch.save(self.training_adapted_state(), tmp)
+        self.print(f"adapted CLIP written to {path}")

@@ -1,0 +1,156 @@
+"""Runs that need other runs first: a chain of stages, each an ordinary composed config run in its own folder.
+
+A config with a ``pipeline`` node lists its stages in order::
+
+    pipeline:
+      dir: ${paths.output_dir}/stages     # where stage folders go (a shared folder lets sweep jobs share them)
+      reuse: true                         # a finished stage folder (stage_done.json) is not run again
+      inherit: [paths.data_dir, seed]     # parent values passed to every stage as overrides
+      stages:
+        clip_pretrain: {run: ovseg_lab.runner.train, config: train, overrides: [model=ovseg_clip_adapt, ...]}
+        maskformer: {run: ..., config: train, overrides: ["model.net.clip_weights=${stage:clip_pretrain}/clip_adapted.pt"]}
+
+``${stage:NAME}`` is the folder of stage NAME: ``<dir>/<NAME>-<hash>`` where the hash covers the stage's fully
+composed, resolved config (which contains the folders of the stages it reads), so a folder is a content address:
+same config, same folder; a changed config file or input upstream changes every folder downstream. (Code edits
+are not part of the hash: ``pipeline.reuse=false`` reruns everything.) Stages run in process
+before the parent run, which then reads their outputs through the same ``${stage:...}`` paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+from ovseg_lab.errors import SetupError
+from ovseg_lab.utils.io import write_json
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+_SAFE = re.compile(r"[\w./:+\-~@]*")
+
+
+def _format_value(value: Any) -> str:
+    """A plain value as a Hydra override value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_format_value(v) for v in value) + "]"
+    text = str(value)
+    if _SAFE.fullmatch(text) and text not in ("null", "true", "false", ""):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _leaf_overrides(cfg: DictConfig, key: str) -> list[str]:
+    node = OmegaConf.select(cfg, key, throw_on_missing=False)
+    if isinstance(node, DictConfig):
+        out = []
+        for child in node:
+            out += _leaf_overrides(cfg, f"{key}.{child}")
+        return out
+    value = OmegaConf.to_container(node, resolve=True) if isinstance(node, ListConfig) else node
+    return [f"++{key}={_format_value(value)}"]  # ++: also into stage configs without that key
+
+
+def stage_overrides(root: DictConfig, name: str) -> list[str]:
+    """The overrides stage ``name`` is composed with: its own (resolved) plus the inherited parent values."""
+    pipeline = root.get("pipeline")
+    if pipeline is None or name not in pipeline.get("stages", {}):
+        known = list(pipeline.get("stages", {})) if pipeline is not None else []
+        raise SetupError(f"${{stage:{name}}} names no stage of this config's pipeline (stages: {known}).")
+    spec = pipeline.stages[name]
+    own = [str(o) for o in OmegaConf.to_container(spec.get("overrides", []), resolve=True)]
+    inherited = [o for key in pipeline.get("inherit", []) for o in _leaf_overrides(root, str(key))]
+    own_keys = {o.split("=", 1)[0].lstrip("+~") for o in own}
+    return [o for o in inherited if o.split("=", 1)[0].lstrip("+") not in own_keys] + own
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def _fingerprint(config_name: str, run: str | None, overrides: list[str]) -> str:
+    """Hash of the stage's fully composed and resolved config (so an edit of a config file counts, not only the
+    overrides); its own output folder is left out (it is what the hash names)."""
+    key = (config_name, run, tuple(overrides))
+    if key not in _FINGERPRINTS:
+        cfg = _compose(config_name, overrides + ["paths.output_dir=STAGE_OUTPUT"], None)
+        with open_dict(cfg):
+            cfg.pop("hydra", None)
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+        _FINGERPRINTS[key] = hashlib.sha1(json.dumps([run, text]).encode()).hexdigest()[:10]
+    return _FINGERPRINTS[key]
+
+
+def stage_dir(name: str, *, _root_: DictConfig) -> str:
+    """Resolver ``${stage:NAME}``: the content-addressed folder of a stage."""
+    overrides = stage_overrides(_root_, name)
+    spec = _root_.pipeline.stages[name]
+    digest = _fingerprint(str(spec.get("config", "train")), spec.get("run"), overrides)
+    return str(Path(str(_root_.pipeline.dir)) / f"{name}-{digest}")
+
+
+def _compose(config_name: str, overrides: list[str], out_dir: Path | None) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    def _do() -> DictConfig:
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+
+    if GlobalHydra.instance().is_initialized():
+        cfg = _do()
+    else:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = _do()
+    with open_dict(cfg):
+        if out_dir is not None:
+            cfg.hydra.runtime.output_dir = str(out_dir)
+            cfg.hydra.run.dir = str(out_dir)
+        cfg.pop("pipeline", None)  # a stage never starts a pipeline of its own
+    return cfg
+
+
+def run_stages(cfg: DictConfig) -> list[Path]:
+    """Run every stage of ``cfg.pipeline`` that has no finished folder yet; returns the stage folders."""
+    from hydra.core.hydra_config import HydraConfig
+
+    pipeline = cfg.get("pipeline")
+    if pipeline is None or not pipeline.get("stages"):
+        return []
+    parent_hydra = HydraConfig.instance().cfg if HydraConfig.initialized() else None
+    folders = []
+    for name, spec in pipeline.stages.items():
+        out = Path(stage_dir(name, _root_=cfg))
+        folders.append(out)
+        done = out / "stage_done.json"
+        if pipeline.get("reuse", True) and done.is_file():
+            print(f"[pipeline] stage {name}: reusing {out}")
+            continue
+        overrides = stage_overrides(cfg, name)
+        print(f"[pipeline] stage {name} -> {out}\n[pipeline]   {spec.get('config', 'train')} {' '.join(overrides)}")
+        module_name, _, function = str(spec.get("run", "ovseg_lab.runner.train")).rpartition(".")
+        run = getattr(importlib.import_module(module_name), function)
+        start = time.time()
+        out.mkdir(parents=True, exist_ok=True)
+        sub = _compose(str(spec.get("config", "train")), overrides, out)
+        try:
+            HydraConfig.instance().set_config(sub)
+            with open_dict(sub):
+                del sub["hydra"]  # as in a @hydra.main task: the hydra node lives in HydraConfig only
+            run(sub)
+        finally:
+            if parent_hydra is not None:
+                HydraConfig.instance().cfg = parent_hydra
+        write_json(done, {"stage": name, "config": spec.get("config", "train"), "overrides": overrides,
+                          "seconds": round(time.time() - start, 1)})
+    return folders
