@@ -89,6 +89,22 @@ def sweep_experiment(sweep_dir: Path) -> tuple[str | None, dict[str, str]]:
     return experiment, task
 
 
+def sweep_table_names(sweep_dir: Path, table_name: str | None = None) -> list[str]:
+    """The paper tables a sweep fills: ``table_name``, else the experiment's ``paper_tables`` list (one sweep may
+    feed several tables, e.g. LSeg's PASCAL-5i and COCO-20i), else the experiment's own name; ``_toy`` carried over."""
+    if table_name:
+        return [table_name]
+    experiment, _ = sweep_experiment(Path(sweep_dir))
+    multirun = Path(sweep_dir) / "multirun.yaml"
+    listed = (yaml.safe_load(multirun.read_text()) or {}).get("paper_tables") if multirun.exists() else None
+    if listed:
+        toy = bool(experiment) and experiment.endswith("_toy")
+        return [f"{name}_toy" if toy and not name.endswith("_toy") else name for name in listed]
+    if not experiment:
+        raise SetupError(f"Cannot tell which paper table {sweep_dir} belongs to (no multirun.yaml); pass --table.")
+    return [experiment]
+
+
 @dataclass
 class Table:
     title: str
@@ -102,7 +118,9 @@ def _cell(value: float | None, paper: float | None, status: str) -> str:
     return f"{ours} / {paper:.1f}" if paper is not None else ours
 
 
-def build_table(sweep_dir: Path, table_name: str | None = None) -> Table:
+def build_table(sweep_dir: Path, table_name: str | None = None, shared_sweep: bool = False) -> Table:
+    """The paper table ``table_name`` (default: the sweep's experiment) from a sweep folder. ``shared_sweep``: the
+    sweep also feeds other tables, so jobs matching none of this table's rows are expected, not noted."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise SetupError(f"Sweep folder not found: {sweep_dir}")
@@ -120,27 +138,32 @@ def build_table(sweep_dir: Path, table_name: str | None = None) -> Table:
     used: set[int] = set()
     for row in spec["rows"]:
         wanted = {k: str(v) for k, v in (row.get("toy_overrides", row["overrides"]) if toy else row["overrides"]).items()}
-        match = next((i for i, job in enumerate(jobs) if i not in used
-                      and all(job.overrides.get(k) == v for k, v in wanted.items())), None)
-        job = jobs[match] if match is not None else None
-        if match is not None:
-            used.add(match)
-        cells = []
+        # A row's cells may come from several jobs (LSeg's fold tables: one job per fold column).
+        candidates = [i for i, job in enumerate(jobs) if i not in used
+                      and all(job.overrides.get(k) == v for k, v in wanted.items())]
+        failed = [i for i in candidates if jobs[i].status != "ok"]
+        cells, suppliers = [], []
         for col in spec["columns"]:
             paper = row.get("paper", {}).get(col["label"])
             bench = col["toy"] if toy else col["benchmark"]
-            value = None
-            status = MISSING if job is None else job.status
-            if job is not None and job.metrics is not None:
-                score = job.metrics.get(bench)
-                value = score.get("mIoU") if isinstance(score, dict) else None
-                status = "ok" if value is not None else f"no {bench}"
-            cells.append(_cell(value, paper, status))
-        label = row["label"] + ("" if job is None or job.status == "ok" else f" [{job.status}]")
-        table.rows.append((label, cells))
-        if job is not None and job.status == FAILED and job.error:
-            table.notes.append(f"{row['label']}: {job.error} ({job.folder})")
-    extra = [job for i, job in enumerate(jobs) if i not in used]
+            supplier = next((i for i in candidates if isinstance((jobs[i].metrics or {}).get(bench), dict)
+                             and jobs[i].metrics[bench].get("mIoU") is not None), None)
+            if supplier is not None:
+                suppliers.append(supplier)
+                cells.append(_cell(jobs[supplier].metrics[bench]["mIoU"], paper, "ok"))
+            elif candidates:
+                cells.append(_cell(None, paper, jobs[failed[0]].status if failed else f"no {bench}"))
+            else:
+                cells.append(_cell(None, paper, MISSING))
+        # One-job rows take the first matching job; multi-job rows also own their failed jobs.
+        row_jobs = set(suppliers) | set(failed) if suppliers else set(candidates[:1])
+        used.update(row_jobs)
+        status = MISSING if not candidates else (jobs[failed[0]].status if failed and failed[0] in row_jobs else "ok")
+        table.rows.append((row["label"] + ("" if status == "ok" else f" [{status}]"), cells))
+        for i in sorted(row_jobs):
+            if jobs[i].status == FAILED and jobs[i].error:
+                table.notes.append(f"{row['label']}: {jobs[i].error} ({jobs[i].folder})")
+    extra = [] if shared_sweep else [job for i, job in enumerate(jobs) if i not in used]
     for job in extra:
         table.notes.append(f"job {job.folder.name} ({job.overrides}) matches no row of the table")
     table.notes.append("cells: ours / paper, " + spec.get("metric", "mIoU (%)"))

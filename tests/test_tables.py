@@ -56,3 +56,32 @@ def test_make_table_without_a_known_table_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "scripts/make_table.py", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--table" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_one_sweep_fills_two_fold_tables_one_job_per_cell(tmp_path):
+    """LSeg's fold sweep: each job is one (dataset, fold, encoder); a row gathers its four fold jobs."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({
+        "hydra": {"overrides": {"task": ["experiment=lseg_folds"]}},
+        "paper_tables": ["lseg_pascal5i", "lseg_coco20i"]}))
+    num = 0
+    for data in ("pascal5i", "coco20i"):
+        for fold in range(4):
+            overrides = [f"data={data}", f"data.fold={fold}", "model.net.encoder.name=resnet101"]
+            if (data, fold) == ("coco20i", 3):
+                _job(sweep, num, overrides, error="RuntimeError: boom\n")
+            else:
+                _job(sweep, num, overrides, {f"{data}_fold{fold}": {"mIoU": 10.0 * fold + (1 if data == "coco20i" else 0)}})
+            num += 1
+    proc = subprocess.run([sys.executable, "scripts/make_table.py", str(sweep)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    pascal = (sweep / "table_lseg_pascal5i.md").read_text()
+    coco = (sweep / "table_lseg_coco20i.md").read_text()
+    resnet = next(line for line in pascal.splitlines() if line.startswith("| LSeg ResNet-101"))
+    assert [c.split(" / ")[0].strip() for c in resnet.split("|")[2:6]] == ["0.0", "10.0", "20.0", "30.0"]
+    resnet = next(line for line in coco.splitlines() if line.startswith("| LSeg ResNet-101"))
+    assert "[FAILED]" in resnet and [c.split(" / ")[0].strip() for c in resnet.split("|")[2:6]] == \
+        ["1.0", "11.0", "21.0", "FAILED"]
+    assert "boom" in coco and "matches no row" not in pascal + coco

@@ -243,9 +243,11 @@ class CaptionDataModule(SegmentationDataModule):
         transform: Mapping[str, Any] | None = None,
         generate_toy: Mapping[str, Any] | None = None,
         pin_memory: bool = False,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__(train=train, eval=eval, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                         num_workers=num_workers, transform=transform, generate_toy=generate_toy, pin_memory=pin_memory)
+                         num_workers=num_workers, transform=transform, generate_toy=generate_toy, pin_memory=pin_memory,
+                         shuffle_seed=shuffle_seed)
         self.shards = shards
         self.toy_shards = dict(toy_shards) if toy_shards else None
         if shards is None and self.toy_shards is None:

@@ -69,10 +69,10 @@ class EpisodicModule(DenseSupervisedModule):
             return EpisodeIoU(bench.class_ids, len(bench.vocabulary), ignore_index=bench.ignore_index)
         return super()._make_metric(bench)
 
-    def _eval_step(self, batch: Mapping[str, Any], dataloader_idx: int) -> None:
+    def _eval_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int) -> None:
         bench = self._benchmarks[dataloader_idx]
         if not _episodic(bench):
-            return super()._eval_step(batch, dataloader_idx)
+            return super()._eval_step(batch, batch_idx, dataloader_idx)
         vocabularies = [bench.episode_vocabulary(c) for c in batch["class_id"].tolist()]
         with torch.no_grad():
             scores = segment(lambda x: self.episode_logits(x, vocabularies), to_unit_float(batch["image"]),

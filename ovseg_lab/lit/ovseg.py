@@ -29,9 +29,9 @@ ADAPT_KINDS = ("ft", "mpt", "pretrain")
 class LabelAwareEval(OpenVocabModule):
     """Evaluation that hands ground-truth labels to nets whose analysis modes need them."""
 
-    def _eval_step(self, batch: Mapping[str, Any], dataloader_idx: int) -> None:
+    def _eval_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int) -> None:
         if not getattr(self.net, "needs_labels", False):
-            return super()._eval_step(batch, dataloader_idx)
+            return super()._eval_step(batch, batch_idx, dataloader_idx)
         if self.inference_cfg.mode != "whole":
             raise SetupError("OVSeg's analysis modes evaluate whole images: set model.inference.mode=whole.")
         bench = self._benchmarks[dataloader_idx]
