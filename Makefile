@@ -6,12 +6,13 @@ PYTHON_BOOT ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test test-slow clean-outputs help
+.PHONY: install quickstart test test-slow tables-toy clean-outputs help
 
 help:
 	@echo "make quickstart   train + evaluate the toy benchmark (offline, CPU, a few minutes)"
 	@echo "make test         fast test suite (< 10 min on 2 cores)"
 	@echo "make test-slow    heavier tests (DDP, notebooks, kill-and-resume, ViT-L counts)"
+	@echo "make tables-toy   every paper table in toy mode (all *_toy sweeps + make_table) -> outputs/tables_toy/"
 
 # torch and torchvision are resolved together from the package registry (never pin a local CPU torch
 # wheel: the registry's torchvision would not match it).
@@ -31,6 +32,9 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+tables-toy: $(STAMP)
+	$(PY) scripts/make_tables_toy.py
 
 clean-outputs:
 	rm -rf outputs

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ovseg_lab.errors import SetupError
-from ovseg_lab.preflight import check_run, resolved_yaml
+from ovseg_lab.preflight import check_launch, check_run, resolved_yaml
 from ovseg_lab.utils.io import write_json, write_text
 
 
@@ -100,6 +100,7 @@ def _build(cfg: DictConfig, stage: str):
 
 def train(cfg: DictConfig) -> dict[str, dict]:
     """Fit, then evaluate every benchmark once more with the final weights and write metrics.json."""
+    check_launch(cfg)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()

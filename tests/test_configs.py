@@ -49,3 +49,13 @@ def test_unknown_key_fails_at_compose_time():
 
     with pytest.raises(ConfigCompositionException):
         compose("train", ["model.no_such_key=1"])
+
+
+def test_slurm_launcher_starts_one_task_per_device():
+    """hydra/launcher=slurm: SLURM (not Lightning) starts the DDP ranks, one task per device on each node."""
+    cfg = compose("train", ["experiment=catseg_table6", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+                            "hydra/launcher=slurm", "hydra.sweep.dir=/sweep"])
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (cfg.hydra.launcher.tasks_per_node, cfg.hydra.launcher.gpus_per_node, cfg.hydra.launcher.nodes) == (4, 4, 2)
+    assert cfg.hydra.launcher.submitit_folder == "/sweep/.submitit/%j"
