@@ -15,6 +15,8 @@ from ovseg_lab.errors import SetupError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PRETRAINED_FLAGS = ("backbone_pretrained", "pretrained_backbone", "text_pretrained")
+# files a model initialises from at construction (earlier stages' outputs); a checkpoint already carries them
+INIT_FILE_KEYS = ("maskformer_weights", "clip_weights", "init_weights", "init_from")
 
 
 def compose_config(overrides: list[str], config_name: str = "train") -> DictConfig:
@@ -40,6 +42,28 @@ def without_pretrained_weights(node: Any) -> None:
                     node[key] = False
         for key in node:
             without_pretrained_weights(node._get_node(key))
+
+
+def without_init_files(node: Any) -> None:
+    """In place: every ``INIT_FILE_KEYS`` entry set to None (the checkpoint's own weights replace them)."""
+    if isinstance(node, DictConfig):
+        with open_dict(node):
+            for key in INIT_FILE_KEYS:
+                if key in node:
+                    node[key] = None
+        for key in node:
+            without_init_files(node._get_node(key))
+
+
+def match_optional_parameters(module, state: dict) -> None:
+    """Drop optional parameters the checkpoint was trained without, so its keys match the rebuilt module.
+
+    OVSeg: a CLIP adapted without mask prompt tuning has no ``mask_prompts``; the training run removed them when
+    it loaded that CLIP from ``clip_weights``, which a rebuild from the checkpoint no longer does.
+    """
+    for name, sub in module.named_modules():
+        if getattr(sub, "mask_prompts", None) is not None and f"{name}.mask_prompts" not in state:
+            sub.mask_prompts = None
 
 
 def resolved_model_config(cfg: DictConfig) -> DictConfig:
@@ -73,7 +97,10 @@ def model_from_checkpoint(path: str | Path):
     import ovseg_lab.resolvers  # noqa: F401
 
     cfg = OmegaConf.create(config_yaml)
-    module = instantiate(resolved_model_config(cfg))
+    model_cfg = resolved_model_config(cfg)
+    without_init_files(model_cfg)
+    module = instantiate(model_cfg)
+    match_optional_parameters(module, checkpoint.get("state_dict", {}))
     load_weights(module, checkpoint)
     module.eval()
     return module, cfg

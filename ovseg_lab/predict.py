@@ -50,6 +50,24 @@ def resolve_vocabulary(classes: str | None, vocab: str | None) -> Vocabulary:
     return vocabulary_from_names(classes) if classes else load_vocabulary(vocab)
 
 
+def set_background_threshold(module, vocabulary: Vocabulary, threshold: float | None) -> None:
+    """OVSegmentor / GroupViT: score the class "background" by thresholding (as on PASCAL VOC) for this vocabulary.
+
+    Their thresholds are keyed by benchmark name (voc21: 0.95, ...); a vocabulary given on the command line has
+    its own name, so without a threshold "background" would be matched as an ordinary text class.
+    """
+    if threshold is None:
+        return
+    thresholds = getattr(module.net, "background_thresholds", None)
+    if thresholds is None:
+        raise SetupError(f"--background-threshold applies to OVSegmentor / GroupViT only, not {type(module.net).__name__}.")
+    if "background" not in vocabulary.classes:
+        raise SetupError('--background-threshold needs a class named "background" in the vocabulary.')
+    if not 0.0 < threshold <= 1.0:
+        raise SetupError(f"--background-threshold must lie in (0, 1], got {threshold}.")
+    thresholds[vocabulary.name] = float(threshold)
+
+
 def predict_image(module, image: np.ndarray, vocabulary: Vocabulary, inference: InferenceConfig | None = None) -> np.ndarray:
     """(H, W, 3) uint8 -> (H, W) class ids, with the module's evaluation protocol (or ``inference``)."""
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(module.device)

@@ -3,6 +3,10 @@
     python scripts/convert_checkpoint.py --format catseg --input model_final_vitb.pth \
         --output checkpoints/catseg_vitb16.ckpt -- clip=vitb16
     python eval.py ckpt=checkpoints/catseg_vitb16.ckpt clip=vitb16
+    python scripts/convert_checkpoint.py --format lseg --input demo_e200.ckpt --output checkpoints/lseg_vitl16.ckpt
+    python scripts/convert_checkpoint.py --format ovseg --input ovseg_clip_l_9a1909.pth --output checkpoints/ovseg_clip.pt
+        (OVSeg's adapted CLIP, also read from the full ovseg_swinbase_vitL14_ft_mpt.pth: use it as
+        model.net.clip_weights of model=ovseg)
 
 Everything after ``--`` are Hydra overrides describing the model the checkpoint belongs to (the same ones you
 pass to eval.py). The converted weights are checked key by key and shape by shape against that model (built
@@ -32,17 +36,23 @@ def convert(fmt: str, source: Path, target: Path, overrides: list[str]) -> Path:
 
     if fmt not in FORMATS:
         raise SetupError(f"Unknown --format {fmt!r}; choose one of {sorted(FORMATS)}.")
-    converter, default_overrides = FORMATS[fmt]
-    overrides = default_overrides + overrides
+    spec = FORMATS[fmt]
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    # the user's overrides replace the format's defaults of the same key (e.g. experiment=...)
+    overrides = [o for o in spec.overrides if o.split("=", 1)[0] not in given] + overrides
     official = load_official(source)
-    converted = converter(official)
+    converted = spec.converter(official)
     net = build_net(overrides)
     expected = {f"net.{k}": v for k, v in net.state_dict().items()}
+    if spec.part:  # one sub-module: checked against that part of the configured model only
+        expected = {k: v for k, v in expected.items() if k.startswith(spec.part)}
     check_against(converted, expected, str(source))
-    cfg = compose_config(overrides)
-    # the model node, resolved: what build.model_from_checkpoint needs to rebuild the network
-    config_yaml = OmegaConf.to_yaml({"model": OmegaConf.to_container(cfg.model, resolve=True)})
     net_class = f"{type(net).__module__}.{type(net).__qualname__}"
+    config_yaml = None
+    if not spec.part:
+        cfg = compose_config(overrides)
+        # the model node, resolved: what build.model_from_checkpoint needs to rebuild the network
+        config_yaml = OmegaConf.to_yaml({"model": OmegaConf.to_container(cfg.model, resolve=True)})
     with atomic_path(target) as tmp:
         torch.save(lightning_checkpoint(converted, net_class, config_yaml), tmp)
     return target
@@ -65,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
+    if FORMATS[args.format].usage:
+        print("use it with: " + FORMATS[args.format].usage.format(out=out))
     return 0
 
 

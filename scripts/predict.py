@@ -6,7 +6,9 @@
 
 Writes per image <stem>_overlay.png (legend of the classes present), <stem>_labels.png (label map) and
 <stem>_areas.json (pixels and area fraction per class). The model's evaluation protocol is used (CAT-Seg:
-sliding window); --inference whole|slide overrides it. Official checkpoints: convert them first with
+sliding window); --inference whole|slide overrides it. Every method works: CAT-Seg, the cost-volume baseline,
+LSeg, OVSeg (MaskFormer + CLIP ensemble), OVSegmentor and GroupViT (--background-threshold 0.95 when your
+classes include "background", as on PASCAL VOC). Official checkpoints: convert them first with
 scripts/convert_checkpoint.py.
 """
 
@@ -31,17 +33,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--inference", choices=["whole", "slide"], default=None, help="override the protocol")
+    parser.add_argument("--background-threshold", type=float, default=None,
+                        help='OVSegmentor / GroupViT: "background" wins where no class scores above this (VOC: 0.95)')
     args = parser.parse_args(argv)
     try:
         import torch
 
         from ovseg_lab.build import model_from_checkpoint
-        from ovseg_lab.predict import list_images, predict_paths, resolve_vocabulary
+        from ovseg_lab.predict import list_images, predict_paths, resolve_vocabulary, set_background_threshold
 
         vocabulary = resolve_vocabulary(args.classes, args.vocab)
         images = list_images(args.image)
         module, _ = model_from_checkpoint(args.checkpoint)
         module.to(torch.device(args.device))
+        set_background_threshold(module, vocabulary, args.background_threshold)
         inference = replace(module.inference_cfg, mode=args.inference) if args.inference else None
         results = predict_paths(module, images, vocabulary, args.output, inference)
     except SetupError as err:

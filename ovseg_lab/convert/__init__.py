@@ -2,18 +2,36 @@
 
 Each format maps an official state dict to the keys of our LightningModule and names the Hydra overrides of
 the model it fits; the result is checked key by key and shape by shape against a model built from config.
+A format with a ``part`` converts one sub-module only (e.g. OVSeg's CLIP, loaded by ``model.net.clip_weights``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import torch
 
 from ovseg_lab.convert.catseg import convert_catseg_state_dict
+from ovseg_lab.convert.lseg import convert_lseg_state_dict
+from ovseg_lab.convert.ovseg import convert_ovseg_clip_state_dict
 
 Converter = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 
-FORMATS: dict[str, tuple[Converter, list[str]]] = {
-    "catseg": (convert_catseg_state_dict, ["model=catseg"]),
+
+class Format(NamedTuple):
+    converter: Converter
+    overrides: list[str]  # the model the official weights belong to
+    part: str | None = None  # key prefix of the converted sub-module; None = the whole model
+    usage: str = ""  # how to use the written file
+
+
+FORMATS: dict[str, Format] = {
+    "catseg": Format(convert_catseg_state_dict, ["model=catseg"], usage="python eval.py ckpt={out} <same overrides>"),
+    # LSeg's release: ViT-L/16 image encoder (model.net.encoder.name), CLIP ViT-B/32 text tower
+    "lseg": Format(convert_lseg_state_dict, ["experiment=lseg_ade20k"],
+                   usage="python eval.py experiment=lseg_ade20k ckpt={out}  (or scripts/predict.py --checkpoint {out})"),
+    # the adapted CLIP ViT-L/14 at 224 with mask prompts of depth 3 (the paper's ft_mpt model)
+    "ovseg": Format(convert_ovseg_clip_state_dict, ["experiment=ovseg", "clip.mask_prompt_depth=3"], part="net.clip.",
+                    usage="python eval.py experiment=ovseg ckpt=<MaskFormer last.ckpt> clip.mask_prompt_depth=3 "
+                          "model.net.clip_weights={out}"),
 }

@@ -58,3 +58,26 @@ def lightning_checkpoint(state_dict: Mapping[str, torch.Tensor], net_class: str,
     if config_yaml is not None:
         ckpt["ovseg_config"] = config_yaml
     return ckpt
+
+
+def split_attention_projections(clip_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenAI / open_clip attention (``attn.in_proj_weight`` (3C, C)) -> our q/k/v split (``attn.q_proj_weight``, ...).
+
+    The shared ``in_proj_bias`` keeps its name: :class:`~ovseg_lab.clip.CLIPBackbone` splits only the weights.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in clip_state.items():
+        if key.endswith("attn.in_proj_weight"):
+            stem = key[: -len("in_proj_weight")]
+            for name, part in zip(("q", "k", "v"), value.chunk(3, dim=0)):
+                out[f"{stem}{name}_proj_weight"] = part.clone()
+        else:
+            out[key] = value
+    return out
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Remove ``prefix`` from the keys that all start with it (DDP's ``module.``, Lightning's ``net.``)."""
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return dict(state)
