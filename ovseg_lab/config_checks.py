@@ -88,9 +88,6 @@ def config_problems(cfg: DictConfig, stage: str = "fit") -> list[str]:
     fraction = _get(cfg, "data.max_bad_fraction")
     if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1):
         problems.append(f"data.max_bad_fraction={fraction!r} must be a number in [0, 1]")
-    max_steps = _get(cfg, "trainer.max_steps")
-    if stage == "fit" and max_steps == 0:
-        problems.append("trainer.max_steps=0 trains nothing (use eval.py to evaluate a checkpoint)")
 
     precision = _get(cfg, "trainer.precision")
     if precision is not None and precision not in PRECISIONS:
