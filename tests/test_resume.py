@@ -72,3 +72,15 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(toy_data_dir, t
     expected = json.loads((reference / "metrics.json").read_text())
     got = json.loads((resumed / "metrics.json").read_text())
     assert got == expected
+
+
+@pytest.mark.slow
+def test_a_failing_sweep_job_does_not_stop_the_others(toy_data_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", "experiment=quickstart", "model=costvolume", "logger=none",
+           "trainer.max_steps=2", "trainer.val_check_interval=1000", "data.batch_size=0,8",
+           f"hydra.sweep.dir={sweep}", *small_toy_overrides(toy_data_dir)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    error = (sweep / "0" / "error.txt").read_text()
+    assert "data.batch_size=0 must be >= 1" in error and not (sweep / "0" / "metrics.json").exists()
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["toy_seen"]["mIoU"] >= 0, proc.stderr[-2000:]
