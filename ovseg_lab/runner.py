@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ovseg_lab.config_checks import check_config
 from ovseg_lab.errors import SetupError
 from ovseg_lab.preflight import check_launch, check_run, resolved_yaml
 from ovseg_lab.utils.io import write_json, write_text
@@ -58,11 +59,19 @@ def _finish_loggers(loggers: list[Any]) -> None:
                 print(f"W&B run stored offline; upload it with: wandb sync {Path(offline_dir).parent}")
 
 
-def _write_results(cfg: DictConfig, run_dir: Path, results: dict[str, dict], extra: dict[str, Any]) -> None:
+def _write_results(cfg: DictConfig, run_dir: Path, results: dict[str, dict], extra: dict[str, Any],
+                   datamodule: Any = None) -> None:
     if not results:
         raise SetupError("Evaluation produced no metrics: no evaluation benchmark is configured (data.eval).")
-    write_json(run_dir / "metrics.json", results)
-    write_json(run_dir / "run_info.json", {"task_name": cfg.get("task_name"), "overrides": _overrides(), **extra})
+    bad = datamodule.bad_samples.summary() if hasattr(datamodule, "bad_samples") else None
+    # metrics.json stays benchmark -> scores unless samples were skipped: then the numbers carry the warning
+    write_json(run_dir / "metrics.json", {**results, "bad_samples": bad} if bad and bad["count"] else results)
+    info = {"task_name": cfg.get("task_name"), "overrides": _overrides(), **extra}
+    if bad is not None:
+        info["bad_samples"] = bad
+    write_json(run_dir / "run_info.json", info)
+    if bad and bad["count"]:
+        print(f"WARNING: {bad['count']} unreadable sample(s) were skipped (listed in metrics.json, bad_samples).")
     print(format_table(results, f"{cfg.get('task_name', 'run')}: mIoU per split (%, {next(iter(results.values()))['convention']} convention)"))
     print(f"metrics written to {run_dir / 'metrics.json'}")
 
@@ -80,6 +89,7 @@ def _build(cfg: DictConfig, stage: str):
     import lightning as L
     from hydra.utils import instantiate
 
+    check_config(cfg, stage)  # names, enums and combinations, before any data or weights are touched
     L.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     check_run(cfg, datamodule, stage)
@@ -108,10 +118,16 @@ def train(cfg: DictConfig) -> dict[str, dict]:
         from ovseg_lab.pipeline import run_stages
 
         run_stages(cfg)
+    from ovseg_lab.lit.resume import resolve_ckpt_path
+
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     write_text(run_dir / "config_resolved.yaml", resolved_yaml(cfg))
     datamodule, model, loggers, trainer = _build(cfg, "fit")
+    if ckpt_path:  # a checkpoint of another model / vocabulary: one clear paragraph, not a load_state_dict dump
+        check_fits(model, read_checkpoint(ckpt_path), f"Checkpoint {ckpt_path} (ckpt_path)")
+        print(f"Resuming from {ckpt_path}")
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         if trainer.interrupted:
             raise SetupError("Training was interrupted; no final evaluation was run. Resume with ckpt_path=last.")
         if not model.eval_results or model.eval_results_step != trainer.global_step:
@@ -120,7 +136,8 @@ def train(cfg: DictConfig) -> dict[str, dict]:
             _write_results(cfg, run_dir, model.eval_results, {
                 "global_step": trainer.global_step,
                 "train_seconds": round(time.time() - start, 1),
-            })
+                "resumed_from": ckpt_path,
+            }, datamodule)
     finally:
         _finish_loggers(loggers)
     return model.eval_results
@@ -140,26 +157,34 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_weights(model: Any, source: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """Load a checkpoint's weights (path or already-read dict) into ``model``, with a clear message on mismatch."""
-    checkpoint = source if isinstance(source, dict) else read_checkpoint(source)
-    where = "the checkpoint" if isinstance(source, dict) else f"Checkpoint {source}"
+def check_fits(model: Any, checkpoint: dict[str, Any], where: str) -> dict[str, Any]:
+    """The checkpoint's state_dict, after checking it has exactly the model's keys and shapes (SetupError)."""
     state = checkpoint.get("state_dict", checkpoint)
     if not isinstance(state, dict):
         raise SetupError(f"{where} holds no state_dict.")
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    mismatched = [k for k in own if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or mismatched:
         trained_with = checkpoint.get("ovseg_net_class", "an unknown model")
+        shapes = [f"{k}: {tuple(state[k].shape)} in the checkpoint vs {tuple(own[k].shape)} here" for k in mismatched[:3]]
+        net = getattr(model, "net", model)
         raise SetupError(
-            f"{where} does not fit the configured model {type(model.net).__name__} "
+            f"{where} does not fit the configured model {type(net).__module__}.{type(net).__qualname__} "
             f"(it was trained with {trained_with}): {len(missing)} missing keys (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(mismatched)} with other shapes "
-            f"(e.g. {mismatched[:3]}). Pass the same model/clip/experiment overrides used for training."
+            f"(e.g. {shapes}). Pass the same model/clip/experiment overrides used for training "
+            "(a different shape often means another vocabulary size or CLIP variant)."
         )
-    model.load_state_dict(state)
+    return state
+
+
+def load_weights(model: Any, source: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """Load a checkpoint's weights (path or already-read dict) into ``model``, with a clear message on mismatch."""
+    checkpoint = source if isinstance(source, dict) else read_checkpoint(source)
+    where = "the checkpoint" if isinstance(source, dict) else f"Checkpoint {source}"
+    model.load_state_dict(check_fits(model, checkpoint, where))
     return checkpoint
 
 
@@ -178,7 +203,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     try:
         trainer.validate(model, datamodule=datamodule, verbose=False)
         if trainer.is_global_zero:
-            _write_results(cfg, run_dir, model.eval_results, {"ckpt": cfg.get("ckpt")})
+            _write_results(cfg, run_dir, model.eval_results, {"ckpt": cfg.get("ckpt")}, datamodule)
     finally:
         _finish_loggers(loggers)
     return model.eval_results

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ovseg_lab.data.sampling import SampleKey
 from ovseg_lab.errors import DataError
 from ovseg_lab.vocab import Vocabulary, load_vocabulary
 
@@ -71,8 +72,24 @@ class BenchmarkSpec:
         return None
 
     def load_vocabulary(self) -> Vocabulary:
+        """The class names; their number must match ``num_classes`` of the config, or of the prepared folder's
+        prepare_summary.json when the folder's own vocab.json is used."""
         source = self.vocabulary or str(Path(self.root) / "vocab.json")
-        return load_vocabulary(source, name=self.name)
+        return load_vocabulary(source, name=self.name, expected_size=self.expected_num_classes())
+
+    def expected_num_classes(self) -> int | None:
+        if self.extra.get("num_classes") is not None:
+            return int(self.extra["num_classes"])
+        summary = Path(self.root) / "prepare_summary.json"
+        if self.vocabulary is None and summary.is_file():
+            import json
+
+            try:
+                value = json.loads(summary.read_text()).get("num_classes")
+            except (OSError, json.JSONDecodeError):
+                return None
+            return int(value) if isinstance(value, int) else None
+        return None
 
     @property
     def num_eval_classes(self) -> int:
@@ -88,6 +105,19 @@ def _find_with_extension(folder: Path, stem: str, extensions: tuple[str, ...]) -
     return None
 
 
+class CorruptFileError(DataError):
+    """An image or label file that does not decode (truncated, overwritten, not an image at all).
+
+    Datasets skip such samples and count them (see :class:`BadSampleLog`); anything that decodes but is wrong
+    (label ids outside the vocabulary, a size mismatch, a wrong label mode) stays a :class:`DataError`.
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"Cannot read {path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+
 def read_label(path: Path) -> np.ndarray:
     """A label map as a 2-D integer array (uint8 or uint16 as stored)."""
     try:
@@ -95,8 +125,8 @@ def read_label(path: Path) -> np.ndarray:
             if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
                 raise DataError(f"Label {path} has image mode {img.mode}; expected a single-channel id map.")
             array = np.array(img)
-    except (OSError, SyntaxError) as err:
-        raise DataError(f"Cannot read label {path}: {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise CorruptFileError(path, f"{type(err).__name__}: {err}") from None
     if array.ndim != 2:
         raise DataError(f"Label {path} is not a 2-D id map (shape {array.shape}).")
     return array
@@ -108,15 +138,17 @@ def read_image(path: Path) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             return np.array(img.convert("RGB"))
-    except (OSError, SyntaxError) as err:
-        raise DataError(f"Cannot read image {path}: {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise CorruptFileError(path, f"{type(err).__name__}: {err}") from None
 
 
 class SegmentationFolder(Dataset):
     """Images and label maps of one prepared benchmark split.
 
-    Items: ``{"image": uint8 (3, H, W), "label": int64 (H, W), "stem": str}``.
+    Items: ``{"image": uint8 (3, H, W), "label": int64 (H, W), "stem": str}``; a sample whose image or label
+    does not decode becomes ``{"bad": path, "reason": str}`` (``collate`` drops it and reports it).
     Label ids must lie in [0, num_classes) or equal ``ignore_index``; anything else is an error naming the file.
+    Indices may be :class:`SampleKey` (index, seed): the transform then draws from that seed only.
     """
 
     def __init__(self, spec: BenchmarkSpec, num_classes: int | None = None, transform=None) -> None:
@@ -151,16 +183,27 @@ class SegmentationFolder(Dataset):
         valid = label != self.spec.ignore_index
         if valid.any() and label[valid].max() >= self.num_classes:
             bad = np.unique(label[valid & (label >= self.num_classes)])[:5].tolist()
+            vocabulary = self.spec.vocabulary or Path(self.spec.root) / "vocab.json"
             raise DataError(
                 f"Label {label_path} holds ids {bad} outside the {self.num_classes}-class vocabulary of "
-                f"{self.spec.name} (ignore id {self.spec.ignore_index})."
+                f"{self.spec.name} ({vocabulary}; ignore id {self.spec.ignore_index}): the vocabulary is too "
+                "short for these labels, or the labels were not converted to train ids."
             )
         return image, label
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        image, label = self.load(index)
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
+        index, seed = (key.index, key.seed) if isinstance(key, SampleKey) else (int(key), None)
+        try:
+            image, label = self.load(index)
+        except CorruptFileError as err:
+            return {"bad": str(err.path), "reason": err.reason}
         image_t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
         label_t = torch.from_numpy(label.astype(np.int64))
         if self.transform is not None:
-            image_t, label_t = self.transform(image_t, label_t)
+            if seed is None:
+                image_t, label_t = self.transform(image_t, label_t)
+            else:  # the sample's own generator: the same crop/flip whichever worker or run loads it
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    image_t, label_t = self.transform(image_t, label_t)
         return {"image": image_t, "label": label_t, "stem": self.samples[index][0].stem}

@@ -98,6 +98,7 @@ class CaptionStream(IterableDataset):
         self.pair_buffer = pair_buffer
         self.noun_parser = noun_parser
         self.skipped = 0
+        self._new_bad: list[dict[str, str]] = []  # skipped since the last yielded item: {"bad": name, "reason"}
         self._passes = 0
 
     # -- reading ------------------------------------------------------------------------------
@@ -111,14 +112,18 @@ class CaptionStream(IterableDataset):
         else:  # fewer shards than readers: every reader scans all shards and keeps every slots-th sample
             shards, by_sample = list(enumerate(self.urls)), True
 
-        def count_error(exn: Exception) -> bool:
+        def count_error(exn: Exception) -> bool:  # a broken tar member or a truncated shard
             self.skipped += 1
+            self._new_bad.append({"bad": f"{current[0]}", "reason": f"{type(exn).__name__}: {exn}"[:200]})
             return True
+
+        current = [""]
 
         while True:
             order = shards[:]
             rng.shuffle(order)
             for shard_index, url in order:
+                current[0] = url
                 for position, sample in enumerate(wds.tarfile_samples([{"url": url}], handler=count_error)):
                     if by_sample and (shard_index + position) % slots != slot:
                         continue
@@ -131,8 +136,10 @@ class CaptionStream(IterableDataset):
                 image = self.transform(decode_image(raw[ext]))
                 caption = raw["txt"].decode("utf-8")
                 meta = json.loads(raw["json"]) if "json" in raw else {"entities": [], "mentions": []}
-            except Exception:  # a broken image, caption or metadata must not stop a week-long run
+            except Exception as err:  # a broken image, caption or metadata must not stop a week-long run
                 self.skipped += 1
+                name = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+                self._new_bad.append({"bad": name, "reason": f"{type(err).__name__}: {err}"[:200]})
                 continue
             item = {"image": image, "caption": caption, "mentions": meta.get("mentions", []),
                     "entities": meta.get("entities", []), "key": raw.get("__key__", "")}
@@ -187,7 +194,8 @@ class CaptionStream(IterableDataset):
         for count, item in enumerate(items):
             if count >= per_reader:
                 return
-            yield {**item, "skipped": self.skipped, "reader": slot}
+            bad, self._new_bad = self._new_bad, []
+            yield {**item, "skipped": self.skipped, "reader": slot, "bad": bad}
 
 
 def collate_captions(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -204,6 +212,7 @@ def collate_captions(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for b in batch:
         skipped[b["reader"]] = max(skipped.get(b["reader"], 0), b["skipped"])
     out["skipped"] = skipped
+    out["bad"] = [entry for b in batch for entry in b.get("bad", [])]  # recorded by the DataModule
     return out
 
 
@@ -244,10 +253,12 @@ class CaptionDataModule(SegmentationDataModule):
         generate_toy: Mapping[str, Any] | None = None,
         pin_memory: bool = False,
         shuffle_seed: int = 0,
+        max_bad_samples: int | None = 100,
+        max_bad_fraction: float | None = 0.01,
     ) -> None:
         super().__init__(train=train, eval=eval, batch_size=batch_size, eval_batch_size=eval_batch_size,
                          num_workers=num_workers, transform=transform, generate_toy=generate_toy, pin_memory=pin_memory,
-                         shuffle_seed=shuffle_seed)
+                         shuffle_seed=shuffle_seed, max_bad_samples=max_bad_samples, max_bad_fraction=max_bad_fraction)
         self.shards = shards
         self.toy_shards = dict(toy_shards) if toy_shards else None
         if shards is None and self.toy_shards is None:

@@ -12,9 +12,11 @@ from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Sampler
 
+from ovseg_lab.data.bad_samples import BadSampleLog, split_bad
 from ovseg_lab.data.benchmark import BenchmarkSpec, SegmentationFolder
+from ovseg_lab.data.sampling import ResumableSampler
 from ovseg_lab.data.transforms import TrainTransform
 from ovseg_lab.errors import DataError
 from ovseg_lab.vocab import Vocabulary
@@ -34,11 +36,16 @@ class ShardedEvalSampler(Sampler[int]):
 
 
 def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack same-sized samples; keep lists when sizes differ (evaluation at original resolution)."""
-    out: dict[str, Any] = {"stem": [b["stem"] for b in batch]}
+    """Stack same-sized samples; keep lists when sizes differ (evaluation at original resolution).
+
+    Unreadable samples (``{"bad": path, ...}``) are left out and listed in ``out["bad"]``; a batch of nothing
+    but unreadable samples has empty ``image`` / ``label`` lists.
+    """
+    batch, bad = split_bad(list(batch))
+    out: dict[str, Any] = {"stem": [b["stem"] for b in batch], "bad": bad}
     for key in ("image", "label"):
         tensors = [b[key] for b in batch]
-        same = all(t.shape == tensors[0].shape for t in tensors)
+        same = bool(tensors) and all(t.shape == tensors[0].shape for t in tensors)
         out[key] = torch.stack(tensors) if same else tensors
     return out
 
@@ -65,6 +72,8 @@ class SegmentationDataModule(L.LightningDataModule):
     train: benchmark config of the training split (None for evaluation-only runs).
     eval: name -> benchmark config of each evaluation split.
     generate_toy: when set, ``prepare_data`` writes the toy benchmark to ``generate_toy.out`` if absent.
+    max_bad_samples / max_bad_fraction: unreadable samples are skipped and reported each epoch; more distinct
+        bad files than this, or a larger fraction of an epoch's samples, stop the run (None: no limit).
     """
 
     def __init__(
@@ -78,6 +87,8 @@ class SegmentationDataModule(L.LightningDataModule):
         generate_toy: Mapping[str, Any] | None = None,
         pin_memory: bool = False,
         shuffle_seed: int = 0,
+        max_bad_samples: int | None = 100,
+        max_bad_fraction: float | None = 0.01,
     ) -> None:
         super().__init__()
         self.train_spec = BenchmarkSpec.from_config(train.get("name", "train"), train) if train else None
@@ -93,6 +104,8 @@ class SegmentationDataModule(L.LightningDataModule):
         self._eval_sets: list[SegmentationFolder] = []
         self._benchmarks: list[EvalBenchmark] | None = None
         self._train_vocabulary: Vocabulary | None = None
+        self.bad_samples = BadSampleLog(max_bad_samples, max_bad_fraction)
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already trained in it)
 
     # ------------------------------------------------------------------ availability
     def missing(self, stage: str = "fit") -> list[str]:
@@ -154,9 +167,14 @@ class SegmentationDataModule(L.LightningDataModule):
         # shards itself here, with the same seeded permutation whatever the world size: rank r of w takes
         # every w-th sample, so w ranks with batch b see exactly the samples of one process with batch w*b.
         # Lightning calls set_epoch on this sampler every epoch.
+        # The order and each sample's augmentation depend only on (seed, epoch, index) (ResumableSampler), so a
+        # run resumed mid-epoch (resume_at) trains on exactly the batches an uninterrupted run would.
         rank, world = self._rank_and_world()
-        sampler = DistributedSampler(self._train_set, num_replicas=world, rank=rank, shuffle=True,
-                                     seed=self.shuffle_seed, drop_last=True)
+        sampler = ResumableSampler(self._train_set, num_replicas=world, rank=rank, seed=self.shuffle_seed, drop_last=True)
+        if self._resume is not None:
+            epoch, batches = self._resume
+            sampler.resume(epoch, batches * self.batch_size)
+            self._resume = None
         return DataLoader(
             self._train_set,
             batch_size=self.batch_size,
@@ -164,6 +182,17 @@ class SegmentationDataModule(L.LightningDataModule):
             drop_last=len(self._train_set) >= self.batch_size,
             **self._loader_kwargs(),
         )
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """The next training loader starts at ``epoch`` after its first ``batches`` batches (set on resume)."""
+        self._resume = (int(epoch), int(batches))
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record the batch's unreadable samples (they were dropped by the loader's collate)."""
+        if isinstance(batch, dict) and "bad" in batch:
+            good = len(batch.get("stem", batch.get("key", ())))
+            self.bad_samples.record(batch.pop("bad"), good)
+        return batch
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)

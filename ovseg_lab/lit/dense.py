@@ -28,6 +28,8 @@ class DenseSupervisedModule(OpenVocabModule):
         self.skipped_batches = 0
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int):
+        if not len(batch["image"]):  # every sample of the batch was unreadable (reported by the DataModule)
+            return None
         images = to_unit_float(batch["image"])
         labels = batch["label"]
         logits = self.training_logits(batch, images)

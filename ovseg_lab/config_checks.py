@@ -1,0 +1,134 @@
+"""Config values and combinations checked before any data, weights or model is touched.
+
+Hydra already refuses unknown keys (the composed config is in struct mode) and unknown group options at
+compose time. What it cannot know is which *values* our code accepts: enum-like strings (finetune strategy,
+aggregation input, inference mode, precision, non-finite policy), numbers of the wrong type or sign, and
+combinations that exist for one tower or model but not another. Those are gathered here into one
+:class:`SetupError` paragraph, naming each key and the accepted values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from ovseg_lab.errors import SetupError
+
+PRECISIONS = ("64-true", "64", 64, "32-true", "32", 32, "16-true", "bf16-true", "16-mixed", "16", 16,
+              "bf16-mixed", "bf16", "transformer-engine", "transformer-engine-float16")
+NONFINITE_POLICIES = ("raise", "skip")
+CLIP_TARGET = "ovseg_lab.clip.CLIPBackbone"
+
+
+def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
+    try:
+        return OmegaConf.select(cfg, key, default=default, throw_on_resolution_failure=False)
+    except Exception:  # an interpolation that only resolves inside a Hydra run
+        return default
+
+
+def _int(problems: list[str], cfg: DictConfig, key: str, minimum: int | None = None, allow: tuple = ()) -> None:
+    value = _get(cfg, key)
+    if value is None or value in allow:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        problems.append(f"{key}={value!r} must be an integer")
+    elif minimum is not None and value < minimum:
+        problems.append(f"{key}={value} must be >= {minimum}")
+
+
+def _spec(problems: list[str], build: Callable[[], Any]) -> None:
+    """Run a spec class's own validation (FinetuneSpec, AggregationSpec, InferenceConfig) without a model."""
+    try:
+        build()
+    except SetupError as err:
+        problems.append(str(err).rstrip("."))
+    except (TypeError, ValueError) as err:
+        problems.append(f"{type(err).__name__}: {err}")
+
+
+def _clip_nodes(node: Any):
+    if isinstance(node, DictConfig):
+        if node.get("_target_") == CLIP_TARGET:
+            yield node
+            return
+        for key in node:
+            try:
+                child = node[key]
+            except Exception:
+                continue
+            yield from _clip_nodes(child)
+
+
+def _visual_layers(clip: DictConfig) -> int | None:
+    """Depth of the CLIP image tower, from the custom model_cfg or open_clip's named config (no weights)."""
+    layers = _get(clip, "model_cfg.vision_cfg.layers")
+    if layers is not None:
+        return int(layers)
+    try:
+        import open_clip
+
+        named = open_clip.get_model_config(str(clip.get("model_name")))
+    except Exception:
+        return None
+    return (named or {}).get("vision_cfg", {}).get("layers")
+
+
+def config_problems(cfg: DictConfig, stage: str = "fit") -> list[str]:
+    """Every invalid value or combination of ``cfg``, as user-facing lines."""
+    problems: list[str] = []
+    _int(problems, cfg, "seed")
+    _int(problems, cfg, "trainer.max_steps", minimum=-1)
+    _int(problems, cfg, "trainer.devices", minimum=1, allow=("auto", -1))
+    _int(problems, cfg, "data.batch_size", minimum=1)
+    _int(problems, cfg, "data.eval_batch_size", minimum=1)
+    _int(problems, cfg, "data.num_workers", minimum=0)
+    _int(problems, cfg, "data.max_bad_samples", minimum=0)
+    fraction = _get(cfg, "data.max_bad_fraction")
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1):
+        problems.append(f"data.max_bad_fraction={fraction!r} must be a number in [0, 1]")
+
+    precision = _get(cfg, "trainer.precision")
+    if precision is not None and precision not in PRECISIONS:
+        problems.append(f"trainer.precision={precision!r} is not a Lightning precision; use one of 32-true, "
+                        "bf16-mixed, 16-mixed, bf16-true, 64-true")
+    elif precision in ("16-mixed", "16", 16) and _get(cfg, "trainer.accelerator") == "cpu":
+        problems.append(f"trainer.precision={precision} needs a GPU; on trainer=cpu use 32-true or bf16-mixed")
+
+    policy = _get(cfg, "model.nonfinite_loss")
+    if policy is not None and policy not in NONFINITE_POLICIES:
+        problems.append(f"model.nonfinite_loss={policy!r} must be one of {list(NONFINITE_POLICIES)}")
+
+    inference = _get(cfg, "model.inference")
+    if inference is not None:
+        from ovseg_lab.eval.inference import InferenceConfig
+
+        _spec(problems, lambda: InferenceConfig.from_config(OmegaConf.to_container(inference, resolve=True)))
+
+    if _get(cfg, "model.net.aggregation") is not None:
+        from ovseg_lab.models.catseg import AggregationSpec
+
+        _spec(problems, lambda: AggregationSpec.from_config(OmegaConf.to_container(cfg.model.net.aggregation, resolve=True)))
+
+    from ovseg_lab.clip.finetune import FinetuneSpec
+
+    for clip in _clip_nodes(_get(cfg, "model")):
+        finetune = clip.get("finetune")
+        if finetune is None:
+            continue
+        plain = OmegaConf.to_container(finetune, resolve=True) if isinstance(finetune, DictConfig) else finetune
+        _spec(problems, lambda plain=plain: FinetuneSpec.from_config(plain))
+        strategy = plain.get("strategy") if isinstance(plain, dict) else plain
+        if strategy == "prompt" and isinstance(plain, dict):
+            depth, layers = int(plain.get("prompt_depth") or 0), _visual_layers(clip)
+            if layers is not None and depth > layers:
+                problems.append(f"finetune.prompt_depth={depth} exceeds the {layers} blocks of the image tower of "
+                                f"CLIP {clip.get('model_name')} (finetune=prompt prompts the image tower only)")
+    return list(dict.fromkeys(problems))
+
+
+def check_config(cfg: DictConfig, stage: str = "fit") -> None:
+    problems = config_problems(cfg, stage)
+    if problems:
+        raise SetupError(f"Invalid configuration ({cfg.get('task_name', 'run')}): " + "; ".join(problems) + ".")

@@ -1,0 +1,75 @@
+"""Checkpoints that are either complete or absent, and that load without unpickling code.
+
+Lightning's own writer streams into the final path: a run killed during a save (SIGKILL, a pre-empted node,
+a full disk) leaves a truncated ``last.ckpt`` and nothing to resume from. Here a checkpoint is written to a
+hidden temporary file in the same folder, flushed to disk (fsync), then renamed over the target, which POSIX
+makes atomic; the folder is fsynced so the rename itself survives a power loss.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from ovseg_lab.errors import SetupError
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some filesystems (and Windows) do not open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save(obj) onto ``path`` atomically (tmp in the same folder + fsync + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _fsync_dir(path.parent)
+    return path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning ``CheckpointIO`` plugin: atomic local saves, ``weights_only=True`` loads (trainer.plugins)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}.")
+        if "://" in str(path):  # remote storage: fsspec's transactional write is the atomic primitive there
+            return super().save_checkpoint(checkpoint, path)
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location: Callable | Any = lambda storage, loc: storage,
+                        weights_only: bool | None = True) -> dict[str, Any]:
+        path = Path(path)
+        if not path.is_file():
+            raise SetupError(f"Checkpoint not found: {path}.")
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # truncated by a non-atomic writer, or pickled objects refused by weights_only
+            raise SetupError(
+                f"Cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+                "It is truncated, or holds Python objects other than tensors and plain containers "
+                "(ovseg-lab checkpoints load with weights_only=True)."
+            ) from None

@@ -1,0 +1,100 @@
+"""What a checkpoint needs beyond Lightning's own state for a resumed run to continue bit for bit.
+
+Lightning restores weights, optimizer, LR schedule, step counters and callbacks. It does not restore the
+random generators, and it restarts a non-stateful training loader from the first batch of the epoch. The
+:class:`ResumeState` callback stores both in every checkpoint (``checkpoint["ovseg_resume"]``, plain tensors
+and ints, so it loads with ``weights_only=True``):
+
+- the torch (CPU and CUDA), numpy and Python RNG states, restored when training restarts;
+- the data position (epoch, batches already trained in it), handed to the DataModule's ``resume_at`` so its
+  sampler skips exactly those batches (see :class:`ovseg_lab.data.sampling.ResumableSampler`).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from ovseg_lab.errors import SetupError
+
+STATE_KEY = "ovseg_resume"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global generator's state, as tensors / ints / tuples (weights_only-loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ResumeState(L.Callback):
+    """Save RNG states and the data position in checkpoints; restore them when ``trainer.fit(ckpt_path=...)``."""
+
+    def __init__(self) -> None:
+        self._pending_rng: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # ModelCheckpoint saves in on_train_batch_end, after the batch was processed: `processed` counts it
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        checkpoint[STATE_KEY] = {
+            "epoch": int(trainer.current_epoch),
+            "batches_in_epoch": int(batches),
+            "global_step": int(trainer.global_step),
+            "rng": rng_state(),
+        }
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(STATE_KEY)
+        if state is None or trainer.state.fn != "fit":
+            return
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "resume_at"):
+            datamodule.resume_at(state["epoch"], state["batches_in_epoch"])
+        # applied at on_train_start: building the resumed loaders must not shift the restored generators
+        self._pending_rng = state["rng"]
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """``ckpt_path=last`` -> ``<run_dir>/checkpoints/last.ckpt``; any other value must be an existing file."""
+    if ckpt_path in (None, ""):
+        return None
+    if str(ckpt_path) == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise SetupError(
+                f"ckpt_path=last: no checkpoint at {last}. Resume in the run directory of the interrupted run "
+                f"(hydra.run.dir=<that run's folder>), or pass ckpt_path=/path/to/file.ckpt."
+            )
+        return str(last)
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_file():
+        raise SetupError(f"ckpt_path={ckpt_path}: no such checkpoint file.")
+    return str(path)
