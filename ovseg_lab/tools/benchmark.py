@@ -133,6 +133,7 @@ class PeakMemory:
 class Timing:
     first_call_s: float
     latencies_s: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)  # process CPU time of each timed call (all threads)
 
     @property
     def median_s(self) -> float:
@@ -145,21 +146,29 @@ def _sync(device: torch.device) -> None:
 
 
 def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int, label: str = "") -> Timing:
-    """Untimed warm-up calls (the first one timed apart: text encoding, allocator, compilation), then timed ones."""
+    """Untimed warm-up calls (the first one timed apart: text encoding, allocator, compilation), then timed ones.
+
+    ``warmup=0``: no warm-up, the first timed call is also ``first_call_s`` (for runs too long to repeat).
+    """
     from tqdm import tqdm
 
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    timing = Timing(first_call_s=time.perf_counter() - start)
-    for _ in range(max(0, warmup - 1)):
-        fn()
-    _sync(device)
-    for _ in tqdm(range(repeats), desc=label or "timing", file=sys.stderr, leave=False, disable=repeats < 2):
+    timing = Timing(first_call_s=float("nan"))
+    if warmup > 0:
         start = time.perf_counter()
         fn()
         _sync(device)
+        timing.first_call_s = time.perf_counter() - start
+        for _ in range(warmup - 1):
+            fn()
+        _sync(device)
+    for _ in tqdm(range(repeats), desc=label or "timing", file=sys.stderr, leave=False, disable=repeats < 2):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        fn()
+        _sync(device)
         timing.latencies_s.append(time.perf_counter() - start)
+        timing.cpu_s.append(time.process_time() - cpu_start)
+    if warmup <= 0:
+        timing.first_call_s = timing.latencies_s[0]
     return timing
 
 
@@ -292,6 +301,8 @@ def measure(spec: BenchmarkSpec, module=None, cfg=None) -> dict[str, Any]:
         "latency_s": round(timing.median_s, 4),
         "latencies_s": [round(t, 4) for t in timing.latencies_s],
         "first_call_s": round(timing.first_call_s, 4),
+        # on a shared CPU the wall time includes waiting for a core; CPU seconds do not (1 thread: the compute time)
+        "cpu_s": round(statistics.median(timing.cpu_s), 4),
         "throughput_img_s": round(spec.batch_size / timing.median_s, 4),
         "peak_memory_mib": round(memory.peak_mb, 1) if memory.peak_mb is not None else None,
         "memory_kind": memory.kind,
@@ -330,6 +341,8 @@ def growth_summary(points: list[dict], key: str, low: int, high: int) -> dict[st
         summary["latency_ratio"] = round(hi["latency_s"] / lo["latency_s"], 3)
         summary["proportional_ratio"] = round(scale, 3)
         summary["ratio_vs_linear"] = round(hi["latency_s"] / lo["latency_s"] / scale, 3)
+        if lo.get("cpu_s") and hi.get("cpu_s"):
+            summary["cpu_ratio_vs_linear"] = round(hi["cpu_s"] / lo["cpu_s"] / scale, 3)
         if lo.get("peak_memory_mib") and hi.get("peak_memory_mib"):
             summary["memory_ratio"] = round(hi["peak_memory_mib"] / lo["peak_memory_mib"], 3)
     xs = [float(p[key]) for p in points]
