@@ -232,6 +232,7 @@ class BenchmarkSpec:
     protocol: str = "net"
     warmup: int = 1
     repeats: int = 3
+    profile: int = 0  # > 0: after timing, profile one call and print its top operators (stderr)
     overrides: list[str] = field(default_factory=list)
 
     def check(self) -> None:
@@ -283,6 +284,8 @@ def measure(spec: BenchmarkSpec, module=None, cfg=None) -> dict[str, Any]:
         f"{torch.get_num_threads()} threads): warm-up {spec.warmup}, repeats {spec.repeats}")
     with PeakMemory(device) as memory:
         timing = time_calls(step, device, spec.warmup, spec.repeats, label)
+    if spec.profile > 0:
+        log(profile_table(step, device, spec.profile))
     inference = OmegaConf.to_container(cfg.model.get("inference"), resolve=True) if cfg is not None and "inference" in cfg.model else None
     result = {
         "method": spec.method,
@@ -316,6 +319,18 @@ def measure(spec: BenchmarkSpec, module=None, cfg=None) -> dict[str, Any]:
     log(f"  median {result['latency_s']:.3f} s/batch, {result['throughput_img_s']:.3f} img/s, "
         f"peak {result['peak_memory_mib']} MiB ({memory.kind}), first call {result['first_call_s']:.2f} s")
     return result
+
+
+def profile_table(step: Callable[[], Any], device: torch.device, rows: int) -> str:
+    """torch.profiler table of one call, operators sorted by self time (where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 # ---------------------------------------------------------------------------------------------- sweeps
@@ -406,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="also profile one call and print its top ROWS operators to stderr")
     parser.add_argument("--sweep", default=None, choices=("classes", "size"))
     parser.add_argument("--classes-list", default=",".join(map(str, DEFAULT_CLASS_SWEEP)))
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZE_SWEEP)))
@@ -424,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         method=args.method, clip=None if args.clip in ("none", "") else args.clip, num_classes=args.num_classes,
         image_size=args.image_size, net_size=args.net_size, batch_size=args.batch_size, device=args.device,
         precision=args.precision, mode=args.mode, protocol=args.protocol, warmup=args.warmup, repeats=args.repeats,
-        overrides=list(args.overrides),
+        profile=args.profile, overrides=list(args.overrides),
     )
     if args.sweep == "classes":
         result = sweep_classes(spec, parse_ints(args.classes_list))
