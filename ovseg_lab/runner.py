@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from ovseg_lab.config_checks import check_config
 from ovseg_lab.errors import SetupError
 from ovseg_lab.preflight import check_launch, check_run, resolved_yaml
+from ovseg_lab.speed import apply_speed
 from ovseg_lab.utils.io import write_json, write_text
 
 
@@ -94,6 +95,7 @@ def _build(cfg: DictConfig, stage: str):
     datamodule = instantiate(cfg.data)
     check_run(cfg, datamodule, stage)
     model = instantiate(cfg.model)
+    apply_speed(model, cfg.get("speed"))
     model.run_config_yaml = resolved_yaml(cfg)
     loggers = instantiate_list(cfg.get("logger"))
     callbacks = instantiate_list(cfg.get("callbacks"))

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ovseg_lab.layers.attention import attention
+
 
 class SplitQKVAttention(nn.Module):
     """Drop-in replacement for ``nn.MultiheadAttention`` (self-attention use) inside open_clip blocks.
@@ -29,6 +31,7 @@ class SplitQKVAttention(nn.Module):
         self.width = width
         self.num_heads = num_heads
         self.batch_first = batch_first
+        self.fused_attn = True  # SDPA kernels; False = the reference computation (speed.attention=math)
         self.q_proj_weight = nn.Parameter(torch.empty(width, width))
         self.k_proj_weight = nn.Parameter(torch.empty(width, width))
         self.v_proj_weight = nn.Parameter(torch.empty(width, width))
@@ -92,7 +95,7 @@ class SplitQKVAttention(nn.Module):
                 attn_mask = ~attn_mask
             else:
                 attn_mask = attn_mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = attention(q, k, v, attn_mask, fused=self.fused_attn)
         out = self.out_proj(out.transpose(1, 2).reshape(batch, length, self.width))
         if not self.batch_first:
             out = out.transpose(0, 1)

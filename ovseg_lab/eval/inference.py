@@ -89,18 +89,25 @@ def segment(
     views = windows + ([F.interpolate(images, size=(crop, crop), mode="bilinear", align_corners=False)] if cfg.global_view else [])
     batch = images.shape[0]
     if cfg.batch_windows:
-        scores = _score(upsample_to(forward(torch.cat(views, dim=0)), (crop, crop)), cfg.score)
-        scores = list(scores.split(batch, dim=0))
+        view_logits = forward(torch.cat(views, dim=0)).split(batch, dim=0)
     else:
-        scores = [_score(upsample_to(forward(v), (crop, crop)), cfg.score) for v in views]
-    num_classes = scores[0].shape[1]
-    total = images.new_zeros(batch, num_classes, *size_hw)
-    count = images.new_zeros(1, 1, *size_hw)
-    for (top, left), window_scores in zip(offsets, scores[: len(offsets)]):
-        total[:, :, top : top + crop, left : left + crop] += window_scores
+        view_logits = (forward(v) for v in views)  # lazily: one view's logits alive at a time
+    # Views are scored and accumulated one at a time: only one view is ever held at crop resolution, which
+    # is what bounds memory for large vocabularies (T maps of crop x crop per view).
+    total = count = global_scores = None
+    for index, logits in enumerate(view_logits):
+        scores = _score(upsample_to(logits, (crop, crop)), cfg.score)
+        if index == len(offsets):  # the global view
+            global_scores = upsample_to(scores, size_hw)
+            continue
+        if total is None:
+            total = images.new_zeros(batch, scores.shape[1], *size_hw)
+            count = images.new_zeros(1, 1, *size_hw)
+        top, left = offsets[index]
+        total[:, :, top : top + crop, left : left + crop] += scores
         count[:, :, top : top + crop, left : left + crop] += 1
+        del scores
     local = total / count
-    if cfg.global_view:
-        global_scores = upsample_to(scores[-1], size_hw)
+    if global_scores is not None:
         local = (1 - cfg.global_weight) * local + cfg.global_weight * global_scores
     return upsample_to(local, (height, width))

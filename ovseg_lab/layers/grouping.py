@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
+from ovseg_lab.layers.attention import attention
+
 
 def hard_softmax(logits: torch.Tensor, dim: int) -> torch.Tensor:
     """One-hot argmax of ``softmax(logits)`` in the forward pass, the softmax's gradient in the backward pass."""
@@ -52,6 +54,7 @@ class CrossAttention(nn.Module):
         self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.fused_attn = True  # SDPA kernels; False = the reference computation (speed.attention=math)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -60,7 +63,7 @@ class CrossAttention(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(key))
         mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, mask, fused=self.fused_attn)
         return self.proj(out.transpose(1, 2).flatten(2))
 
 

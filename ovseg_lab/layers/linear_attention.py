@@ -55,7 +55,9 @@ class ClassAggregationLayer(nn.Module):
     ``pad_len`` > 0 appends learnable padding tokens (and padding guidance) until there are ``pad_len``
     classes, as the official release does; with more classes nothing is padded.
 
-    forward(x (B, C, T, H, W), guidance (B, T, G) or None, pool) -> (B, C, T, H, W).
+    forward(x (B, C, T, H, W), guidance (B, T, G) or None, pool, chunk) -> (B, C, T, H, W). Pixels are
+    independent here (attention runs across classes only), so ``chunk`` (classes per chunk, as in spatial
+    aggregation) runs the pixels in groups of about chunk * H * W tokens: same result, bounded memory.
     """
 
     def __init__(self, dim: int = 128, guidance_dim: int = 128, num_heads: int = 4, pad_len: int = 0) -> None:
@@ -69,7 +71,12 @@ class ClassAggregationLayer(nn.Module):
         self.padding_tokens = nn.Parameter(torch.zeros(1, 1, dim)) if pad_len > 0 else None
         self.padding_guidance = nn.Parameter(torch.zeros(1, 1, guidance_dim)) if pad_len > 0 and guidance_dim > 0 else None
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None, pool: int = 1) -> torch.Tensor:
+    def _mix(self, tokens: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+        """tokens (N, T, C) of one or more pixels; guidance (G, T, Cg) shared by N/G consecutive pixels, or None."""
+        tokens = tokens + self.attention(self.norm1(tokens), guidance)
+        return tokens + self.mlp(self.norm2(tokens))
+
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None, pool: int = 1, chunk: int | None = None) -> torch.Tensor:
         b, c, t, h, w = x.shape
         pooled = rearrange(x, "b c t h w -> (b t) c h w")
         if pool > 1:
@@ -85,8 +92,16 @@ class ClassAggregationLayer(nn.Module):
             # (B, T, G): shared by the h*w pixel rows of its image (tokens are image-major)
         else:
             guidance = None
-        tokens = tokens + self.attention(self.norm1(tokens), guidance)
-        tokens = tokens + self.mlp(self.norm2(tokens))
+        pixels = ph * pw
+        rows = max(1, (chunk * pixels) // tokens.shape[1]) if chunk else pixels * b
+        if rows >= pixels * b:
+            tokens = self._mix(tokens, guidance)
+        else:  # per image (its guidance), ``rows`` pixels at a time
+            tokens = torch.cat([
+                self._mix(tokens[i * pixels + start : i * pixels + min(start + rows, pixels)],
+                          guidance[i : i + 1] if guidance is not None else None)
+                for i in range(b) for start in range(0, pixels, rows)
+            ])
         tokens = tokens[:, :t]
         out = rearrange(tokens, "(b h w) t c -> (b t) c h w", b=b, h=ph, w=pw)
         if pool > 1:

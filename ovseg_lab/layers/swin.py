@@ -4,7 +4,7 @@ Guidance features are concatenated to the (normalised) tokens for the query and 
 come from the tokens alone. The blocks run on many slices that share one guidance map (CAT-Seg: the T class
 slices of an image share its appearance guidance), so the guidance half of the q/k projections is computed
 once per image and broadcast (:func:`split_linear`) instead of concatenating T copies. Window attention runs
-through ``F.scaled_dot_product_attention``; the shifted-window mask uses -100 like the reference Swin
+through :func:`ovseg_lab.layers.attention.attention` (SDPA); the shifted-window mask uses -100 like the reference Swin
 implementation. There is no relative position bias.
 """
 
@@ -13,10 +13,10 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
+from ovseg_lab.layers.attention import attention
 from ovseg_lab.layers.broadcast import split_linear
 
 
@@ -64,6 +64,7 @@ class GuidedWindowAttention(nn.Module):
         self.k = nn.Linear(dim + guidance_dim, dim, bias=qkv_bias)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.fused_attn = True  # SDPA kernels; False = the reference computation (speed.attention=math)
 
     def forward(self, x: torch.Tensor, guidance: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         bw, n, _ = x.shape
@@ -79,7 +80,7 @@ class GuidedWindowAttention(nn.Module):
             num_windows = mask.shape[0]
             # (nW, N, N) -> one mask per window of every slice: (B*K*nW, 1, N, N) as a broadcast view
             mask = mask.to(q.dtype).unsqueeze(0).expand(bw // num_windows, -1, -1, -1).reshape(bw, 1, n, n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, mask, fused=self.fused_attn)
         return self.proj(out.transpose(1, 2).reshape(bw, n, self.dim))
 
 

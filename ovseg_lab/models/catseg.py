@@ -215,7 +215,7 @@ class CATSegHead(nn.Module):
             if self.spatial_layers:
                 x = self.spatial_layers[index](x, appearance, class_chunk)
             if self.class_layers:
-                x = self.class_layers[index](x, text_guidance, class_pool)
+                x = self.class_layers[index](x, text_guidance, class_pool, class_chunk)
         guidance = [proj(up(feat)) for proj, up, feat in zip(
             self.decoder_guidance, (self.upsample1, self.upsample2), intermediates)]
         return self.decode(x, guidance, class_chunk)
@@ -245,8 +245,8 @@ class CATSeg(nn.Module):
         truncate_classes: the official pad_len behaviour above ``pad_len`` classes: keep each image's
             top-``pad_len`` classes by maximum cost and give the others -100. Off by default: every class
             is scored, nothing is silently cut.
-        class_chunk: classes per chunk in spatial aggregation and the decoder at evaluation (memory bound
-            for large vocabularies; identical results).
+        class_chunk: classes per chunk in spatial aggregation and the decoder at evaluation, and the same number
+            of tokens per chunk in class aggregation (memory bound for large vocabularies; identical results).
     """
 
     def __init__(
