@@ -96,7 +96,7 @@ def test_invalid_values_are_named(override, message):
 def test_incompatible_combinations_are_named():
     cfg = compose("train", ["experiment=quickstart", "finetune=prompt", "finetune.prompt_length=4", "finetune.prompt_depth=9"])
     assert any("prompt_depth=9 exceeds the 4 blocks of the image tower" in p for p in config_problems(cfg))
-    cfg = compose("train", ["experiment=quickstart", "aggregation.input=pixels"])
+    cfg = compose("train", ["experiment=quickstart", "model=catseg", "aggregation.input=pixels"])
     assert any("aggregation.input must be 'cost' or 'feature'" in p for p in config_problems(cfg))
     cfg = compose("train", ["experiment=quickstart", "trainer=cpu", "trainer.precision=16-mixed"])
     assert any("needs a GPU" in p for p in config_problems(cfg))

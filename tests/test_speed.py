@@ -83,7 +83,7 @@ def test_math_attention_gives_the_sdpa_outputs(method, expected_layers):
 def test_runner_applies_the_speed_node(compose_cfg, tmp_path):
     from hydra.utils import instantiate
 
-    cfg = compose_cfg("train", ["experiment=quickstart", "speed.attention=math", f"paths.data_dir={tmp_path}"])
+    cfg = compose_cfg("train", ["experiment=quickstart", "model=catseg", "speed.attention=math", f"paths.data_dir={tmp_path}"])
     module = apply_speed(instantiate(cfg.model), cfg.speed)
     assert [m.fused_attn for m in module.net.modules() if hasattr(m, "fused_attn")] == [False] * 10
     with pytest.raises(Exception, match="speed.attention"):
