@@ -593,11 +593,9 @@ class FewShotDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.generate_toy:
-            from ovseg_lab.data.toy import ToyConfig, generate_toy
+            from ovseg_lab.data.toy import generate_toy_from_config
 
-            options = dict(self.generate_toy)
-            out = options.pop("out")
-            generate_toy(out, ToyConfig(**options))
+            generate_toy_from_config(self.generate_toy)
 
     # ------------------------------------------------------------------ what the model needs to know
     @property

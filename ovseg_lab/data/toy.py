@@ -255,3 +255,10 @@ def generate_toy(out_dir: str | Path, cfg: ToyConfig | None = None, progress: bo
         bar.close()
     write_json(manifest_path, {"fingerprint": cfg.fingerprint(), "version": TOY_VERSION, "config": asdict(cfg), "summary": summary})
     return out_dir
+
+
+def generate_toy_from_config(options) -> None:
+    """``data.generate_toy`` (``out`` + :class:`ToyConfig` fields) -> the toy benchmark in ``out`` (DataModules'
+    prepare_data)."""
+    options = dict(options)
+    generate_toy(options.pop("out"), ToyConfig(**options))
