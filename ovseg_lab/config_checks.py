@@ -75,6 +75,29 @@ def _visual_layers(clip: DictConfig) -> int | None:
     return (named or {}).get("vision_cfg", {}).get("layers")
 
 
+def _launch_problem(cfg: DictConfig) -> str | None:
+    """Multi-process DDP inside a local ``-m`` sweep: Lightning starts ranks > 0 by re-running sys.argv, so every
+    rank would run the whole sweep. One SLURM job per sweep point (hydra/launcher=slurm) is the way."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    strategy = _get(cfg, "trainer.strategy")
+    name = _get(cfg, "trainer.strategy._target_") if OmegaConf.is_dict(strategy) else strategy
+    devices = _get(cfg, "trainer.devices")
+    many = str(devices) not in ("1", "None", "[0]") or (_get(cfg, "trainer.num_nodes") or 1) > 1
+    if not ("ddp" in str(name).lower() and many) or not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    launcher = str(OmegaConf.select(hydra_cfg, "launcher._target_") or "")
+    if hydra_cfg.mode == RunMode.MULTIRUN and launcher.endswith("BasicLauncher") and "SLURM_JOB_ID" not in os.environ:
+        return ("trainer=ddp with several devices cannot run inside a local -m sweep (Lightning re-runs the command "
+                "line for each rank, which would re-run the whole sweep): sweep with hydra/launcher=slurm (one SLURM "
+                "job per sweep point), or run the points one at a time without -m")
+    return None
+
+
 def config_problems(cfg: DictConfig, stage: str = "fit") -> list[str]:
     """Every invalid value or combination of ``cfg``, as user-facing lines."""
     problems: list[str] = []
@@ -95,6 +118,9 @@ def config_problems(cfg: DictConfig, stage: str = "fit") -> list[str]:
                         "bf16-mixed, 16-mixed, bf16-true, 64-true")
     elif precision in ("16-mixed", "16", 16) and _get(cfg, "trainer.accelerator") == "cpu":
         problems.append(f"trainer.precision={precision} needs a GPU; on trainer=cpu use 32-true or bf16-mixed")
+    launch = _launch_problem(cfg)
+    if launch:
+        problems.append(launch)
 
     policy = _get(cfg, "model.nonfinite_loss")
     if policy is not None and policy not in NONFINITE_POLICIES:

@@ -74,29 +74,5 @@ def check_run(cfg: DictConfig, datamodule: Any, stage: str = "fit") -> None:
         )
 
 
-def check_launch(cfg: DictConfig) -> None:
-    """Refuse multi-process DDP inside a local ``-m`` sweep: Lightning starts ranks > 0 by re-running sys.argv,
-    so every rank would run the whole sweep. One SLURM job per sweep point (hydra/launcher=slurm) is the way."""
-    import os
-
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    strategy = OmegaConf.select(cfg, "trainer.strategy")
-    name = OmegaConf.select(cfg, "trainer.strategy._target_") if OmegaConf.is_dict(strategy) else strategy
-    devices = OmegaConf.select(cfg, "trainer.devices")
-    many = str(devices) not in ("1", "None", "[0]") or (OmegaConf.select(cfg, "trainer.num_nodes") or 1) > 1
-    if not ("ddp" in str(name).lower() and many) or not HydraConfig.initialized():
-        return
-    hydra_cfg = HydraConfig.get()
-    launcher = str(OmegaConf.select(hydra_cfg, "launcher._target_") or "")
-    if hydra_cfg.mode == RunMode.MULTIRUN and launcher.endswith("BasicLauncher") and "SLURM_JOB_ID" not in os.environ:
-        raise SetupError(
-            "trainer=ddp with several devices cannot run inside a local -m sweep (Lightning re-runs the command "
-            "line for each rank, which would re-run the whole sweep). Sweep with hydra/launcher=slurm (one SLURM "
-            "job per sweep point), or run the points one at a time without -m."
-        )
-
-
 def resolved_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ovseg_lab.config_checks import check_config
 from ovseg_lab.errors import SetupError
-from ovseg_lab.preflight import check_launch, check_run, resolved_yaml
+from ovseg_lab.preflight import check_run, resolved_yaml
 from ovseg_lab.speed import apply_speed
 from ovseg_lab.utils.io import write_json, write_text
 
@@ -86,11 +86,11 @@ def _overrides() -> list[str]:
 
 
 def _build(cfg: DictConfig, stage: str):
-    """Config -> (datamodule, lightning module, loggers, trainer), after the preflight checks."""
+    """Config -> (datamodule, lightning module, loggers, trainer), after the data/weights preflight (the config
+    itself is checked by the entry functions, before anything else runs)."""
     import lightning as L
     from hydra.utils import instantiate
 
-    check_config(cfg, stage)  # names, enums and combinations, before any data or weights are touched
     L.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     check_run(cfg, datamodule, stage)
@@ -112,7 +112,7 @@ def _build(cfg: DictConfig, stage: str):
 
 def train(cfg: DictConfig) -> dict[str, dict]:
     """Fit, then evaluate every benchmark once more with the final weights and write metrics.json."""
-    check_launch(cfg)
+    check_config(cfg, "fit")  # values, combinations, launch mode: before pipeline stages, data or weights
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -192,6 +192,7 @@ def load_weights(model: Any, source: str | Path | dict[str, Any]) -> dict[str, A
 
 def evaluate(cfg: DictConfig) -> dict[str, dict]:
     """Evaluate a checkpoint (``ckpt=...``) on every configured benchmark and write metrics.json."""
+    check_config(cfg, "validate")
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config_resolved.yaml", resolved_yaml(cfg))
