@@ -83,7 +83,8 @@ def test_math_attention_gives_the_sdpa_outputs(method, expected_layers):
 def test_runner_applies_the_speed_node(compose_cfg, tmp_path):
     from hydra.utils import instantiate
 
-    cfg = compose_cfg("train", ["experiment=quickstart", "model=catseg", "speed.attention=math", f"paths.data_dir={tmp_path}"])
+    cfg = compose_cfg("train", ["experiment=quickstart", "model=catseg", "speed.attention=math", "clip.weights=null",
+                                f"paths.data_dir={tmp_path}"])
     module = apply_speed(instantiate(cfg.model), cfg.speed)
     assert [m.fused_attn for m in module.net.modules() if hasattr(m, "fused_attn")] == [False] * 10
     with pytest.raises(Exception, match="speed.attention"):
@@ -176,8 +177,9 @@ def test_ovseg_region_batches_equal_one_region_at_a_time():
 
 # ---------------------------------------------------------------------------------------------- numerics / layout
 def test_bf16_autocast_stays_close_to_fp32():
-    """CPU bf16 autocast (the GPU path of trainer.precision=bf16-mixed): sigmoid scores within 0.05 of fp32 and
-    at least 90% of the argmax labels unchanged (bf16 keeps 8 mantissa bits)."""
+    """CPU bf16 autocast (the GPU path of trainer.precision=bf16-mixed): sigmoid scores within 0.05 of fp32, and
+    the argmax label unchanged wherever fp32's top-two scores are 0.02 apart (a random-init net has many
+    near-ties, which 8 mantissa bits may flip)."""
     net = tiny("catseg")
     x = images()
     with torch.no_grad():
@@ -187,7 +189,10 @@ def test_bf16_autocast_stays_close_to_fp32():
     assert mixed.dtype == torch.bfloat16  # autocast really ran the convolutions / matmuls in bf16
     mixed = mixed.float().sigmoid()
     assert (mixed - plain).abs().max() < 0.05
-    assert (mixed.argmax(1) == plain.argmax(1)).float().mean() > 0.9
+    top2 = plain.topk(2, dim=1).values
+    decided = (top2[:, 0] - top2[:, 1]) > 0.02
+    assert decided.any()
+    assert (mixed.argmax(1) == plain.argmax(1))[decided].all()
 
 
 @pytest.mark.parametrize("method", ["catseg", "lseg"])
