@@ -6,6 +6,7 @@ parameters needs no weights, and a checkpoint carries its own.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,12 @@ def compose_config(overrides: list[str], config_name: str = "train") -> DictConf
 
 
 def without_pretrained_weights(node: Any) -> None:
-    """In place: pretrained=None on every CLIP node, ``*_pretrained`` flags false elsewhere."""
+    """In place: pretrained=None (and no weights file) on every CLIP node, ``*_pretrained`` flags false elsewhere."""
     if isinstance(node, DictConfig):
         with open_dict(node):
             if node.get("_target_") == "ovseg_lab.clip.CLIPBackbone":
                 node.pretrained = None
+                node.weights = None
             for key in PRETRAINED_FLAGS:
                 if key in node:
                     node[key] = False
@@ -45,12 +47,15 @@ def without_pretrained_weights(node: Any) -> None:
 
 
 def without_init_files(node: Any) -> None:
-    """In place: every ``INIT_FILE_KEYS`` entry set to None (the checkpoint's own weights replace them)."""
+    """In place: every ``INIT_FILE_KEYS`` entry and every CLIP node's ``weights`` set to None (the checkpoint's
+    own weights replace them)."""
     if isinstance(node, DictConfig):
         with open_dict(node):
             for key in INIT_FILE_KEYS:
                 if key in node:
                     node[key] = None
+            if node.get("_target_") == "ovseg_lab.clip.CLIPBackbone" and "weights" in node:
+                node.weights = None
         for key in node:
             without_init_files(node._get_node(key))
 
@@ -68,6 +73,12 @@ def match_optional_parameters(module, state: dict) -> None:
 
 def resolved_model_config(cfg: DictConfig) -> DictConfig:
     """The ``model`` node with interpolations resolved and pretrained downloads switched off."""
+    clip = cfg.get("clip")
+    if isinstance(clip, DictConfig) and "weights" in clip:
+        # a stage's output (${stage:...}) needs the run's Hydra context to resolve and is not needed here
+        cfg = copy.deepcopy(cfg)
+        with open_dict(cfg):
+            cfg.clip.weights = None
     model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
     without_pretrained_weights(model_cfg)
     return model_cfg

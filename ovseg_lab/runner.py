@@ -193,6 +193,13 @@ def load_weights(model: Any, source: str | Path | dict[str, Any]) -> dict[str, A
 def evaluate(cfg: DictConfig) -> dict[str, dict]:
     """Evaluate a checkpoint (``ckpt=...``) on every configured benchmark and write metrics.json."""
     check_config(cfg, "validate")
+    if not cfg.get("ckpt") and not cfg.get("allow_untrained", False):
+        raise SetupError("eval.py needs a checkpoint: pass ckpt=/path/to/last.ckpt (or allow_untrained=true).")
+    if cfg.get("ckpt"):  # the checkpoint carries every weight: earlier stages' files need not exist here
+        from ovseg_lab.build import without_init_files
+
+        for key in ("model", "clip"):
+            without_init_files(cfg.get(key))
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config_resolved.yaml", resolved_yaml(cfg))
@@ -201,8 +208,6 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
         model.save_predictions_dir = str(run_dir / "predictions")
     if cfg.get("ckpt"):
         load_weights(model, cfg.ckpt)
-    elif not cfg.get("allow_untrained", False):
-        raise SetupError("eval.py needs a checkpoint: pass ckpt=/path/to/last.ckpt (or allow_untrained=true).")
     try:
         trainer.validate(model, datamodule=datamodule, verbose=False)
         if trainer.is_global_zero:

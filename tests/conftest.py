@@ -61,7 +61,7 @@ def compose_cfg():
 
 @pytest.fixture(scope="session")
 def quickstart_run(toy_data_dir, tmp_path_factory) -> Path:
-    """A quickstart run (the default model, a few steps on the small toy set): its run directory, with metrics.json
+    """A quickstart run (the cost-volume baseline, a few steps on the small toy set): its run directory, with metrics.json
     and checkpoints/last.ckpt."""
     import subprocess
     import sys

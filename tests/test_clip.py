@@ -175,3 +175,26 @@ def test_templates_and_synonyms():
         tiny_clip(templates="nope")
     with pytest.raises(SetupError):
         tiny_clip(templates=["no placeholder"])
+
+
+def test_weights_file_initialises_the_towers(tmp_path):
+    """clip.weights: the towers of another backbone (e.g. the toy pre-training stage's export) replace the random
+    init, under any fine-tuning strategy; a file of another architecture is refused, naming the option."""
+    source = tiny_clip(finetune="full")
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p))
+    path = tmp_path / "clip_adapted.pt"
+    torch.save(source.state_dict(), path)
+    torch.manual_seed(1)
+    loaded = CLIPBackbone("tiny", None, model_cfg=TINY, feature_layers=(0, 1), finetune="qv", weights=str(path))
+    for name, value in source.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert loaded.model.visual.transformer.resblocks[0].attn.q_proj_weight.requires_grad  # qv still trains
+    assert not loaded.model.visual.transformer.resblocks[0].attn.k_proj_weight.requires_grad
+
+    wider = dict(TINY, embed_dim=48)
+    with pytest.raises(SetupError, match=r"clip\.weights.*other shapes"):
+        CLIPBackbone("tiny", None, model_cfg=wider, feature_layers=(0, 1), weights=str(path))
+    with pytest.raises(SetupError, match=r"CLIP weights file not found: .*absent\.pt \(clip\.weights\)"):
+        CLIPBackbone("tiny", None, model_cfg=TINY, feature_layers=(0, 1), weights=str(tmp_path / "absent.pt"))

@@ -18,6 +18,7 @@ def test_qualitative_notebook_executes(toy_data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("QUALITATIVE_CKPT", str(tmp_path / "absent.ckpt"))  # exercise the train-here branch
     monkeypatch.setenv("QUALITATIVE_DATA_DIR", str(toy_data_dir))
     monkeypatch.setenv("QUALITATIVE_STEPS", "20")
+    monkeypatch.setenv("QUALITATIVE_PRETRAIN_STEPS", "4")
     monkeypatch.setenv("QUALITATIVE_TOY", json.dumps(SMALL_TOY))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = nbformat.read(ROOT / "notebooks" / "qualitative.ipynb", as_version=4)

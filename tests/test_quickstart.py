@@ -47,3 +47,32 @@ def test_eval_reproduces_training_metrics_from_checkpoint(quickstart_run, toy_da
     for name in evaluated:
         assert math.isclose(evaluated[name]["mIoU"], trained[name]["mIoU"], abs_tol=1e-6)
         assert evaluated[name].keys() == trained[name].keys()
+
+
+def test_catseg_quickstart_runs_its_clip_pretraining_chain(toy_data_dir, tmp_path):
+    """model=catseg on the toy: the CLIP pre-training stage runs first, the CAT-Seg run starts from its weights,
+    and eval.py scores the checkpoint without needing the stage folder (the checkpoint carries every weight)."""
+    import torch
+
+    run_dir = tmp_path / "qs_catseg"
+    cmd = [sys.executable, "train.py", "experiment=quickstart", "model=catseg", "logger=csv", "trainer.max_steps=6",
+           "catseg_toy.pretrain_steps=4", f"hydra.run.dir={run_dir}", *small_toy_overrides(toy_data_dir)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (stage,) = (run_dir / "stages").glob("clip_pretrain-*")
+    assert json.loads((stage / "stage_done.json").read_text())["stage"] == "clip_pretrain"
+    assert f"weights: {stage / 'clip_adapted.pt'}" in (run_dir / "config_resolved.yaml").read_text()
+    # the fine-tuning started from the pre-trained towers: its text embedding table (frozen under
+    # finetune=full) is the pre-trained one, not a fresh random draw
+    pretrained = torch.load(stage / "clip_adapted.pt", weights_only=True)["model.token_embedding.weight"]
+    tuned = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    torch.testing.assert_close(tuned["net.clip.model.token_embedding.weight"], pretrained, rtol=0, atol=0)
+
+    eval_dir = tmp_path / "ev"
+    proc = subprocess.run([sys.executable, "eval.py", "experiment=quickstart", "model=catseg", "logger=csv",
+                           *small_toy_overrides(toy_data_dir), "data/eval=[toy_seen]",
+                           f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={eval_dir}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = json.loads((run_dir / "metrics.json").read_text())["toy_seen"]["mIoU"]
+    assert math.isclose(json.loads((eval_dir / "metrics.json").read_text())["toy_seen"]["mIoU"], trained, abs_tol=1e-6)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -19,6 +20,7 @@ from ovseg_lab.clip.finetune import FinetuneSpec, apply_finetune
 from ovseg_lab.clip.loading import build_open_clip
 from ovseg_lab.clip.prompts import SYNONYM_MODES, class_synonyms, resolve_templates
 from ovseg_lab.errors import SetupError
+from ovseg_lab.utils.weights import load_into, load_state_from
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -55,6 +57,9 @@ class CLIPBackbone(nn.Module):
     Args:
         model_name: open_clip architecture ("ViT-B-16", "ViT-L-14-336", ...) or a label for ``model_cfg``.
         pretrained: open_clip tag ("openai"), a local checkpoint path, or None for random init.
+        weights: a file of this backbone's own tower weights (keys ``model.*``, q/k/v split; a Lightning checkpoint
+            holding ``net.clip.model.*`` works too), loaded over ``pretrained``: e.g. the ``clip_adapted.pt`` that
+            the toy CLIP pre-training stage writes.
         image_size: input size the tower is built for (position embeddings resized to it).
         model_cfg: custom open_clip config (embed_dim / vision_cfg / text_cfg) for tiny test towers.
         quick_gelu: OpenAI weights use QuickGELU.
@@ -71,6 +76,7 @@ class CLIPBackbone(nn.Module):
         self,
         model_name: str = "ViT-B-16",
         pretrained: str | None = "openai",
+        weights: str | None = None,
         image_size: int | None = None,
         model_cfg: Mapping[str, Any] | None = None,
         quick_gelu: bool = False,
@@ -92,6 +98,15 @@ class CLIPBackbone(nn.Module):
             raise SetupError(f"CLIP '{model_name}' is not a ViT; ovseg-lab's dense features need a ViT image tower.")
         self._split_attention(visual.transformer.resblocks)
         self._split_attention(self.model.transformer.resblocks)
+        if weights:
+            if not Path(str(weights)).expanduser().is_file():
+                raise SetupError(
+                    f"CLIP weights file not found: {weights} (clip.weights). Stage outputs such as a clip_pretrain "
+                    "stage's clip_adapted.pt are written when train.py runs the config's pipeline; evaluate or "
+                    "predict from a checkpoint (ckpt=...) instead, or set clip.weights=null for the pretrained/random towers."
+                )
+            state = load_state_from(weights, ("net.clip.model.", "clip.model.", "model."))
+            load_into(self.model, state, str(weights), "CLIP (clip.weights)")
 
         self.templates = resolve_templates(_to_plain(templates))
         if synonyms not in SYNONYM_MODES:

@@ -383,7 +383,8 @@ def build_mining_net(cfg) -> Any:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf, open_dict
 
-    from ovseg_lab.models.ovseg import OVSeg, load_into, load_state_from
+    from ovseg_lab.models.ovseg import OVSeg
+    from ovseg_lab.utils.weights import load_into, load_state_from
 
     ckpt = cfg.get("proposals_ckpt")
     if ckpt:

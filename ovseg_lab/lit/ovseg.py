@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ovseg_lab.errors import SetupError
 from ovseg_lab.eval.inference import segment
 from ovseg_lab.lit.base import OpenVocabModule, to_unit_float
-from ovseg_lab.models.ovseg import load_state_from
+from ovseg_lab.utils.weights import load_state_from
 from ovseg_lab.utils.io import atomic_path
 
 ADAPT_KINDS = ("ft", "mpt", "pretrain")

@@ -13,8 +13,6 @@ MaskFormer as the proposal source (:class:`SAMProposals`), as in the public demo
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -23,6 +21,7 @@ from torch import nn
 
 from ovseg_lab.clip import CLIPBackbone
 from ovseg_lab.errors import SetupError
+from ovseg_lab.utils.weights import load_into, load_state_from
 from ovseg_lab.vocab import Vocabulary
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -234,41 +233,6 @@ class SAMProposals(nn.Module):
             order = order[: self.max_masks]
             masks, scores = masks[order], scores[order]
         return masks.to(image.device), scores.to(image.device)
-
-
-# ---------------------------------------------------------------------------------------------- weights
-def load_state_from(path: str | os.PathLike, prefixes: Sequence[str]) -> dict[str, torch.Tensor]:
-    """A state dict from a file (plain or Lightning checkpoint), keeping the keys under the first matching prefix
-    (stripped). An empty prefix keeps everything."""
-    path = Path(os.path.expanduser(str(path)))
-    if not path.is_file():
-        raise SetupError(f"Weights file not found: {path}.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt or pickled objects
-        raise SetupError(f"Cannot read weights {path}: {type(err).__name__}: {err}") from None
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
-        raise SetupError(f"{path} holds no state dict.")
-    for prefix in prefixes:
-        picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if picked:
-            return picked
-    raise SetupError(f"{path} has no weights under {list(prefixes)} (keys look like {list(state)[:3]}).")
-
-
-def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, what: str) -> None:
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        raise SetupError(
-            f"{what} weights {source} do not fit the configured model: {len(missing)} missing (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(mismatched)} with other shapes "
-            f"(e.g. {mismatched[:3]}; mask prompts need the same clip.mask_prompt_depth and image size)."
-        )
-    module.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------- the method
