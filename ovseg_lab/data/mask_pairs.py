@@ -383,7 +383,7 @@ def build_mining_net(cfg) -> Any:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf, open_dict
 
-    from ovseg_lab.models.ovseg import OVSeg
+    from ovseg_lab.models.ovseg import MASK_PROMPT_HINT, OVSeg
     from ovseg_lab.utils.weights import load_into, load_state_from
 
     ckpt = cfg.get("proposals_ckpt")
@@ -409,7 +409,7 @@ def build_mining_net(cfg) -> Any:
     clip = instantiate(cfg.clip)
     net = OVSeg(clip, maskformer=None, analysis="gt_masks", templates=cfg.get("templates", "vild14"))
     if cfg.get("clip_weights"):
-        load_into(net.clip, load_state_from(cfg.clip_weights, ("net.clip.", "clip.", "")), cfg.clip_weights, "CLIP")
+        load_into(net.clip, load_state_from(cfg.clip_weights, ("net.clip.", "clip.", "")), cfg.clip_weights, "CLIP", MASK_PROMPT_HINT)
     return net
 
 

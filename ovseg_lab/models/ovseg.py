@@ -25,6 +25,7 @@ from ovseg_lab.utils.weights import load_into, load_state_from
 from ovseg_lab.vocab import Vocabulary
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+MASK_PROMPT_HINT = " Mask prompts need the same clip.mask_prompt_depth and image size."
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLASSIFY_MODES = ("ensemble", "maskformer", "clip")
 ANALYSIS_MODES = (None, "gt_masks", "oracle_labels")
@@ -312,7 +313,7 @@ class OVSeg(nn.Module):
             state = load_state_from(clip_weights, ("net.clip.", "clip.", ""))
             if "mask_prompts" not in state and self.clip.mask_prompts is not None:
                 self.clip.mask_prompts = None  # weights adapted without MPT: classify regions without prompts
-            load_into(self.clip, state, clip_weights, "CLIP")
+            load_into(self.clip, state, clip_weights, "CLIP", MASK_PROMPT_HINT)
 
     @property
     def needs_labels(self) -> bool:

@@ -33,7 +33,9 @@ def load_state_from(path: str | os.PathLike, prefixes: Sequence[str]) -> dict[st
     raise SetupError(f"{path} has no weights under {list(prefixes)} (keys look like {list(state)[:3]}).")
 
 
-def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, what: str) -> None:
+def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, what: str, hint: str = "") -> None:
+    """``module.load_state_dict(state)`` when every key and shape fits; otherwise one message naming the file
+    (``source``), what it was for (``what``) and a few keys of each kind of mismatch, then ``hint``."""
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -42,6 +44,6 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str,
         raise SetupError(
             f"{what} weights {source} do not fit the configured model: {len(missing)} missing (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(mismatched)} with other shapes "
-            f"(e.g. {mismatched[:3]}; mask prompts need the same clip.mask_prompt_depth and image size)."
+            f"(e.g. {mismatched[:3]}).{hint}"
         )
     module.load_state_dict(state)
