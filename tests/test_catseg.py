@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -40,6 +41,25 @@ def tiny_catseg(aggregation=None, seed: int = 0, **head) -> CATSeg:
 def test_head_parameter_counts_match_the_paper(embed_dim, width, expected):
     head = CATSegHead(embed_dim, width)
     assert sum(p.numel() for p in head.parameters()) == expected
+
+
+def test_prior_probability_starts_every_class_at_the_prior():
+    """The untrained head's BCE starts at the prior's entropy instead of ~log 2; only the output bias differs."""
+    images, labels = torch.rand(2, 3, 32, 32), torch.randint(0, len(NAMES), (2, 32, 32))
+    p = 1 / len(NAMES)
+    default, prior = tiny_catseg(seed=3), tiny_catseg(seed=3, prior_probability=p)
+    with torch.no_grad():
+        default_loss = default.loss(default(images, NAMES), labels).item()
+        prior_logits = prior(images, NAMES)
+        prior_loss = prior.loss(prior_logits, labels).item()
+    entropy = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    assert default_loss > 0.6  # sigmoid(~0) for every class
+    assert abs(prior_loss - entropy) < 0.1 * entropy
+    assert abs(torch.sigmoid(prior_logits).mean().item() - p) < 0.05
+    changed = [k for k, v in prior.state_dict().items() if not torch.equal(v, default.state_dict()[k])]
+    assert changed == ["head.head.bias"]
+    with pytest.raises(SetupError, match="prior_probability"):
+        tiny_catseg(prior_probability=1.0)
 
 
 @pytest.mark.parametrize("aggregation", [
