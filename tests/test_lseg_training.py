@@ -87,7 +87,7 @@ def test_episodic_training_and_evaluation_on_toy_folds(toy_data_dir, tmp_path):
 
 def test_episodes_without_per_image_vocabularies_are_run_per_class(toy_data_dir, tmp_path):
     """A net that takes one vocabulary per call (the cost-volume baseline) gets one call per distinct episode."""
-    cfg = compose("train", ["experiment=quickstart", "logger=none", "callbacks=none",
+    cfg = compose("train", ["experiment=quickstart", "model=costvolume", "logger=none", "callbacks=none",
                             "model._target_=ovseg_lab.lit.episodes.EpisodicModule", *small_toy_overrides(toy_data_dir)],
                   tmp_path)
     module = instantiate(cfg.model).eval()
@@ -105,7 +105,7 @@ def test_episodes_without_per_image_vocabularies_are_run_per_class(toy_data_dir,
 
 def test_quickstart_lseg_writes_metrics_for_the_toy_table(toy_data_dir, tmp_path):
     cfg = compose("train", ["experiment=quickstart", "model=lseg"])
-    assert str(cfg.hydra.run.dir).endswith("quickstart_lseg")  # beside outputs/quickstart, outputs/quickstart_catseg
+    assert str(cfg.hydra.run.dir).endswith("quickstart_lseg")  # beside outputs/quickstart (CAT-Seg), outputs/quickstart_costvolume
     run_dir = tmp_path / "qs_lseg"
     cmd = [sys.executable, "train.py", "experiment=quickstart", "model=lseg", "logger=csv", "trainer.max_steps=4",
            "trainer.val_check_interval=1000", "data.batch_size=4", f"hydra.run.dir={run_dir}",

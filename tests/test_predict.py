@@ -32,7 +32,7 @@ def test_predict_matches_eval_and_legend_lists_present_classes(quickstart_run, t
     assert sum(a["pixels"] for a in areas.values()) == labels.size
 
     eval_dir = tmp_path / "ev"
-    proc = subprocess.run([sys.executable, "eval.py", "experiment=quickstart", "logger=csv", "save_predictions=true",
+    proc = subprocess.run([sys.executable, "eval.py", "experiment=quickstart", "model=costvolume", "logger=csv", "save_predictions=true",
                            "data/eval=[toy_seen]", "data.eval_batch_size=1", f"ckpt={ckpt}", f"hydra.run.dir={eval_dir}",
                            *small_toy_overrides(toy_data_dir)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

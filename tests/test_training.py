@@ -19,7 +19,7 @@ def _loss_on_fixed_batch(module, batch) -> float:
 
 
 def test_short_training_run_lowers_the_loss(toy_data_dir, tmp_path):
-    cfg = compose("train", ["experiment=quickstart", "logger=none", "callbacks=none", *small_toy_overrides(toy_data_dir)], tmp_path)
+    cfg = compose("train", ["experiment=quickstart", "model=costvolume", "logger=none", "callbacks=none", *small_toy_overrides(toy_data_dir)], tmp_path)
     L.seed_everything(0)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
