@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 .PHONY: install quickstart test test-slow tables-toy clean-outputs help
 
 help:
-	@echo "make quickstart   train + evaluate the toy benchmark (offline, CPU, a few minutes)"
+	@echo "make quickstart   train CAT-Seg + evaluate on the toy benchmark (offline, CPU, ~4 minutes)"
 	@echo "make test         fast test suite (< 10 min on 2 cores)"
 	@echo "make test-slow    heavier tests (DDP, notebooks, kill-and-resume, ViT-L counts)"
 	@echo "make tables-toy   every paper table in toy mode (all *_toy sweeps + make_table) -> outputs/tables_toy/"
