@@ -12,10 +12,9 @@ embeddings concatenated), ``spatial_aggregation``, ``class_aggregation``, ``embe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -136,8 +135,8 @@ class CATSegHead(nn.Module):
             probability 1 - p" (Lin et al., RetinaNet). None = PyTorch's default init, as the official code.
             From a zero-centred bias, the per-class BCE first spends its gradient learning the class prior and
             then sits on it (loss ~0.128 for 36 classes) for 100-300 steps depending on the random init; a
-            prior-initialised head never visits that plateau. It matters when steps are few (the CPU toy),
-            not over the paper's 80k iterations.
+            prior-initialised head learns from the first steps when the cost volume carries signal (three of
+            three seeds on the toy). It matters when steps are few (the CPU toy), not over the paper's 80k.
     """
 
     def __init__(
