@@ -177,20 +177,21 @@ def test_ovseg_region_batches_equal_one_region_at_a_time():
 
 # ---------------------------------------------------------------------------------------------- numerics / layout
 def test_bf16_autocast_stays_close_to_fp32():
-    """CPU bf16 autocast (the GPU path of trainer.precision=bf16-mixed): sigmoid scores within 0.05 of fp32, and
-    the argmax label unchanged wherever fp32's top-two scores are 0.02 apart (a random-init net has many
-    near-ties, which 8 mantissa bits may flip)."""
+    """CPU bf16 autocast (the GPU path of trainer.precision=bf16-mixed): logits within 0.1 of fp32, and the argmax
+    label unchanged wherever fp32's top-two logits are 0.06 apart (twice the bf16 error seen here; a random-init
+    net has many near-ties, which 8 mantissa bits may flip). Logits, not sigmoid scores: the toy head starts every
+    class near its prior probability, where sigmoid squeezes the margins."""
     net = tiny("catseg")
     x = images()
     with torch.no_grad():
-        plain = net(x, VOCAB).float().sigmoid()
+        plain = net(x, VOCAB).float()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mixed = net(x, VOCAB)
     assert mixed.dtype == torch.bfloat16  # autocast really ran the convolutions / matmuls in bf16
-    mixed = mixed.float().sigmoid()
-    assert (mixed - plain).abs().max() < 0.05
+    mixed = mixed.float()
+    assert (mixed - plain).abs().max() < 0.1
     top2 = plain.topk(2, dim=1).values
-    decided = (top2[:, 0] - top2[:, 1]) > 0.02
+    decided = (top2[:, 0] - top2[:, 1]) > 0.06
     assert decided.any()
     assert (mixed.argmax(1) == plain.argmax(1))[decided].all()
 
