@@ -16,6 +16,8 @@ from ovseg_lab.errors import SetupError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PRETRAINED_FLAGS = ("backbone_pretrained", "pretrained_backbone", "text_pretrained")
+# nodes that read files from the hub even for random weights (a tokenizer)
+NEEDS_HUB_FILES = ("ovseg_lab.models.text_encoders.BertTextEncoder",)
 # files a model initialises from at construction (earlier stages' outputs); a checkpoint already carries them
 INIT_FILE_KEYS = ("maskformer_weights", "clip_weights", "init_weights", "init_from")
 
@@ -33,12 +35,19 @@ def compose_config(overrides: list[str], config_name: str = "train") -> DictConf
 
 
 def without_pretrained_weights(node: Any) -> None:
-    """In place: pretrained=None (and no weights file) on every CLIP node, ``*_pretrained`` flags false elsewhere."""
+    """In place: pretrained=None (and no weights file) on every CLIP node, ``pretrained: true`` and ``*_pretrained``
+    flags false elsewhere (timm backbones: LSeg's ViT, OVSeg's Swin / ResNet), timm names to initialise from None
+    (OVSegmentor's DINO ViT). ``NEEDS_HUB_FILES`` nodes keep their hub name: BERT needs its tokenizer even with
+    random weights."""
     if isinstance(node, DictConfig):
         with open_dict(node):
             if node.get("_target_") == "ovseg_lab.clip.CLIPBackbone":
                 node.pretrained = None
                 node.weights = None
+            elif node.get("pretrained") is True:
+                node.pretrained = False
+            elif isinstance(node.get("pretrained"), str) and node.get("_target_") not in NEEDS_HUB_FILES:
+                node.pretrained = None  # a timm name to initialise from (OVSegmentor's DINO ViT)
             for key in PRETRAINED_FLAGS:
                 if key in node:
                     node[key] = False
@@ -84,11 +93,15 @@ def resolved_model_config(cfg: DictConfig) -> DictConfig:
     return model_cfg
 
 
-def build_net(overrides: list[str]):
-    """The network (``model.net``) of a composed config, with random weights."""
+def build_net(overrides: list[str], init_files: bool = True):
+    """The network (``model.net``) of a composed config, with random weights; ``init_files=False`` also skips the
+    files it would initialise from (earlier stages' outputs, e.g. OVSeg's MaskFormer), for counting or building
+    a paper model before those stages ran."""
     from hydra.utils import instantiate
 
     model_cfg = resolved_model_config(compose_config(overrides))
+    if not init_files:
+        without_init_files(model_cfg)
     return instantiate(model_cfg.net if "net" in model_cfg else model_cfg)
 
 

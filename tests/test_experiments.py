@@ -69,6 +69,7 @@ def test_toy_experiment_runs_one_step(experiment, toy_data_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", PAPER)
 def test_paper_experiment_builds_and_names_its_data(experiment, tmp_path):
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     from ovseg_lab.build import build_net
@@ -76,6 +77,14 @@ def test_paper_experiment_builds_and_names_its_data(experiment, tmp_path):
     cfg = compose("train", [f"experiment={experiment}", f"paths.data_dir={tmp_path}"])
     datamodule = instantiate(cfg.data)
     missing = datamodule.missing("fit")
-    assert missing and all("prepare" in m or "make_toy" in m for m in missing)
+    # every missing split says how to get it: a script to run, or the docs page with the layout and downloads
+    how = ("prepare", "make_toy", "make_caption_shards", "docs/")
+    assert missing and all(any(tool in m for tool in how) for m in missing)
     overrides = [f"experiment={experiment}"]
-    assert sum(p.numel() for p in build_net(overrides).parameters()) > 0
+    try:
+        net = build_net(overrides, init_files=False)
+    except InstantiationException as err:  # BERT's tokenizer comes from the hub even for random weights
+        if "Could not load the BERT text encoder" in str(err):
+            pytest.skip(f"{experiment}: bert-base-uncased is not in the local Hugging Face cache (offline)")
+        raise
+    assert sum(p.numel() for p in net.parameters()) > 0

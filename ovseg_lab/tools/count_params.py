@@ -34,7 +34,7 @@ def count_learnable(net) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
     overrides = list(sys.argv[1:] if argv is None else argv)
-    net = build_net(overrides)
+    net = build_net(overrides, init_files=False)  # counts need no stage outputs
     counts = count_learnable(net)
     for name, child in net.named_children():
         learnable = sum(p.numel() for p in child.parameters() if p.requires_grad)
