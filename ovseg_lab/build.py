@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ovseg_lab.config_checks import CLIP_TARGET
 from ovseg_lab.errors import SetupError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -41,7 +42,7 @@ def without_pretrained_weights(node: Any) -> None:
     random weights."""
     if isinstance(node, DictConfig):
         with open_dict(node):
-            if node.get("_target_") == "ovseg_lab.clip.CLIPBackbone":
+            if node.get("_target_") == CLIP_TARGET:
                 node.pretrained = None
                 node.weights = None
             elif node.get("pretrained") is True:
@@ -63,7 +64,7 @@ def without_init_files(node: Any) -> None:
             for key in INIT_FILE_KEYS:
                 if key in node:
                     node[key] = None
-            if node.get("_target_") == "ovseg_lab.clip.CLIPBackbone" and "weights" in node:
+            if node.get("_target_") == CLIP_TARGET and "weights" in node:
                 node.weights = None
         for key in node:
             without_init_files(node._get_node(key))

@@ -12,9 +12,9 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ovseg_lab.config_checks import CLIP_TARGET
 from ovseg_lab.errors import SetupError
 
-CLIP_TARGET = "ovseg_lab.clip.CLIPBackbone"
 QUICKSTART_HINT = "To try ovseg-lab offline in a few minutes, run `make quickstart` (= `python train.py experiment=quickstart`)."
 
 
