@@ -24,6 +24,7 @@ from ovseg_lab.utils.weights import load_into, load_state_from
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+POSITION_EMBEDDING_MODES = ("load", "forward")
 
 
 @dataclass
@@ -60,7 +61,12 @@ class CLIPBackbone(nn.Module):
         weights: a file of this backbone's own tower weights (keys ``model.*``, q/k/v split; a Lightning checkpoint
             holding ``net.clip.model.*`` works too), loaded over ``pretrained``: e.g. the ``clip_adapted.pt`` that
             the toy CLIP pre-training stage writes.
-        image_size: input size the tower is built for (position embeddings resized to it).
+        image_size: input size of the dense image pass (None: the architecture's own size).
+        position_embedding: how position embeddings meet an ``image_size`` other than the weights' own grid.
+            ``load``: open_clip resamples them once when the model is built (bicubic with antialias) and the
+            tower holds the new grid. ``forward``: the tower keeps the checkpoint's grid and resamples it on
+            every forward (bicubic, no antialias), as the official CAT-Seg does (its ViT-B/16 keeps OpenAI's
+            224 grid, (197, 768), and runs at 384); only this layout loads CAT-Seg's released checkpoints.
         model_cfg: custom open_clip config (embed_dim / vision_cfg / text_cfg) for tiny test towers.
         quick_gelu: OpenAI weights use QuickGELU.
         feature_layers: 0-based visual blocks whose outputs :meth:`encode_dense` returns.
@@ -78,6 +84,7 @@ class CLIPBackbone(nn.Module):
         pretrained: str | None = "openai",
         weights: str | None = None,
         image_size: int | None = None,
+        position_embedding: str = "load",
         model_cfg: Mapping[str, Any] | None = None,
         quick_gelu: bool = False,
         feature_layers: Sequence[int] = (3, 7),
@@ -92,8 +99,15 @@ class CLIPBackbone(nn.Module):
     ) -> None:
         super().__init__()
         self.model_name = model_name
-        self.model = build_open_clip(model_name, pretrained, image_size, _to_plain(model_cfg), quick_gelu)
+        if position_embedding not in POSITION_EMBEDDING_MODES:
+            raise SetupError(
+                f"clip.position_embedding must be one of {POSITION_EMBEDDING_MODES}, got '{position_embedding}'."
+            )
+        self.position_embedding = position_embedding
+        build_size = image_size if position_embedding == "load" else None  # "forward": the weights' own grid
+        self.model = build_open_clip(model_name, pretrained, build_size, _to_plain(model_cfg), quick_gelu)
         visual = self.model.visual
+        self._input_size = int(image_size) if image_size else int(visual.image_size[0])
         if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
             raise SetupError(f"CLIP '{model_name}' is not a ViT; ovseg-lab's dense features need a ViT image tower.")
         self._split_attention(visual.transformer.resblocks)
@@ -179,7 +193,8 @@ class CLIPBackbone(nn.Module):
 
     @property
     def image_size(self) -> int:
-        return int(self.model.visual.image_size[0])
+        """The input size of the dense pass (with ``position_embedding=forward`` not the stored grid's size)."""
+        return self._input_size
 
     @property
     def num_layers(self) -> int:
@@ -202,7 +217,8 @@ class CLIPBackbone(nn.Module):
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
     def _positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
-        """(1 + h*w, W) position embeddings, bicubically resized when the grid differs from the stored one."""
+        """(1 + h*w, W) position embeddings, resized when the grid differs from the stored one: bicubic,
+        align_corners=False, no antialias (the official CAT-Seg ``resized_pos_embed``, run on every forward)."""
         pos = self.model.visual.positional_embedding
         stored = tuple(self.model.visual.grid_size)
         if tuple(grid) == stored:
