@@ -5,6 +5,10 @@
   plus one global view of the whole image at ``crop`` size, average window scores per pixel, then average
   local and global maps 50/50, and resize back. With ``keep_ratio`` the image is resized so that its short
   side is ``slide_size`` instead of squashed (mmseg's slide protocol, GroupViT / OVSegmentor).
+
+Either mode may first resize the image so that its short side is ``resize_short`` (long side at most
+``resize_max``), as detectron2's test-time ``ResizeShortestEdge`` does before CAT-Seg's sliding window: on uint8
+images with PIL's bilinear filter, like detectron2. Scores always come back at the size of the image passed in.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ class InferenceConfig:
     global_weight: float = 0.5
     batch_windows: bool = True
     keep_ratio: bool = False
+    resize_short: int | None = None  # CAT-Seg: 640 (detectron2 MIN_SIZE_TEST) before squashing to slide_size
+    resize_max: int | None = None  # CAT-Seg: 2560 (MAX_SIZE_TEST)
 
     def __post_init__(self) -> None:
         if self.mode not in ("whole", "slide"):
@@ -38,6 +44,8 @@ class InferenceConfig:
             raise SetupError(f"inference.score must be sigmoid, softmax or identity, got '{self.score}'.")
         if self.mode == "slide" and not 0 < self.stride <= self.crop <= self.slide_size:
             raise SetupError("inference needs 0 < stride <= crop <= slide_size for sliding windows.")
+        if self.resize_short is not None and self.resize_short <= 0:
+            raise SetupError(f"inference.resize_short must be a positive size or null, got {self.resize_short}.")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | "InferenceConfig" | None) -> "InferenceConfig":
@@ -66,14 +74,53 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
     return starts
 
 
+def shortest_edge_size(height: int, width: int, short: int, max_size: int | None) -> tuple[int, int]:
+    """detectron2 ``ResizeShortestEdge.get_output_shape``: (new_h, new_w) with the short side ``short`` and the long
+    side at most ``max_size``, each rounded half up."""
+    scale = short / min(height, width)
+    new_h, new_w = (short, scale * width) if height < width else (scale * height, short)
+    if max_size is not None and max(new_h, new_w) > max_size:
+        shrink = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * shrink, new_w * shrink
+    return int(new_h + 0.5), int(new_w + 0.5)
+
+
+def resize_shortest_edge(images: torch.Tensor, short: int, max_size: int | None) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 3, h, w) with the short side ``short``. uint8 images go through PIL's bilinear filter
+    (what detectron2 applies to uint8 arrays; it antialiases when shrinking), float images through
+    ``F.interpolate`` (bilinear, no antialias)."""
+    size = shortest_edge_size(*images.shape[-2:], short, max_size)
+    if tuple(size) == tuple(images.shape[-2:]):
+        return images
+    if images.dtype != torch.uint8:
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    import numpy as np
+    from PIL import Image
+
+    resized = [
+        torch.from_numpy(np.asarray(Image.fromarray(img.permute(1, 2, 0).cpu().numpy()).resize(size[::-1], Image.BILINEAR)).copy())
+        for img in images
+    ]
+    return torch.stack(resized).permute(0, 3, 1, 2).to(images.device)
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [0, 1]; float input is assumed to be in [0, 1] already."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+
+
 def segment(
     forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, cfg: InferenceConfig
 ) -> torch.Tensor:
-    """Per-class scores (B, T, H, W) for images (B, 3, H, W) in [0, 1].
+    """Per-class scores (B, T, H, W) for images (B, 3, H, W), uint8 or float in [0, 1].
 
-    ``forward`` maps a batch of images to logits (B, T, h, w) at any resolution (vocabulary already bound).
+    ``forward`` maps a batch of float images in [0, 1] to logits (B, T, h, w) at any resolution (vocabulary
+    already bound).
     """
     height, width = images.shape[-2:]
+    if cfg.resize_short is not None:
+        images = resize_shortest_edge(images, cfg.resize_short, cfg.resize_max)
+    images = to_unit_float(images)
     if cfg.mode == "whole":
         return _score(upsample_to(forward(images), (height, width)), cfg.score)
 

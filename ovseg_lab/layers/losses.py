@@ -13,16 +13,30 @@ def upsample_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
-def per_pixel_bce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """CAT-Seg's loss: sigmoid BCE of every class logit against the one-hot label, ignore pixels excluded.
+IGNORE_PIXEL_MODES = ("negative", "exclude")
+
+
+def per_pixel_bce(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255, ignore_pixels: str = "exclude"
+) -> torch.Tensor:
+    """CAT-Seg's loss: sigmoid BCE of every class logit against the one-hot label.
 
     logits: (B, T, h, w), upsampled to the label size; labels: (B, H, W) with ids in [0, T) or ``ignore_index``.
-    The mean runs over (valid pixel, class) pairs. (The official release averages over ignore pixels too, with
-    all-zero targets, which pushes every class down on void regions.)
+    ``ignore_pixels``:
+      - ``negative``: the official release (cat_seg_model.py, training branch of ``forward``): ignore pixels get an
+        all-zero target and the mean runs over every (pixel, class) pair, so void regions push every class down.
+      - ``exclude``: ignore pixels are left out; the mean runs over (valid pixel, class) pairs.
     """
+    if ignore_pixels not in IGNORE_PIXEL_MODES:
+        raise ValueError(f"ignore_pixels must be one of {IGNORE_PIXEL_MODES}, got {ignore_pixels!r}")
     logits = upsample_to(logits, labels.shape[-2:])
     num_classes = logits.shape[1]
     valid = labels != ignore_index
+    if ignore_pixels == "negative":
+        logits = logits.permute(0, 2, 3, 1)  # (B, H, W, T)
+        target = torch.zeros_like(logits)
+        target[valid] = F.one_hot(labels[valid].long(), num_classes).to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, target)
     if not valid.any():
         return logits.sum() * 0.0
     logits = logits.permute(0, 2, 3, 1)[valid]  # (N, T)

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from ovseg_lab.eval.inference import InferenceConfig, segment
+from ovseg_lab.eval.inference import InferenceConfig, segment, to_unit_float
 from ovseg_lab.lit.optim import build_param_groups
 from ovseg_lab.metrics import SegmentationMetric
 from ovseg_lab.vocab import Vocabulary
@@ -33,11 +33,6 @@ def save_label_maps(pred: torch.Tensor, stems: list[str], folder: Path) -> None:
         dtype = np.uint8 if label.max(initial=0) < 255 else np.uint16
         with atomic_path(folder / f"{stem}.png") as tmp:
             Image.fromarray(label.astype(dtype)).save(tmp, format="PNG")
-
-
-def to_unit_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float in [0, 1]; float input is assumed to be in [0, 1] already."""
-    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
 
 
 class OpenVocabModule(L.LightningModule):
@@ -110,7 +105,7 @@ class OpenVocabModule(L.LightningModule):
     @torch.no_grad()
     def predict_scores(self, images: torch.Tensor, vocabulary: Vocabulary, inference: InferenceConfig | None = None) -> torch.Tensor:
         """Per-class scores (B, T, H, W) at the input resolution under the inference protocol."""
-        return segment(lambda x: self.net(x, vocabulary), to_unit_float(images), inference or self.inference_cfg)
+        return segment(lambda x: self.net(x, vocabulary), images, inference or self.inference_cfg)
 
     @torch.no_grad()
     def predict_labels(self, images: torch.Tensor, vocabulary: Vocabulary, background_from: int | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch import nn
 from ovseg_lab.clip import CLIPBackbone
 from ovseg_lab.errors import SetupError
 from ovseg_lab.layers.linear_attention import ClassAggregationLayer
-from ovseg_lab.layers.losses import per_pixel_bce
+from ovseg_lab.layers.losses import IGNORE_PIXEL_MODES, per_pixel_bce
 from ovseg_lab.layers.swin import GuidedSwinBlock
 from ovseg_lab.models.costvolume import cosine_cost_volume
 from ovseg_lab.vocab import Vocabulary
@@ -216,8 +216,21 @@ class CATSegHead(nn.Module):
         text: torch.Tensor,
         class_pool: int = 1,
         class_chunk: int | None = None,
+        truncate: int | None = None,
     ) -> torch.Tensor:
-        """dense (B, C, h, w), intermediates 2 x (B, W, h, w), text (B, T, P, C) -> logits (B, T, 4h, 4w)."""
+        """dense (B, C, h, w), intermediates 2 x (B, W, h, w), text (B, T, P, C) -> logits (B, T, 4h, 4w).
+
+        ``truncate``: the official ``pad_len`` behaviour (Aggregator.forward): with more than ``truncate`` classes,
+        only each image's top-``truncate`` classes by maximum cost are aggregated and the others score -100.
+        """
+        if truncate and text.shape[1] > truncate:
+            cost = cosine_cost_volume(dense, text)  # (B, P, T, h, w)
+            score = cost.permute(0, 2, 1, 3, 4).flatten(2).amax(dim=-1)  # (B, T)
+            keep = score.topk(truncate, dim=-1).indices  # (B, K)
+            kept_text = torch.gather(text, 1, keep[..., None, None].expand(-1, -1, *text.shape[2:]))
+            logits = self.forward(dense, intermediates, kept_text, class_pool, class_chunk)
+            out = logits.new_full((logits.shape[0], text.shape[1], *logits.shape[2:]), -100.0)
+            return out.scatter(1, keep[..., None, None].expand(-1, -1, *logits.shape[2:]), logits)
         x = self.embed_input(dense, text)
         appearance = self.appearance_guidance(dense) if self.appearance_guidance is not None else None
         text_guidance = None
@@ -259,6 +272,8 @@ class CATSeg(nn.Module):
             is scored, nothing is silently cut.
         class_chunk: classes per chunk in spatial aggregation and the decoder at evaluation, and the same number
             of tokens per chunk in class aggregation (memory bound for large vocabularies; identical results).
+        ignore_pixels: how the BCE treats ignore pixels: ``negative`` (official: all-zero targets, counted in the
+            mean) or ``exclude`` (left out); see :func:`~ovseg_lab.layers.losses.per_pixel_bce`.
     """
 
     def __init__(
@@ -271,8 +286,11 @@ class CATSeg(nn.Module):
         truncate_classes: bool = False,
         class_chunk: int | None = None,
         ignore_index: int = 255,
+        ignore_pixels: str = "negative",
     ) -> None:
         super().__init__()
+        if ignore_pixels not in IGNORE_PIXEL_MODES:
+            raise SetupError(f"model.net.ignore_pixels must be one of {IGNORE_PIXEL_MODES}, got '{ignore_pixels}'.")
         if len(clip.feature_layers) != 2:
             raise SetupError(f"CAT-Seg's decoder needs exactly two CLIP feature layers, got clip.feature_layers={list(clip.feature_layers)}.")
         self.clip = clip
@@ -285,6 +303,7 @@ class CATSeg(nn.Module):
         self.pad_len = head_kwargs.get("pad_len", 256)
         self.class_chunk = class_chunk
         self.ignore_index = ignore_index
+        self.ignore_pixels = ignore_pixels
 
     def features(self, images: torch.Tensor):
         size = self.clip.image_size
@@ -297,22 +316,10 @@ class CATSeg(nn.Module):
         feats = self.features(images)
         text = self.clip.encode_vocabulary(names).to(feats.dense.dtype)  # (T, P, C)
         text = text.unsqueeze(0).expand(images.shape[0], -1, -1, -1)
-        if self.truncate_classes and len(names) > self.pad_len:
-            return self._forward_truncated(feats, text)
         pool = self.class_pool_train if self.training else self.class_pool_eval
         chunk = None if self.training else self.class_chunk
-        return self.head(feats.dense, feats.intermediates, text, pool, chunk)
-
-    def _forward_truncated(self, feats, text: torch.Tensor) -> torch.Tensor:
-        """Official behaviour: aggregate only each image's top-pad_len classes, the rest get -100."""
-        cost = cosine_cost_volume(feats.dense, text)  # (B, P, T, h, w)
-        score = cost.permute(0, 2, 1, 3, 4).flatten(2).amax(dim=-1)  # (B, T)
-        keep = score.topk(self.pad_len, dim=-1).indices  # (B, K)
-        kept_text = torch.gather(text, 1, keep[..., None, None].expand(-1, -1, *text.shape[2:]))
-        pool = self.class_pool_train if self.training else self.class_pool_eval
-        logits = self.head(feats.dense, feats.intermediates, kept_text, pool, None if self.training else self.class_chunk)
-        out = logits.new_full((logits.shape[0], text.shape[1], *logits.shape[2:]), -100.0)
-        return out.scatter(1, keep[..., None, None].expand(-1, -1, *logits.shape[2:]), logits)
+        truncate = self.pad_len if self.truncate_classes else None
+        return self.head(feats.dense, feats.intermediates, text, pool, chunk, truncate)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return per_pixel_bce(logits, labels, self.ignore_index)
+        return per_pixel_bce(logits, labels, self.ignore_index, self.ignore_pixels)
