@@ -195,11 +195,14 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     check_config(cfg, "validate")
     if not cfg.get("ckpt") and not cfg.get("allow_untrained", False):
         raise SetupError("eval.py needs a checkpoint: pass ckpt=/path/to/last.ckpt (or allow_untrained=true).")
-    if cfg.get("ckpt"):  # the checkpoint carries every weight: earlier stages' files need not exist here
-        from ovseg_lab.build import without_init_files
+    if cfg.get("ckpt"):
+        # The checkpoint carries every weight (load_weights refuses one that lacks a key): neither earlier stages'
+        # files nor pretrained downloads (OpenAI's CLIP for a converted CAT-Seg) are needed, offline included.
+        from ovseg_lab.build import without_init_files, without_pretrained_weights
 
         for key in ("model", "clip"):
             without_init_files(cfg.get(key))
+            without_pretrained_weights(cfg.get(key))
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config_resolved.yaml", resolved_yaml(cfg))

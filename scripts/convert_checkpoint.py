@@ -1,8 +1,8 @@
 """Convert an official checkpoint into an ovseg-lab checkpoint that eval.py / predict.py can load.
 
     python scripts/convert_checkpoint.py --format catseg --input model_final_vitb.pth \
-        --output checkpoints/catseg_vitb16.ckpt -- clip=vitb16
-    python eval.py ckpt=checkpoints/catseg_vitb16.ckpt clip=vitb16
+        --output checkpoints/catseg_vitb16.ckpt        (ViT-B/16 or ViT-L/14: read off the checkpoint)
+    python eval.py ckpt=checkpoints/catseg_vitb16.ckpt model=catseg experiment=catseg_vitb16_coco   (the line it prints)
     python scripts/convert_checkpoint.py --format lseg --input demo_e200.ckpt --output checkpoints/lseg_vitl16.ckpt
     python scripts/convert_checkpoint.py --format ovseg --input ovseg_clip_l_9a1909.pth --output checkpoints/ovseg_clip.pt
         (OVSeg's adapted CLIP, also read from the full ovseg_swinbase_vitL14_ft_mpt.pth: use it as
@@ -29,7 +29,8 @@ from ovseg_lab.errors import SetupError  # noqa: E402
 from ovseg_lab.utils.io import atomic_path  # noqa: E402
 
 
-def convert(fmt: str, source: Path, target: Path, overrides: list[str]) -> Path:
+def convert(fmt: str, source: Path, target: Path, overrides: list[str]) -> tuple[Path, list[str]]:
+    """Write the converted checkpoint; returns it with the overrides of the model it was checked against."""
     from omegaconf import OmegaConf
 
     from ovseg_lab.build import build_net, compose_config
@@ -37,10 +38,11 @@ def convert(fmt: str, source: Path, target: Path, overrides: list[str]) -> Path:
     if fmt not in FORMATS:
         raise SetupError(f"Unknown --format {fmt!r}; choose one of {sorted(FORMATS)}.")
     spec = FORMATS[fmt]
+    official = load_official(source)
+    defaults = spec.overrides + (spec.detect(official) if spec.detect else [])
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     # the user's overrides replace the format's defaults of the same key (e.g. experiment=...)
-    overrides = [o for o in spec.overrides if o.split("=", 1)[0] not in given] + overrides
-    official = load_official(source)
+    overrides = [o for o in defaults if o.split("=", 1)[0] not in given] + overrides
     converted = spec.converter(official)
     net = build_net(overrides)
     expected = {f"net.{k}": v for k, v in net.state_dict().items()}
@@ -55,7 +57,7 @@ def convert(fmt: str, source: Path, target: Path, overrides: list[str]) -> Path:
         config_yaml = OmegaConf.to_yaml({"model": OmegaConf.to_container(cfg.model, resolve=True)})
     with atomic_path(target) as tmp:
         torch.save(lightning_checkpoint(converted, net_class, config_yaml), tmp)
-    return target
+    return target, overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,13 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, type=Path, help="ovseg-lab checkpoint to write")
     args = parser.parse_args(argv)
     try:
-        out = convert(args.format, args.input, args.output, overrides)
+        out, used = convert(args.format, args.input, args.output, overrides)
     except SetupError as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     if FORMATS[args.format].usage:
-        print("use it with: " + FORMATS[args.format].usage.format(out=out))
+        print("use it with: " + FORMATS[args.format].usage.format(out=out, overrides=" ".join(used)))
     return 0
 
 

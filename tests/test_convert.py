@@ -158,7 +158,7 @@ def test_convert_script_writes_ovseg_clip_weights_that_ovseg_loads(tmp_path):
     source = tmp_path / "ovseg_clip.pth"
     reference = openai_layout_clip(mask_prompt_depth=3, context_length=32)
     torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, source)
-    out = convert("ovseg", source, tmp_path / "clip.pt", ["experiment=quickstart", "model=ovseg", "model.net.maskformer_weights=null",
+    out, _ = convert("ovseg", source, tmp_path / "clip.pt", ["experiment=quickstart", "model=ovseg", "model.net.maskformer_weights=null",
                                                               "model.net.clip_weights=null"])
     net = build_net(OVSEG_TOY[:-1] + [f"model.net.clip_weights={out}"])  # OVSeg loads it as its adapted CLIP
     torch.testing.assert_close(net.clip.mask_prompts, reference.visual.mask_embedding)
@@ -186,7 +186,7 @@ def test_converted_lseg_checkpoint_predicts_through_the_predict_path(tmp_path):
 
     source = tmp_path / "demo_e200.ckpt"
     torch.save({"epoch": 200, "state_dict": official_lseg_state_dict(64)}, source)
-    out = convert("lseg", source, tmp_path / "lseg.ckpt", LSEG_TOY)
+    out, _ = convert("lseg", source, tmp_path / "lseg.ckpt", LSEG_TOY)
     module, _ = model_from_checkpoint(out)
     torch.testing.assert_close(module.net.decoder.head.weight, torch.load(source, weights_only=True)["state_dict"]["net.scratch.head1.weight"])
     labels = predict_image(module, np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8),

@@ -11,7 +11,7 @@ from typing import Callable, Mapping, NamedTuple
 
 import torch
 
-from ovseg_lab.convert.catseg import convert_catseg_state_dict
+from ovseg_lab.convert.catseg import catseg_overrides, convert_catseg_state_dict
 from ovseg_lab.convert.lseg import convert_lseg_state_dict
 from ovseg_lab.convert.ovseg import convert_ovseg_clip_state_dict
 
@@ -22,11 +22,15 @@ class Format(NamedTuple):
     converter: Converter
     overrides: list[str]  # the model the official weights belong to
     part: str | None = None  # key prefix of the converted sub-module; None = the whole model
-    usage: str = ""  # how to use the written file
+    usage: str = ""  # how to use the written file; {overrides}: the overrides the model was built with
+    # overrides read off the official state dict (e.g. which CLIP), placed after ``overrides``
+    detect: Callable[[Mapping[str, torch.Tensor]], list[str]] | None = None
 
 
 FORMATS: dict[str, Format] = {
-    "catseg": Format(convert_catseg_state_dict, ["model=catseg"], usage="python eval.py ckpt={out} <same overrides>"),
+    # the paper recipe (ViT-B/16 at 384 or ViT-L/14 at 336) and prompt tokens are read off the checkpoint's shapes
+    "catseg": Format(convert_catseg_state_dict, ["model=catseg"], usage="python eval.py ckpt={out} {overrides}",
+                     detect=catseg_overrides),
     # LSeg's release: ViT-L/16 image encoder (model.net.encoder.name), CLIP ViT-B/32 text tower
     "lseg": Format(convert_lseg_state_dict, ["experiment=lseg_ade20k"],
                    usage="python eval.py experiment=lseg_ade20k ckpt={out}  (or scripts/predict.py --checkpoint {out})"),

@@ -45,6 +45,29 @@ def _aggregator_key(rest: str) -> str | None:
     return None
 
 
+# the released models, told apart by the CLIP patch embedding (width, 3, patch, patch) -> the paper recipe they
+# belong to (its clip group, and the official evaluation: top-256 truncation, protocol, six benchmarks)
+_RELEASED = {(768, 16): "experiment=catseg_vitb16_coco", (1024, 14): "experiment=catseg_vitl14_coco"}
+
+
+def catseg_overrides(official: Mapping[str, torch.Tensor]) -> list[str]:
+    """The Hydra overrides of the model an official CAT-Seg checkpoint belongs to, read off its shapes.
+
+    ViT-B/16 (patch embedding (768, 3, 16, 16)) -> ``experiment=catseg_vitb16_coco``, ViT-L/14@336 ->
+    ``experiment=catseg_vitl14_coco``; visual prompt tokens (depth, length, width) -> ``finetune=prompt`` with that
+    length and depth. Other CLIPs: nothing (the user names the clip group after ``--``).
+    """
+    overrides = []
+    patch = official.get(CLIP_PREFIX + "visual.conv1.weight")
+    if patch is not None and (int(patch.shape[0]), int(patch.shape[-1])) in _RELEASED:
+        overrides.append(_RELEASED[(int(patch.shape[0]), int(patch.shape[-1]))])
+    prompts = official.get(CLIP_PREFIX + "visual.transformer.prompt_tokens")
+    if prompts is not None:
+        depth, length = int(prompts.shape[0]), int(prompts.shape[1])
+        overrides += ["finetune=prompt", f"finetune.prompt_length={length}", f"finetune.prompt_depth={depth}"]
+    return overrides
+
+
 def convert_catseg_state_dict(official: Mapping[str, torch.Tensor], prefix: str = "net.") -> dict[str, torch.Tensor]:
     """Rename an official CAT-Seg state dict into ours (keys of the LightningModule when ``prefix='net.'``).
 
