@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import subprocess
 import sys
 
@@ -205,54 +204,7 @@ def test_class_aggregation_and_decoder_equal_explicit_concatenation():
 
 
 # ---------------------------------------------------------------------------- official checkpoint import
-def _official_layout(our_state: dict) -> dict:
-    """Our state dict renamed by hand into the official CAT-Seg key names (written independently of the
-    converter, from the official model code: clip_model / transformer(Aggregator) / upsample1-2)."""
-    official = {}
-    for key, value in our_state.items():
-        if key.startswith("clip.model."):
-            official["sem_seg_head.predictor.clip_model." + key[len("clip.model."):]] = value
-            continue
-        if key == "clip.visual_prompts":
-            official["sem_seg_head.predictor.clip_model.visual.transformer.prompt_tokens"] = value
-            continue
-        rest = key[len("head."):]
-        if rest.startswith(("upsample1.", "upsample2.")):
-            official[rest] = value
-            continue
-        rest = rest.replace("cost_embedding.", "conv1.", 1)
-        rest = rest.replace("appearance_guidance.0.", "guidance_projection.0.", 1)
-        rest = rest.replace("text_guidance.0.", "text_guidance_projection.0.", 1)
-        rest = re.sub(r"^decoder_guidance\.(\d)\.", r"decoder_guidance_projection.\1.", rest)
-        rest = re.sub(r"^decoder(\d)\.conv\.block\.", r"decoder\1.conv.double_conv.", rest)
-        rest = re.sub(r"^spatial_layers\.(\d+)\.block(\d)\.", r"layers.\1.swin_block.block_\2.", rest)
-        rest = re.sub(r"^spatial_layers\.(\d+)\.guidance_norm\.", r"layers.\1.swin_block.guidance_norm.", rest)
-        rest = re.sub(r"^class_layers\.(\d+)\.attention\.", r"layers.\1.attention.attention.", rest)
-        rest = re.sub(r"^class_layers\.(\d+)\.mlp\.", r"layers.\1.attention.MLP.", rest)
-        rest = re.sub(r"^class_layers\.(\d+)\.", r"layers.\1.attention.", rest)
-        official["sem_seg_head.predictor.transformer." + rest] = value
-    # buffers the official code saves and we recompute
-    official["sem_seg_head.predictor.transformer.layers.0.swin_block.block_2.attn_mask"] = torch.zeros(4, 16, 16)
-    official["pixel_mean"] = torch.zeros(3, 1, 1)
-    return official
-
-
-def test_converted_official_checkpoint_reproduces_outputs():
-    from ovseg_lab.convert.catseg import convert_catseg_state_dict
-
-    source = tiny_catseg(seed=1, pad_len=8)
-    target = tiny_catseg(seed=2, pad_len=8)
-    images = torch.rand(1, 3, 32, 32)
-    official = _official_layout(source.state_dict())
-    converted = convert_catseg_state_dict(official, prefix="")
-    assert set(converted) == set(target.state_dict())
-    target.load_state_dict(converted)
-    with torch.no_grad():
-        torch.testing.assert_close(target(images, NAMES), source(images, NAMES))
-    with pytest.raises(SetupError, match="unknown keys"):
-        convert_catseg_state_dict({**official, "sem_seg_head.predictor.transformer.mystery.weight": torch.zeros(1)})
-
-
+# Conversion of the official layout is proven against the official code in tests/golden/test_golden_catseg.py.
 def test_convert_script_refuses_mismatched_checkpoint(tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save({"model": {"sem_seg_head.predictor.transformer.conv1.weight": torch.zeros(1)}}, bad)

@@ -1,0 +1,145 @@
+"""The golden-test harness: seeded perturbed weights, fixture files, digests of large outputs, relative errors.
+
+A fixture is what ``make_golden.py`` saved after running an OFFICIAL release on weights it drew from a seed:
+
+    {"method", "name", "official_repo", "official_commit", "seed", "config": {...},
+     "state": [(key, shape, mean, std), ...],   # the official state dict, as a recipe (no values stored)
+     "inputs": {...}, "outputs": {...}}
+
+Both sides rebuild the same weights from the recipe (:func:`perturbed_state`): every tensor is
+``mean + std * N(0, 1)`` drawn from a generator seeded by (seed, key). ``mean``/``std`` come from the official
+module's own initialisation, and constant tensors (norm weights, zero-initialised prompts, biases) get a
+noise of ``CONSTANT_NOISE``, so a wrong mapping cannot hide behind ones and zeros. Keys listed with ``std < 0``
+are derived buffers (e.g. a Swin shift mask) that the official module recomputes: they are kept as the
+official module made them on the generator side and filled with zeros here (our converter must drop them).
+
+Large tensors are stored as a :func:`digest`: a seeded sample of their elements plus random projections of
+the whole tensor; small ones whole. Fixtures load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures"
+CONSTANT_NOISE = 0.1  # std of the noise put on tensors the official code initialises to a constant
+DERIVED = -1.0  # std marker: a buffer the module derives itself (not perturbed, not compared)
+TOLERANCE = 1e-5  # relative error allowed between our outputs and the official ones (fp32)
+DIGEST_SAMPLE = 4096  # elements sampled from a tensor larger than DIGEST_WHOLE
+DIGEST_WHOLE = 8192  # tensors up to this many elements are stored whole
+DIGEST_PROJECTIONS = 4
+
+
+def _generator(seed: int, key: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+
+
+def state_recipe(module_state: Mapping[str, torch.Tensor], derived: tuple[str, ...] = ()) -> list[tuple]:
+    """(key, shape, mean, std) for every tensor of an official state dict, from its initial values.
+
+    ``derived``: key suffixes of buffers the module computes itself (kept, never perturbed).
+    """
+    recipe = []
+    for key, value in module_state.items():
+        shape = tuple(int(s) for s in value.shape)
+        if key.endswith(derived):
+            recipe.append((key, shape, 0.0, DERIVED))
+            continue
+        value = value.detach().float()
+        if value.numel() > 1 and value.std() > 0:
+            recipe.append((key, shape, 0.0, float(value.std())))
+        else:  # constant init (ones, zeros, a scalar): perturb around it
+            recipe.append((key, shape, float(value.flatten()[0]) if value.numel() else 0.0, CONSTANT_NOISE))
+    return recipe
+
+
+def perturbed_state(recipe: list[tuple], seed: int) -> dict[str, torch.Tensor]:
+    """The state dict a recipe describes (derived buffers as zeros)."""
+    state = {}
+    for key, shape, mean, std in recipe:
+        if std == DERIVED:
+            state[key] = torch.zeros(shape, dtype=torch.float32)
+        else:
+            state[key] = mean + std * torch.randn(shape, generator=_generator(seed, key), dtype=torch.float32)
+    return state  # float32 draws whatever the default dtype: both sides must see the same numbers
+
+
+def seeded_input(shape: tuple[int, ...], seed: int, name: str, scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:
+    """A reproducible input tensor (regenerated on both sides instead of stored)."""
+    return offset + scale * torch.randn(shape, generator=_generator(seed, "input:" + name), dtype=torch.float32)
+
+
+def seeded_image(seed: int, height: int, width: int):
+    """A reproducible uint8 RGB picture (H, W, 3) numpy array: smooth regions plus noise, any aspect ratio."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand((1, 3, max(1, height // 10), max(1, width // 10)), generator=gen, dtype=torch.float32)
+    smooth = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+    noisy = smooth + 0.08 * torch.randn((1, 3, height, width), generator=gen, dtype=torch.float32)
+    return (noisy.clamp(0, 1) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
+
+
+def seeded_labels(seed: int, shape: tuple[int, int, int], num_classes: int, block: int, void=(), ignore: int = 255):
+    """(B, H, W) int64 labels: random classes in ``block`` x ``block`` squares, ``void`` boxes (b, y0, y1, x0, x1)
+    set to ``ignore``."""
+    b, h, w = shape
+    gen = torch.Generator().manual_seed(seed * 7 + 1)
+    labels = torch.randint(0, num_classes, (b, -(-h // block), -(-w // block)), generator=gen)
+    labels = labels.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :h, :w].contiguous()
+    for index, y0, y1, x0, x1 in void:
+        labels[index, y0:y1, x0:x1] = ignore
+    return labels
+
+
+def digest(tensor: torch.Tensor, seed: int = 0, whole: int = DIGEST_WHOLE, sample: int = DIGEST_SAMPLE) -> dict[str, Any]:
+    """A small, comparable summary of a tensor: whole up to ``whole`` elements, else ``sample`` seeded elements
+    plus random projections of the whole tensor."""
+    flat = tensor.detach().float().flatten()
+    out: dict[str, Any] = {"shape": tuple(tensor.shape)}
+    if flat.numel() <= whole:
+        out["whole"] = flat.clone()
+        return out
+    gen = _generator(seed, f"digest:{flat.numel()}")
+    out["index"] = torch.randint(0, flat.numel(), (sample,), generator=gen).to(torch.int32)
+    out["sample"] = flat[out["index"]].clone()
+    out["projections"] = _projections(flat, gen)
+    return out
+
+
+def _projections(flat: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return torch.stack([(flat * torch.randn(flat.numel(), generator=gen, dtype=torch.float32)).sum() for _ in range(DIGEST_PROJECTIONS)])
+
+
+def relative_error(ours: torch.Tensor, official: torch.Tensor, floor: float = 1e-30) -> float:
+    """||ours - official|| / max(||official||, floor) (fp64). ``floor``: the scale below which a tensor counts as
+    zero (e.g. the gradient of a Swin key bias, which softmax makes exactly zero up to rounding)."""
+    ours, official = ours.double().flatten(), official.double().flatten()
+    return float((ours - official).norm() / official.norm().clamp_min(floor))
+
+
+def digest_error(tensor: torch.Tensor, expected: Mapping[str, Any], seed: int = 0, floor: float = 1e-30) -> float:
+    """The relative error of ``tensor`` against a stored :func:`digest` (the worse of sample and projections)."""
+    assert tuple(tensor.shape) == tuple(expected["shape"]), f"shape {tuple(tensor.shape)} vs {tuple(expected['shape'])}"
+    flat = tensor.detach().float().flatten()
+    if "whole" in expected:
+        return relative_error(flat, expected["whole"], floor)
+    gen = _generator(seed, f"digest:{flat.numel()}")
+    torch.randint(0, flat.numel(), (len(expected["index"]),), generator=gen)  # advance it as digest() did
+    return max(relative_error(flat[expected["index"].long()], expected["sample"], floor),
+               relative_error(_projections(flat, gen), expected["projections"], floor))
+
+
+def save_fixture(fixture: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(fixture, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_fixture(name: str) -> dict[str, Any]:
+    """A fixture by file name (without .pt) from tests/golden/fixtures/."""
+    return torch.load(FIXTURE_DIR / f"{name}.pt", map_location="cpu", weights_only=True)

@@ -1,0 +1,53 @@
+"""Regenerate golden fixtures from an official release (see tests/golden/README.md).
+
+    python tests/golden/make_golden.py --official /tmp/catseg --method catseg --detectron2 /tmp/detectron2
+
+``--official`` is an extracted copy of the official repository (never committed here); ``--detectron2`` an
+extracted detectron2, for the few detectron2 functions a protocol runs. The fixtures are written to
+tests/golden/fixtures/ with the official commit they came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.golden.harness import FIXTURE_DIR  # noqa: E402
+
+METHODS = {"catseg": "tests.golden.official_catseg"}
+
+
+def official_commit(root: Path, given: str | None) -> str:
+    if given:
+        return given
+    try:
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        raise SystemExit(f"{root} is not a git checkout: pass --commit <the official commit it was extracted from>")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--official", required=True, type=Path, help="extracted official repository")
+    parser.add_argument("--method", required=True, choices=sorted(METHODS))
+    parser.add_argument("--detectron2", type=Path, help="extracted detectron2 (protocol fixtures)")
+    parser.add_argument("--commit", help="official commit, when --official is not a git checkout")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=FIXTURE_DIR)
+    args = parser.parse_args(argv)
+    import importlib
+
+    module = importlib.import_module(METHODS[args.method])
+    paths = module.make(args.official, args.detectron2, args.out, official_commit(args.official, args.commit), args.seed)
+    for path in paths:
+        print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
