@@ -4,6 +4,7 @@ Lightning's ``CSVLogger`` deletes ``metrics.csv`` whenever its folder is not emp
 directory will be deleted"): with the fixed ``csv/`` folder of our runs (``version: ""``) a resumed run lost the
 curves of its steps before the kill, and a rerun in the same folder lost the earlier run's. Here:
 
+- rows are written to disk at every checkpoint (Lightning buffers 100 steps);
 - a resumed run (``resume_step`` = the checkpoint's global step) keeps every row logged before that step and
   appends; rows logged after the checkpoint by the killed process are dropped, because the resumed run logs
   those steps again: every step appears exactly once;
@@ -75,3 +76,8 @@ class RecordCSVLogger(CSVLogger):
         self._fs.makedirs(self.root_dir, exist_ok=True)
         self._experiment = RecordWriter(log_dir=self.log_dir, resume_step=self._resume_step)
         return self._experiment
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        # Lightning buffers rows for flush_logs_every_n_steps (100) steps: a run killed after a checkpoint lost the
+        # curves up to it, which the resumed run does not log again. On disk at every checkpoint, they survive.
+        self.save()
