@@ -65,3 +65,17 @@ def test_a_bad_ckpt_path_stops_before_any_pipeline_stage(toy_data_dir, tmp_path)
                            *small_toy_overrides(toy_data_dir)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "no such checkpoint file" in proc.stderr, proc.stderr[-3000:]
     assert "[pipeline]" not in proc.stdout and not (run / "stages").exists()
+
+
+def test_the_preflight_names_an_unavailable_bert_for_ovsegmentor(monkeypatch, tmp_path):
+    import ovseg_lab.preflight as preflight
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # network_reachable() -> False without trying
+    monkeypatch.setattr(preflight, "bert_cached", lambda name: False)
+    cfg = compose("train", ["experiment=ovsegmentor_stage1"])
+    (problem,) = preflight.missing_text_encoders(cfg)
+    assert "BERT text encoder 'bert-base-uncased'" in problem and "not in the Hugging Face cache" in problem
+    cfg = compose("train", ["experiment=ovsegmentor_stage1", f"model.net.text_encoder.pretrained={tmp_path / 'bert'}"])
+    assert preflight.missing_text_encoders(cfg) == [
+        f"the BERT text encoder folder {tmp_path / 'bert'} (model.net.text_encoder.pretrained) does not exist"]
+    assert preflight.missing_text_encoders(compose("train", ["experiment=quickstart"])) == []
