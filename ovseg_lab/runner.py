@@ -96,6 +96,9 @@ def _build(cfg: DictConfig, stage: str, resume_step: int | None = None):
     import lightning as L
     from hydra.utils import instantiate
 
+    from ovseg_lab.console import one_line_per_message
+
+    one_line_per_message()
     L.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     check_run(cfg, datamodule, stage)

@@ -43,6 +43,11 @@ def test_readme_quickstart_then_readme_eval_leaves_the_training_run_byte_identic
                            "callbacks.model_checkpoint.every_n_train_steps=6"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=_umask_022)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the console: one line per log message (Lightning's INFO lines were printed twice), benchmark names on the
+    # evaluation bars, the global step out of max_steps on the training bar
+    console = proc.stdout + proc.stderr
+    assert console.count("GPU available") == 1, console[:2000]
+    assert "Validation toy_unseen" in console and "step=6/6" in console
     run = logs / "quickstart_costvolume"
     for name in ("metrics.json", "run_info.json", "config_resolved.yaml", ".hydra/overrides.yaml", "csv/metrics.csv",
                  "checkpoints/last.ckpt", "wandb/run_id"):
@@ -184,3 +189,22 @@ def test_resume_config_differences_ignore_length_and_logging():
     assert config_differences(stored_yaml, same) == []
     other = OmegaConf.merge(stored, {"seed": 2})
     assert config_differences(stored_yaml, other) == ["seed: 1 -> 2"]
+
+
+def test_wandb_run_names_are_unique_per_sweep_job(compose_cfg):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict, read_write
+
+    from ovseg_lab.wandb_logger import _sweep_job_name
+
+    cfg = compose_cfg("train", ["experiment=quickstart"])
+    assert _sweep_job_name("quickstart") == "quickstart"  # a single run keeps its name
+    with read_write(cfg.hydra), open_dict(cfg.hydra):
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.job.override_dirname = "finetune=qv,model=catseg"
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert _sweep_job_name("quickstart") == "quickstart:finetune=qv,model=catseg"
+    finally:
+        compose_cfg("train", ["experiment=quickstart"])  # a single-run HydraConfig for the tests after this one
