@@ -142,12 +142,14 @@ class RunLock:
 def write_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
     """``.hydra/{config,hydra,overrides}.yaml`` as Hydra writes them, once the folder is ours.
 
-    A resumed run keeps the record of the command that started the folder (its own overrides go to run_info.json).
+    A resumed run (``ckpt_path`` set) keeps the record of the command that started the folder (its own overrides
+    go to run_info.json); a fresh run in an existing folder writes its own.
     """
     from hydra.core.hydra_config import HydraConfig
 
     folder = run_dir / ".hydra"
-    if not HydraConfig.initialized() or (folder / "config.yaml").is_file():
+    resuming = bool(OmegaConf.select(cfg, "ckpt_path", default=None))
+    if not HydraConfig.initialized() or (resuming and (folder / "config.yaml").is_file()):
         return
     hydra_cfg = HydraConfig.get()
     write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
@@ -155,8 +157,16 @@ def write_hydra_record(run_dir: Path, cfg: DictConfig) -> None:
     write_text(folder / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
 
 
-def claim_run_dir(cfg: DictConfig, run_dir: Path) -> RunLock:
+def _secondary_rank() -> bool:
+    """A DDP process other than the launching one: Lightning starts ranks > 0 by re-running the command line, on the
+    same folder; they write nothing of the record there, and must not find the folder "in use" by rank 0."""
+    return any(os.environ.get(var, "0") not in ("", "0") for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def claim_run_dir(cfg: DictConfig, run_dir: Path) -> RunLock | None:
     """Lock ``run_dir`` for this run (SetupError if another live run holds it), then write Hydra's record."""
+    if _secondary_rank():
+        return None
     lock = RunLock.acquire(run_dir)
     write_hydra_record(run_dir, cfg)
     return lock
