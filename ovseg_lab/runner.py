@@ -260,8 +260,9 @@ def main_guard(fn, cfg: DictConfig) -> Any:
     """
     from ovseg_lab.run_folder import claim_run_dir
 
+    lock = None
     try:
-        claim_run_dir(cfg, run_dir_of(cfg))
+        lock = claim_run_dir(cfg, run_dir_of(cfg))
         return fn(cfg)
     except Exception as err:
         setup = user_error(err)
@@ -278,3 +279,6 @@ def main_guard(fn, cfg: DictConfig) -> Any:
         if _in_multirun():
             raise JobFailed(str(setup)) from None
         sys.exit(2)
+    finally:
+        if lock is not None:  # the folder is free again (a sweep's next job, a rerun); atexit covers a crash
+            lock.release()
