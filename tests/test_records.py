@@ -185,7 +185,8 @@ def test_resume_config_differences_ignore_length_and_logging():
     stored = OmegaConf.create({"seed": 1, "trainer": {"max_steps": 10}, "sched": {"total": "${trainer.max_steps}"},
                                "logger": {"csv": {"name": "a"}}, "ckpt_path": None})
     stored_yaml = OmegaConf.to_yaml(stored, resolve=True)
-    same = OmegaConf.merge(stored, {"trainer": {"max_steps": 20}, "logger": {"csv": {"name": "b"}}, "ckpt_path": "last"})
+    same = OmegaConf.merge(stored, {"trainer": {"max_steps": 20}, "logger": {"csv": {"name": "b"}}, "ckpt_path": "last",
+                                    "data": {"num_workers": 4}})
     assert config_differences(stored_yaml, same) == []
     other = OmegaConf.merge(stored, {"seed": 2})
     assert config_differences(stored_yaml, other) == ["seed: 1 -> 2"]

@@ -107,11 +107,14 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     return str(path)
 
 
-# Keys a resume may change: how long to train, how it is logged, and where folders live (a run folder copied to
-# another disk, data moved to local scratch). Anything else (lr, seed, data, model) would make the resumed half a
-# different experiment than the one recorded in the folder.
+# Keys a resume may change: how long to train, how it is logged, where folders live (a run folder copied to another
+# disk, data moved to local scratch), and what leaves the batches alone (loader processes: every sample draws from
+# its own seed; how often checkpoints are written). Anything else (lr, seed, data, model) would make the resumed
+# half a different experiment than the one recorded in the folder.
 RESUME_MAY_CHANGE = ("ckpt_path", "resume_force", "paths", "trainer.max_steps", "trainer.max_epochs",
-                     "trainer.log_every_n_steps", "logger", "callbacks.progress_bar", "callbacks.lr_monitor")
+                     "trainer.log_every_n_steps", "logger", "callbacks.progress_bar", "callbacks.lr_monitor",
+                     "data.num_workers", "data.pin_memory", "callbacks.model_checkpoint.every_n_train_steps",
+                     "callbacks.model_checkpoint.train_time_interval")
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
