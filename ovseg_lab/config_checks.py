@@ -98,11 +98,120 @@ def _launch_problem(cfg: DictConfig) -> str | None:
     return None
 
 
+# Config groups read only by some models (model choice -> reads it). Chosen on the command line for another model, a
+# group would be recorded in the run's config and change nothing: a sweep over it gives identical rows. LSeg keeps
+# its text tower frozen and OVSeg never trains CLIP (both freeze it after the finetune strategy is applied);
+# OVSegmentor and GroupViT have no CLIP tower of the clip group; only CAT-Seg has a cost aggregation.
+GROUP_READERS = {
+    "finetune": ("catseg", "costvolume", "ovseg_clip_adapt"),
+    "aggregation": ("catseg",),
+}
+
+
+def _unread_group_problems(cfg: DictConfig) -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    hydra_cfg = HydraConfig.get()
+    model = OmegaConf.select(hydra_cfg, "runtime.choices.model")
+    overrides = [str(o).lstrip("+~") for o in (OmegaConf.select(hydra_cfg, "overrides.task") or [])]
+    problems = []
+    for group, readers in GROUP_READERS.items():
+        given = [o for o in overrides if o.split("=", 1)[0] == group or o.startswith(group + ".")]
+        if given and model is not None and model not in readers:
+            problems.append(f"{given[0]}: model={model} does not read the {group} group (read by model="
+                            f"{'|'.join(readers)}); the run would record it and train the same thing without it")
+    return problems
+
+
+def _learning_rate_problems(node: Any, prefix: str = "model") -> list[str]:
+    """Every ``lr`` / ``*_lr`` (> 0) and ``*lr_multiplier`` (>= 0) in the model config: a negative rate trained
+    uphill without a word until an optimizer refused it at fit start, with a 52-line traceback."""
+    problems = []
+    if not isinstance(node, DictConfig):
+        return problems
+    for key in node:
+        try:
+            value = node[key]
+        except Exception:  # an interpolation that only resolves inside a run
+            continue
+        name = f"{prefix}.{key}"
+        if isinstance(value, DictConfig):
+            problems += _learning_rate_problems(value, name)
+            continue
+        key = str(key)
+        is_rate, is_multiplier = key == "lr" or key.endswith("_lr"), key.endswith("lr_multiplier")
+        if not (is_rate or is_multiplier) or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{name}={value!r} must be a number")
+        elif is_rate and not value > 0:
+            problems.append(f"{name}={value} must be > 0 (a learning rate)")
+        elif is_multiplier and value < 0:
+            problems.append(f"{name}={value} must be >= 0 (0 freezes those parameters)")
+    return problems
+
+
+def _patch_size(clip: DictConfig) -> int | None:
+    patch = _get(clip, "model_cfg.vision_cfg.patch_size")
+    if patch is not None:
+        return int(patch)
+    try:
+        import open_clip
+
+        named = open_clip.get_model_config(str(clip.get("model_name")))
+    except Exception:
+        return None
+    return (named or {}).get("vision_cfg", {}).get("patch_size")
+
+
+def _given_on_command_line(key: str) -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    overrides = OmegaConf.select(HydraConfig.get(), "overrides.task") or []
+    return any(str(o).lstrip("+~").split("=", 1)[0] == key for o in overrides)
+
+
+def _length_problems(cfg: DictConfig, stage: str) -> list[str]:
+    """max_steps: 0 trains nothing. Only a config file may say so on purpose, for a pipeline's assembling run whose
+    stages train (OVSeg's chains); -1 means "until max_epochs" and needs it."""
+    steps = _get(cfg, "trainer.max_steps")
+    if stage != "fit" or isinstance(steps, bool) or not isinstance(steps, int):
+        return []
+    if steps == 0 and (not _get(cfg, "pipeline") or _given_on_command_line("trainer.max_steps")):
+        return ["trainer.max_steps=0 trains nothing; give a number of steps > 0"]
+    if steps == -1 and not (_get(cfg, "trainer.max_epochs") or 0) > 0:
+        return ["trainer.max_steps=-1 (train by epochs) needs trainer.max_epochs > 0; give a number of steps > 0"]
+    return []
+
+
+def _crop_problems(cfg: DictConfig, model_choice: str | None) -> list[str]:
+    """A crop smaller than one patch of the CLIP image tower that sees it has no token to segment. (LSeg's image goes
+    to its own encoder, OVSegmentor / GroupViT have no clip-group tower: not checked here.)"""
+    crop = _get(cfg, "data.transform.crop_size")
+    if crop is None:
+        return []
+    sizes = list(crop) if OmegaConf.is_list(crop) else [crop]
+    if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in sizes):
+        return [f"data.transform.crop_size={crop} must be a positive integer (or a pair)"]
+    if model_choice == "lseg":
+        return []
+    patches = [p for p in (_patch_size(c) for c in _clip_nodes(_get(cfg, "model"))) if p]
+    if patches and min(sizes) < max(patches):
+        return [f"data.transform.crop_size={crop} is below the {max(patches)} px patch of the model's CLIP image "
+                f"tower (the smallest crop it can segment)"]
+    return []
+
+
 def config_problems(cfg: DictConfig, stage: str = "fit") -> list[str]:
     """Every invalid value or combination of ``cfg``, as user-facing lines."""
     problems: list[str] = []
     _int(problems, cfg, "seed")
     _int(problems, cfg, "trainer.max_steps", minimum=-1)
+    problems += _length_problems(cfg, stage)
     _int(problems, cfg, "trainer.devices", minimum=1, allow=("auto", -1))
     _int(problems, cfg, "data.batch_size", minimum=1)
     _int(problems, cfg, "data.eval_batch_size", minimum=1)
@@ -151,6 +260,12 @@ def config_problems(cfg: DictConfig, stage: str = "fit") -> list[str]:
             if layers is not None and depth > layers:
                 problems.append(f"finetune.prompt_depth={depth} exceeds the {layers} blocks of the image tower of "
                                 f"CLIP {clip.get('model_name')} (finetune=prompt prompts the image tower only)")
+    from hydra.core.hydra_config import HydraConfig
+
+    choice = OmegaConf.select(HydraConfig.get(), "runtime.choices.model") if HydraConfig.initialized() else None
+    problems += _learning_rate_problems(_get(cfg, "model"))
+    problems += _crop_problems(cfg, choice)
+    problems += _unread_group_problems(cfg)
     return list(dict.fromkeys(problems))
 
 

@@ -62,14 +62,68 @@ def missing_weights(cfg: DictConfig) -> list[str]:
     return problems
 
 
+BERT_TARGET = "ovseg_lab.models.text_encoders.BertTextEncoder"
+
+
+def _bert_nodes(node: Any) -> Iterator[DictConfig]:
+    if isinstance(node, DictConfig):
+        if node.get("_target_") == BERT_TARGET:
+            yield node
+            return
+        for key in node:
+            try:
+                child = node[key]
+            except Exception:
+                continue
+            yield from _bert_nodes(child)
+
+
+def bert_cached(name: str) -> bool | None:
+    """Is the Hugging Face model ``name`` (config and tokenizer vocabulary) in the local cache? None: cannot tell."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        return all(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "vocab.txt"))
+    except Exception:  # a name that is not a hub id
+        return None
+
+
+def missing_text_encoders(cfg: DictConfig) -> list[str]:
+    """OVSegmentor's BERT: a local folder that does not exist, or a hub name neither cached nor downloadable.
+
+    Found here, before minutes of model building; otherwise transformers fails inside instantiation, and even
+    a random-weight BERT needs its tokenizer from the hub.
+    """
+    problems = []
+    for node in _bert_nodes(cfg.get("model")):
+        name = node.get("pretrained")
+        if not name:
+            continue
+        name = str(name)
+        if name.startswith(("/", "~", ".")):
+            if not os.path.isdir(os.path.expanduser(name)):
+                problems.append(f"the BERT text encoder folder {name} (model.net.text_encoder.pretrained) does not exist")
+            continue
+        if bert_cached(name) is False and not network_reachable():
+            problems.append(
+                f"the BERT text encoder '{name}' (OVSegmentor's text tower and tokenizer, model.net.text_encoder."
+                "pretrained) is not in the Hugging Face cache and the network is unreachable (run once with internet, "
+                "or point it at a local folder with config.json, the weights and vocab.txt)"
+            )
+    return problems
+
+
 def check_run(cfg: DictConfig, datamodule: Any, stage: str = "fit") -> None:
-    """Raise one :class:`SetupError` listing everything this run needs that is missing."""
+    """Raise one :class:`SetupError` listing everything this run needs that is missing, one bullet each."""
     problems = list(datamodule.missing(stage)) if hasattr(datamodule, "missing") else []
     problems += missing_weights(cfg)
+    problems += missing_text_encoders(cfg)
     if problems:
-        listing = "; ".join(problems)
+        listing = "\n".join(f"  - {p}" for p in problems)
         raise SetupError(
-            f"ovseg-lab cannot start this run ({cfg.get('task_name', 'run')}): {listing}. "
+            f"ovseg-lab cannot start this run ({cfg.get('task_name', 'run')}); missing:\n{listing}\n"
             f"Dataset preparation is described in data/README.md. {QUICKSTART_HINT}"
         )
 

@@ -21,10 +21,14 @@ def run_suffix(choice: str, default: str) -> str:
 
 def register() -> None:
     from ovseg_lab.pipeline import stage_dir  # ${stage:NAME}: a pipeline stage's folder
+    from ovseg_lab.run_folder import record_dir  # ${record_dir:...}: an eval / predict run's own folder
 
     for name, fn in (("auto_precision", auto_precision), ("run_suffix", run_suffix), ("stage", stage_dir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+    if not OmegaConf.has_resolver("record_dir"):
+        # cached: the folder is picked once per config (a second resolution must not pick the next free name)
+        OmegaConf.register_new_resolver("record_dir", record_dir, use_cache=True)
 
 
 register()

@@ -16,10 +16,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ovseg_lab.config_checks import check_config
-from ovseg_lab.errors import SetupError
+from ovseg_lab.errors import RunFolderBusy, SetupError, user_error
 from ovseg_lab.preflight import check_run, resolved_yaml
 from ovseg_lab.speed import apply_speed
-from ovseg_lab.utils.io import write_json, write_text
+from ovseg_lab.utils.io import disk_full_message, is_disk_full, write_json, write_text
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -30,13 +30,17 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(OmegaConf.select(cfg, "paths.output_dir", default="outputs/run"))
 
 
-def instantiate_list(cfg: DictConfig | None) -> list[Any]:
-    """Instantiate every entry with a ``_target_`` of a name -> config mapping (loggers, callbacks)."""
+def instantiate_list(cfg: DictConfig | None, **ours: Any) -> list[Any]:
+    """Instantiate every entry with a ``_target_`` of a name -> config mapping (loggers, callbacks).
+
+    ``ours``: keyword arguments for the entries implemented in ovseg_lab (e.g. a logger's ``resume_step``); a
+    third-party target would not accept them."""
     from hydra.utils import instantiate
 
     if not cfg:
         return []
-    return [instantiate(node) for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
+    return [instantiate(node, **(ours if str(node._target_).startswith("ovseg_lab.") else {}))
+            for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
 def format_table(results: dict[str, dict], title: str) -> str:
@@ -85,19 +89,23 @@ def _overrides() -> list[str]:
     return []
 
 
-def _build(cfg: DictConfig, stage: str):
+def _build(cfg: DictConfig, stage: str, resume_step: int | None = None):
     """Config -> (datamodule, lightning module, loggers, trainer), after the data/weights preflight (the config
-    itself is checked by the entry functions, before anything else runs)."""
+    itself is checked by the entry functions, before anything else runs). ``resume_step``: the global step of the
+    checkpoint a resumed run continues from (our loggers then continue the folder's records)."""
     import lightning as L
     from hydra.utils import instantiate
 
+    from ovseg_lab.console import one_line_per_message
+
+    one_line_per_message()
     L.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     check_run(cfg, datamodule, stage)
     model = instantiate(cfg.model)
     apply_speed(model, cfg.get("speed"))
     model.run_config_yaml = resolved_yaml(cfg)
-    loggers = instantiate_list(cfg.get("logger"))
+    loggers = instantiate_list(cfg.get("logger"), resume_step=resume_step)
     callbacks = instantiate_list(cfg.get("callbacks"))
     if not loggers:  # an LR monitor has nowhere to write without a logger (logger=none)
         from lightning.pytorch.callbacks import LearningRateMonitor
@@ -116,17 +124,23 @@ def train(cfg: DictConfig) -> dict[str, dict]:
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    from ovseg_lab.lit.resume import check_resume_config, resolve_ckpt_path
+
+    # the checkpoint, and whether this config may continue it, before any pipeline stage spends minutes
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    checkpoint = read_checkpoint(ckpt_path) if ckpt_path else None
+    if checkpoint is not None:
+        check_resume_config(checkpoint, cfg, ckpt_path, bool(cfg.get("resume_force", False)))
     if cfg.get("pipeline"):  # runs this one reads from (e.g. OVSeg's toy chain), each in its own folder
         from ovseg_lab.pipeline import run_stages
 
         run_stages(cfg)
-    from ovseg_lab.lit.resume import resolve_ckpt_path
-
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     write_text(run_dir / "config_resolved.yaml", resolved_yaml(cfg))
-    datamodule, model, loggers, trainer = _build(cfg, "fit")
-    if ckpt_path:  # a checkpoint of another model / vocabulary: one clear paragraph, not a load_state_dict dump
-        check_fits(model, read_checkpoint(ckpt_path), f"Checkpoint {ckpt_path} (ckpt_path)")
+    resume_step = int(checkpoint.get("global_step", 0)) if checkpoint is not None else None
+    datamodule, model, loggers, trainer = _build(cfg, "fit", resume_step)
+    if checkpoint is not None:  # a checkpoint of another model / vocabulary: one clear paragraph, not a load_state_dict dump
+        check_fits(model, checkpoint, f"Checkpoint {ckpt_path} (ckpt_path)")
+        del checkpoint  # Lightning reads it again, with the optimizer and loop states
         print(f"Resuming from {ckpt_path}")
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -240,21 +254,34 @@ def _record_failure(cfg: DictConfig, text: str) -> None:
 
 
 def main_guard(fn, cfg: DictConfig) -> Any:
-    """Run ``fn(cfg)``; a :class:`SetupError` becomes a one-paragraph message and exit status 2.
+    """Claim the run folder, run ``fn(cfg)``; a :class:`SetupError` becomes a one-paragraph message and exit status 2.
 
+    The folder is locked before anything is written into it (a second run on it stops here, naming the first).
+    A SetupError wrapped by Hydra's instantiate, and a full disk, count as SetupErrors (:func:`user_error`).
     In a multirun sweep a failing job records error.txt and raises an ordinary exception, which Hydra stores
     as that job's result: the remaining jobs still run (Hydra reports the failure when the sweep ends).
     """
-    try:
-        return fn(cfg)
-    except SetupError as err:
-        print(f"\nERROR: {err}\n", file=sys.stderr)
-        _record_failure(cfg, str(err))
-        if _in_multirun():
-            raise JobFailed(str(err)) from None
-        sys.exit(2)
-    except Exception as err:
-        import traceback
+    from ovseg_lab.run_folder import claim_run_dir
 
-        _record_failure(cfg, f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
-        raise
+    lock = None
+    try:
+        lock = claim_run_dir(cfg, run_dir_of(cfg))
+        return fn(cfg)
+    except Exception as err:
+        setup = user_error(err)
+        if setup is None and is_disk_full(err):
+            setup = SetupError(disk_full_message(getattr(err, "filename", None) or run_dir_of(cfg)))
+        if setup is None:
+            import traceback
+
+            _record_failure(cfg, f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
+            raise
+        print(f"\nERROR: {setup}\n", file=sys.stderr)
+        if not isinstance(setup, RunFolderBusy):  # the folder is another run's: leave no trace in it
+            _record_failure(cfg, str(setup))
+        if _in_multirun():
+            raise JobFailed(str(setup)) from None
+        sys.exit(2)
+    finally:
+        if lock is not None:  # the folder is free again (a sweep's next job, a rerun); atexit covers a crash
+            lock.release()

@@ -3,24 +3,54 @@
 from __future__ import annotations
 
 import colorsys
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 
-def palette(num_classes: int) -> np.ndarray:
-    """(num_classes, 3) uint8 colours, the same for a class index in every picture.
+def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """(N, 3) sRGB in [0, 1] -> CIELAB (D65), where Euclidean distance approximates perceived difference."""
+    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    xyz = linear @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
+    xyz /= np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], axis=1)
 
-    Hues step by the golden ratio so neighbouring ids differ strongly; saturation and value alternate.
-    """
+
+@lru_cache(maxsize=1)
+def _farthest_point_colours() -> np.ndarray:
+    """Colours of a 17-level RGB grid in farthest-point order in CIELAB: each next colour is the one farthest from
+    all colours before it. Class i gets colour i whatever the vocabulary size, and any prefix is as spread out as
+    a greedy choice makes it (golden-ratio hues left neighbours within a few Delta-E from ~150 classes on).
+    Near-black (ignore pixels) and near-white (the legend's background) are left out."""
+    levels = np.linspace(0, 1, 17)
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
+    lab = _srgb_to_lab(grid)
+    keep = (lab[:, 0] > 20) & (lab[:, 0] < 92)
+    grid, lab = grid[keep], lab[keep]
+    order = [int(np.argmin(np.abs(grid - np.array([0.9, 0.1, 0.1])).sum(1)))]  # start at a strong red
+    nearest = np.linalg.norm(lab - lab[order[0]], axis=1)
+    for _ in range(len(grid) - 1):
+        pick = int(np.argmax(nearest))
+        order.append(pick)
+        nearest = np.minimum(nearest, np.linalg.norm(lab - lab[pick], axis=1))
+    return (grid[order] * 255).round().astype(np.uint8)
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """(num_classes, 3) uint8 colours, the same for a class index in every picture, far apart in CIELAB (see
+    :func:`_farthest_point_colours`; beyond its ~3,900 colours the golden-ratio hues take over)."""
+    base = _farthest_point_colours()
+    if num_classes <= len(base):
+        return base[:num_classes].copy()
     colours = []
-    for index in range(num_classes):
+    for index in range(len(base), num_classes):
         hue = (index * 0.61803398875) % 1.0
-        saturation = (0.85, 0.6, 0.95)[index % 3]
-        value = (0.95, 0.75)[(index // 3) % 2]
-        colours.append(colorsys.hsv_to_rgb(hue, saturation, value))
-    return (np.array(colours, dtype=np.float64).reshape(-1, 3) * 255).round().astype(np.uint8)
+        colours.append(colorsys.hsv_to_rgb(hue, (0.85, 0.6, 0.95)[index % 3], (0.95, 0.75)[(index // 3) % 2]))
+    extra = (np.array(colours, dtype=np.float64).reshape(-1, 3) * 255).round().astype(np.uint8)
+    return np.concatenate([base, extra])
 
 
 def colorize(label: np.ndarray, num_classes: int, ignore_index: int | None = 255) -> np.ndarray:
@@ -49,19 +79,83 @@ def legend_entries(label: np.ndarray, class_names: Sequence[str]) -> list[tuple[
     return [(int(ids[i]), class_names[int(ids[i])], counts[i] / total) for i in order]
 
 
+def _font_files() -> list[str]:
+    """matplotlib's DejaVu Sans (shipped with it: Latin, Greek, Cyrillic and more), then every system font."""
+    from matplotlib import font_manager
+
+    files = [font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans"), fallback_to_default=True)]
+    files += sorted(f for f in font_manager.findSystemFonts() if f.lower().endswith((".ttf", ".otf", ".ttc")))
+    return list(dict.fromkeys(files))
+
+
+@lru_cache(maxsize=None)
+def _coverage(path: str) -> frozenset[int]:
+    try:
+        from fontTools.ttLib import TTFont
+
+        with TTFont(path, fontNumber=0, lazy=True) as font:
+            return frozenset(font.getBestCmap() or {})
+    except Exception:
+        return frozenset()
+
+
+_WARNED: set[str] = set()
+
+
+@lru_cache(maxsize=256)
+def font_for(text: str) -> str | None:
+    """The first font file (DejaVu Sans, then system fonts) that has a glyph for every character of ``text``.
+
+    PIL's built-in bitmap font draws anything beyond ASCII as boxes. When no installed font covers ``text`` (e.g.
+    Chinese on a machine without a CJK font), the best-covering one is used and a warning says what to install.
+    """
+    needed = {ord(c) for c in text if not c.isspace()}
+    best, best_count = None, -1
+    for path in _font_files():
+        covered = len(needed & _coverage(path))
+        if covered == len(needed):
+            return path
+        if covered > best_count:
+            best, best_count = path, covered
+    missing = "".join(sorted({c for c in text if not c.isspace() and all(ord(c) not in _coverage(p) for p in _font_files())}))
+    if missing and missing not in _WARNED:
+        _WARNED.add(missing)
+        import warnings
+
+        warnings.warn(f"No installed font has glyphs for {missing!r} (legend of {text!r}); install one that does "
+                      "(e.g. fonts-noto-cjk for Chinese / Japanese / Korean) and they will be used.", stacklevel=2)
+    return best
+
+
+def _font(text: str, size: int):
+    path = font_for(text)
+    try:
+        return ImageFont.truetype(path, size) if path else ImageFont.load_default(size)
+    except OSError:
+        return ImageFont.load_default(size)
+
+
 def with_legend(picture: np.ndarray, entries: Sequence[tuple[int, str, float]], num_classes: int) -> Image.Image:
-    """A PIL image: the picture with a legend panel listing ``entries`` (colour swatch, name, area)."""
+    """A PIL image: the picture with a legend panel listing ``entries`` (colour swatch, name, area).
+
+    The text is sized with the picture (a 4000x3000 photo gets a legend as readable as a 64x64 toy image's), and
+    drawn in a font that has the names' glyphs (:func:`font_for`).
+    """
     colours = palette(num_classes)
-    font = ImageFont.load_default()
-    row_height, swatch = 16, 12
-    height = max(picture.shape[0], row_height * len(entries) + 8)
-    width = picture.shape[1] + 220
+    size = max(11, round(max(picture.shape[:2]) / 40))
+    row_height, swatch, margin = round(size * 1.5), size, max(4, size // 2)
+    labels = [f"{name} ({area * 100:.1f}%)" for _, name, area in entries]
+    fonts = [_font(label, size) for label in labels]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_width = max((probe.textlength(label, font=font) for label, font in zip(labels, fonts)), default=0)
+    width = picture.shape[1] + 3 * margin + swatch + int(np.ceil(text_width))
+    height = max(picture.shape[0], row_height * len(entries) + 2 * margin)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     canvas.paste(Image.fromarray(picture), (0, 0))
     draw = ImageDraw.Draw(canvas)
-    x0 = picture.shape[1] + 8
-    for row, (cls, name, area) in enumerate(entries):
-        y = 4 + row * row_height
+    x0 = picture.shape[1] + margin
+    for row, ((cls, _, _), label, font) in enumerate(zip(entries, labels, fonts)):
+        y = margin + row * row_height
         draw.rectangle([x0, y, x0 + swatch, y + swatch], fill=tuple(int(c) for c in colours[cls]), outline=(0, 0, 0))
-        draw.text((x0 + swatch + 6, y), f"{name} ({area * 100:.1f}%)", fill=(0, 0, 0), font=font)
+        draw.text((x0 + swatch + margin, y), label, fill=(0, 0, 0), font=font)
     return canvas

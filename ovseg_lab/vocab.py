@@ -91,7 +91,19 @@ def vocabulary_from_names(names: str | list[str], name: str = "custom") -> Vocab
     """Build a vocabulary from a comma-separated string or a list of names (CLI use)."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",")]
-    names = [n for n in names if n]
+    names = [" ".join(n.split()) for n in names if n and n.strip()]
     if not names:
         raise DataError("An empty class list was given.")
+    # as in vocabulary files, a name may appear once; here also up to case and spacing ("tree,Tree,tree "), since
+    # the text towers lower-case: two ids with one embedding, and one of them never wins a pixel
+    seen: dict[str, str] = {}
+    repeated = []
+    for n in names:
+        key = n.casefold()
+        if key in seen:
+            repeated.append(f"{seen[key]!r} / {n!r}")
+        seen.setdefault(key, n)
+    if repeated:
+        raise DataError(f"The class list repeats names (up to case and spacing): {', '.join(repeated[:5])}; "
+                        "give each class once.")
     return Vocabulary(name, tuple(names))

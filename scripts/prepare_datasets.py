@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -47,14 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="only the first N images of each split (a quick look)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    command = shlex.join(["python", "scripts/prepare_datasets.py", *(sys.argv[1:] if argv is None else argv)])
     try:
         summaries = prepare_benchmark(
             args.name, args.raw, args.out, splits=args.splits, workers=args.workers, force=args.force,
             image_mode=args.images, source=args.source, progress=not args.no_progress, limit=args.limit,
+            command=command,
         )
     except SetupError as err:
         print(f"\nERROR: {err}\n", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # PrepareInterrupted says which split; a Ctrl-C elsewhere (listing) as well
+        message = str(err) or "interrupted; rerun the same command to resume: finished files are kept and skipped."
+        print(f"\n{message}\n  {command}", file=sys.stderr)
+        return 130
     print(f"\nprepared into {Path(args.out).resolve()}:")
     for summary in summaries:
         print("  " + summary.line())

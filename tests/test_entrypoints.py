@@ -24,7 +24,9 @@ def test_paper_defaults_stop_fast_with_one_paragraph(tmp_path):
     assert elapsed < 60
     err = proc.stderr.strip()
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert "\n" not in err.removeprefix("ERROR: ").strip(), "the message is one paragraph"
+    lines = err.removeprefix("ERROR: ").strip().splitlines()
+    bullets = [line for line in lines if line.startswith("  - ")]
+    assert len(bullets) >= 2 and len(lines) == len(bullets) + 2, "a heading, one bullet per missing thing, the hint"
     assert "coco_stuff" in err and "prepare_datasets.py coco_stuff" in err
     assert "experiment=quickstart" in err
     assert "ViT-B-16" in err  # the missing weights are named too

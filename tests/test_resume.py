@@ -3,6 +3,7 @@ uninterrupted run with the same seed ends (same weights, same metrics.json; tole
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -21,8 +22,8 @@ from tests.conftest import ROOT, small_toy_overrides
 STEPS, EVERY = 21, 7
 
 
-def _command(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "train.py", "experiment=quickstart", "model=costvolume", "logger=csv",
+def _command(data_dir: Path, run_dir: Path, *extra: str, logger: str = "csv") -> list[str]:
+    return [sys.executable, "train.py", "experiment=quickstart", "model=costvolume", f"logger={logger}",
             f"trainer.max_steps={STEPS}", "trainer.val_check_interval=1000",
             f"callbacks.model_checkpoint.every_n_train_steps={EVERY}", "data.batch_size=8", "data.num_workers=1",
             "+data.train.max_images=40", f"hydra.run.dir={run_dir}", *small_toy_overrides(data_dir), *extra]
@@ -40,7 +41,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(toy_data_dir, t
 
     # the interrupted run: SIGKILL (no handler, no cleanup) as soon as the first step checkpoint exists
     last = resumed / "checkpoints" / "last.ckpt"
-    victim = subprocess.Popen(_command(toy_data_dir, resumed), cwd=ROOT, env=_env(),
+    victim = subprocess.Popen(_command(toy_data_dir, resumed, logger="default"), cwd=ROOT, env=_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not last.exists() and victim.poll() is None and time.time() < deadline:
@@ -56,10 +57,12 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(toy_data_dir, t
     assert 0 < position["batches_in_epoch"] < 5, position  # mid-epoch
     assert not list(last.parent.glob(".*.tmp")), "a temporary checkpoint file was left behind"
 
-    proc = subprocess.run(_command(toy_data_dir, resumed, "ckpt_path=last"), cwd=ROOT, env=_env(),
+    proc = subprocess.run(_command(toy_data_dir, resumed, "ckpt_path=last", logger="default"), cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Resuming from" in proc.stdout
+    assert "taking over the lock" in proc.stderr  # the killed run's lock
+    assert "not resumable" not in proc.stderr + proc.stdout  # Lightning's false warning (the position is restored)
     info = json.loads((resumed / "run_info.json").read_text())
     assert info["global_step"] == STEPS and info["resumed_from"].endswith("last.ckpt")
 
@@ -72,6 +75,19 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(toy_data_dir, t
     expected = json.loads((reference / "metrics.json").read_text())
     got = json.loads((resumed / "metrics.json").read_text())
     assert got == expected
+
+    # the records continue: the CSV holds every logged step exactly once (the rows of the uninterrupted run, the
+    # curves before the kill kept), and the resumed run continued the same W&B run
+    def rows(run: Path) -> list[tuple[str, ...]]:
+        with open(run / "csv" / "metrics.csv", newline="") as handle:
+            return sorted(tuple(sorted(k for k, v in row.items() if v not in ("", None))) + (row["step"],)
+                          for row in csv.DictReader(handle))
+
+    assert rows(resumed) == rows(reference)
+    assert any(int(r[-1]) < killed_at for r in rows(resumed)), "the curves before the kill are kept"
+    run_ids = {p.name.rsplit("-", 1)[-1] for p in (resumed / "wandb").glob("offline-run-*")}
+    assert len(list((resumed / "wandb").glob("offline-run-*"))) == 2 and len(run_ids) == 1, run_ids
+    assert run_ids == {(resumed / "wandb" / "run_id").read_text().strip()}
 
 
 @pytest.mark.slow

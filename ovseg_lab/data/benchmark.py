@@ -67,9 +67,28 @@ class BenchmarkSpec:
         hint = f" (prepare it with: {self.prepare})" if self.prepare else ""
         if not self.image_dir.is_dir() or not self.label_dir.is_dir():
             return f"{self.name} {self.split} split not found at {self.image_dir}{hint}"
+        unfinished = self._unfinished_command()
+        if unfinished is not None:
+            return (f"{self.name} {self.split} split at {self.image_dir} is incomplete (its preparation was "
+                    f"interrupted; scores on it would come from fewer images); finish it with: {unfinished or self.prepare}")
         if self.vocabulary is None and not (Path(self.root) / "vocab.json").is_file():
             return f"{self.name} has no vocabulary file {Path(self.root) / 'vocab.json'}{hint}"
         return None
+
+    def _unfinished_command(self) -> str | None:
+        """The command that started this split's preparation when prepare_summary.json marks it incomplete."""
+        summary = Path(self.root) / "prepare_summary.json"
+        if not summary.is_file():
+            return None
+        import json
+
+        try:
+            entry = (json.loads(summary.read_text()).get("splits") or {}).get(self.split) or {}
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return None
+        if entry.get("complete", True):  # folders prepared before the flag existed count as complete
+            return None
+        return str(entry.get("command") or "")
 
     def load_vocabulary(self) -> Vocabulary:
         """The class names; their number must match ``num_classes`` of the config, or of the prepared folder's

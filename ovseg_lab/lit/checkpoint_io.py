@@ -9,7 +9,6 @@ makes atomic; the folder is fsynced so the rename itself survives a power loss.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +16,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from ovseg_lab.errors import SetupError
+from ovseg_lab.utils.io import disk_full_message, is_disk_full, mkstemp_beside
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -36,13 +36,17 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save(obj) onto ``path`` atomically (tmp in the same folder + fsync + os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = mkstemp_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except Exception as err:  # a full disk reads "inline_container.cc:672 unexpected pos" from torch's writer
+        if is_disk_full(err, path.parent):
+            raise SetupError(disk_full_message(path)) from err
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -13,12 +13,14 @@ and ints, so it loads with ``weights_only=True``):
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 
 from ovseg_lab.errors import SetupError
 
@@ -73,6 +75,11 @@ class ResumeState(L.Callback):
         datamodule = trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "resume_at"):
             datamodule.resume_at(state["epoch"], state["batches_in_epoch"])
+            # Lightning warns that a mid-epoch resume with a loader that is not a `_Stateful` "can cause unreliable
+            # results": ours continues at the stored position (the sampler skips the batches already trained, the
+            # RNGs are restored), which the resume test checks bit for bit. The warning is false here only.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch",
+                                    category=PossibleUserWarning)
         # applied at on_train_start: building the resumed loaders must not shift the restored generators
         self._pending_rng = state["rng"]
 
@@ -98,3 +105,69 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     if not path.is_file():
         raise SetupError(f"ckpt_path={ckpt_path}: no such checkpoint file.")
     return str(path)
+
+
+# Keys a resume may change: how long to train, how it is logged, where folders live (a run folder copied to another
+# disk, data moved to local scratch), and what leaves the batches alone (loader processes: every sample draws from
+# its own seed; how often checkpoints are written). Anything else (lr, seed, data, model) would make the resumed
+# half a different experiment than the one recorded in the folder.
+RESUME_MAY_CHANGE = ("ckpt_path", "resume_force", "paths", "trainer.max_steps", "trainer.max_epochs",
+                     "trainer.log_every_n_steps", "logger", "callbacks.progress_bar", "callbacks.lr_monitor",
+                     "data.num_workers", "data.pin_memory", "callbacks.model_checkpoint.every_n_train_steps",
+                     "callbacks.model_checkpoint.train_time_interval")
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def _allowed(key: str) -> bool:
+    return any(key == a or key.startswith(a + ".") for a in RESUME_MAY_CHANGE)
+
+
+def config_differences(stored_yaml: str, cfg: Any) -> list[str]:
+    """``key: stored -> current`` for every leaf that differs outside :data:`RESUME_MAY_CHANGE`.
+
+    The allowed keys are first set to their stored values in a copy of ``cfg``, so values derived from them (a
+    schedule's ``total_steps: ${trainer.max_steps}``) do not count as differences either.
+    """
+    import copy
+
+    import yaml
+    from omegaconf import OmegaConf, open_dict
+
+    stored = _flatten(yaml.safe_load(stored_yaml) or {})
+    probe = copy.deepcopy(cfg)
+    with open_dict(probe):
+        for key, value in stored.items():
+            if _allowed(key) and not key.startswith(("logger", "callbacks")):
+                OmegaConf.update(probe, key, value, merge=False, force_add=True)
+    current = _flatten(yaml.safe_load(OmegaConf.to_yaml(probe, resolve=True)) or {})
+    missing = object()
+    return [f"{key}: {stored.get(key, '(absent)')!r} -> {current.get(key, '(absent)')!r}"
+            for key in sorted(set(stored) | set(current))
+            if not _allowed(key) and stored.get(key, missing) != current.get(key, missing)]
+
+
+def check_resume_config(checkpoint: dict[str, Any], cfg: Any, ckpt_path: str, force: bool) -> None:
+    """Refuse a resume whose config differs from the one stored in the checkpoint (unless ``resume_force=true``)."""
+    stored = checkpoint.get("ovseg_config")
+    if not stored:
+        return
+    diff = config_differences(stored, cfg)
+    if not diff:
+        return
+    listing = "\n".join(f"  - {line}" for line in diff[:20]) + (f"\n  ... and {len(diff) - 20} more" if len(diff) > 20 else "")
+    if force:
+        print(f"WARNING: resuming {ckpt_path} with a config that differs from the stored one (resume_force=true):\n{listing}")
+        return
+    raise SetupError(
+        f"Resume refused: the config differs from the one stored in {ckpt_path} in {len(diff)} key(s) other than "
+        f"{', '.join(RESUME_MAY_CHANGE[3:])} and paths:\n{listing}\nResume with the overrides of the original run (its "
+        f"config_resolved.yaml / .hydra/overrides.yaml), or pass resume_force=true to continue anyway."
+    )

@@ -2,13 +2,65 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from ovseg_lab.errors import SetupError
+
+
+def _process_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file (0644 under the usual umask 022)."""
+    return 0o666 & ~_process_umask()
+
+
+def mkstemp_beside(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
+    """``tempfile.mkstemp`` in ``path``'s folder, with the mode an ordinary new file gets.
+
+    mkstemp creates 0600 files: renamed onto the target, every record (metrics, configs, checkpoints) would be
+    unreadable by the group on a shared cluster.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.fchmod(fd, new_file_mode())
+    return fd, tmp
+
+
+def is_disk_full(err: BaseException, folder: str | os.PathLike | None = None) -> bool:
+    """ENOSPC, or what torch.save's C++ writer says instead ("unexpected pos"), with the folder really (nearly) full."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    if "No space left" in text:
+        return True
+    if "unexpected pos" in text and folder is not None:
+        try:
+            return shutil.disk_usage(folder).free < 64 * 2**20
+        except OSError:
+            return False
+    return False
+
+
+def disk_full_message(path: str | os.PathLike) -> str:
+    folder = Path(path).parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return (f"The disk is full: could not write {path} ({free} on the file system of {folder}). Free some space, "
+            f"or point the run elsewhere (hydra.run.dir=... / paths.log_dir=...), then rerun (ckpt_path=last resumes "
+            f"from the last complete checkpoint).")
 
 
 @contextmanager
@@ -16,12 +68,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    fd, tmp = mkstemp_beside(path, ".tmp" + path.suffix)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except Exception as err:
+        if is_disk_full(err, path.parent):
+            raise SetupError(disk_full_message(path)) from err
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

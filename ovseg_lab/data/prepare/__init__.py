@@ -57,11 +57,12 @@ def prepare_benchmark(
     source: str = "auto",
     progress: bool = True,
     limit: int | None = None,
+    command: str | None = None,
 ) -> list[SplitSummary]:
     """Prepare benchmark ``name`` from the official raw layout under ``raw`` into ``out/<benchmark>/``."""
     preparer = make_preparer(name, source)
     return prepare(preparer, raw, out, splits=splits, workers=workers, force=force, image_mode=image_mode,
-                   progress=progress, limit=limit)
+                   progress=progress, limit=limit, command=command)
 
 
 __all__ = ["ALIASES", "PREPARERS", "Preparer", "SplitSummary", "Target", "make_preparer", "prepare", "prepare_benchmark"]

@@ -348,6 +348,14 @@ def _summarise(target: Target, split: str, counts: TargetCounts) -> SplitSummary
     )
 
 
+def _ignore_sigint() -> None:
+    """Worker initializer: Ctrl-C is the parent's to handle (it stops the pool and removes the temporaries); a
+    worker interrupted mid-write would print its own traceback and could leave a half-written temporary."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _iterate(job, samples: list[Sample], workers: int, progress: bool, desc: str):
     from tqdm import tqdm
 
@@ -360,7 +368,7 @@ def _iterate(job, samples: list[Sample], workers: int, progress: bool, desc: str
         else:
             # spawn, not fork: a forked child of a process whose torch / OpenMP threads are running can hang
             context = multiprocessing.get_context("spawn")
-            with context.Pool(workers) as pool:
+            with context.Pool(workers, initializer=_ignore_sigint) as pool:  # leaving it terminates and joins
                 for result in pool.imap_unordered(job, samples, chunksize=max(1, min(32, len(samples) // (workers * 8)))):
                     yield result
                     bar.update()
@@ -378,11 +386,17 @@ def prepare(
     image_mode: str = "auto",
     progress: bool = True,
     limit: int | None = None,
+    command: str | None = None,
 ) -> list[SplitSummary]:
     """Prepare ``splits`` (default: the preparer's) of one benchmark family from ``raw`` into ``out``.
 
     image_mode: how unchanged images reach the output (``auto`` = hard link, else copy; ``copy``; ``symlink``).
     limit: prepare only the first ``limit`` samples of each split (a quick look at a huge dataset).
+    command: the command line that runs this, stored with a split while it is incomplete (evaluation names it).
+
+    A split is marked ``"complete": false`` in prepare_summary.json when it starts and complete only at its end, so
+    an interrupted preparation is never evaluated silently on fewer images. Interrupted (Ctrl-C), the workers are
+    stopped and the temporaries removed before :class:`PrepareInterrupted` is raised.
     """
     raw, out = Path(raw).expanduser(), Path(out).expanduser()
     if not raw.is_dir():
@@ -407,11 +421,17 @@ def prepare(
         if limit:
             samples = samples[:limit]
         _remove_stale_temporaries(out, preparer.targets, split)
+        for target in preparer.targets:
+            _mark_incomplete(target, out, split, command or preparer.prepare_command())
         job = functools.partial(process_sample, preparer, out, force, image_mode)
         totals = {t.name: TargetCounts() for t in preparer.targets}
-        for result in _iterate(job, samples, workers, progress, f"{preparer.name} {split}"):
-            for name, counts in result.items():
-                totals[name].add(counts)
+        try:
+            for result in _iterate(job, samples, workers, progress, f"{preparer.name} {split}"):
+                for name, counts in result.items():
+                    totals[name].add(counts)
+        except KeyboardInterrupt:
+            _remove_stale_temporaries(out, preparer.targets, split)  # the pool is gone: nothing writes any more
+            raise PrepareInterrupted(preparer.name, split) from None
         for target in preparer.targets:
             summary = _summarise(target, split, totals[target.name])
             summaries.append(summary)
@@ -419,20 +439,42 @@ def prepare(
     return summaries
 
 
-def _write_target_files(target: Target, out: Path, summary: SplitSummary, raw: Path, source: str, seconds: float) -> None:
+class PrepareInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a split: finished files are kept, the split stays marked incomplete."""
+
+    def __init__(self, name: str, split: str) -> None:
+        super().__init__(f"interrupted: {name} {split} is marked incomplete (evaluation refuses it); rerun the same "
+                         "command to resume: finished files are kept and skipped.")
+
+
+def _read_info(root: Path) -> dict[str, Any]:
     import json
 
+    info_path = root / "prepare_summary.json"
+    if info_path.is_file():  # keep the entries of splits prepared by earlier runs
+        try:
+            return json.loads(info_path.read_text())
+        except json.JSONDecodeError:
+            return {}
+    return {}
+
+
+def _mark_incomplete(target: Target, out: Path, split: str, command: str) -> None:
+    root = out / target.name
+    info = _read_info(root)
+    info.setdefault("splits", {})[split] = {"complete": False, "command": command}
+    info.update({"benchmark": target.name, "num_classes": target.num_classes})
+    write_json(root / "prepare_summary.json", info)
+
+
+def _write_target_files(target: Target, out: Path, summary: SplitSummary, raw: Path, source: str, seconds: float) -> None:
     root = out / target.name
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "vocab.json", list(target.classes))
     info_path = root / "prepare_summary.json"
-    info: dict[str, Any] = {}
-    if info_path.is_file():  # keep the entries of splits prepared by earlier runs
-        try:
-            info = json.loads(info_path.read_text())
-        except json.JSONDecodeError:
-            info = {}
+    info = _read_info(root)
     info.setdefault("splits", {})[summary.split] = {
+        "complete": True,
         "images": summary.images,
         "classes_seen": summary.classes_seen,
         "num_classes": summary.num_classes,
