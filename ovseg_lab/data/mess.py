@@ -41,7 +41,6 @@ MANUAL_DOWNLOAD = {
     "uavid": "https://uavid.nl (Semantic Labelling with Images Only)",
     "cryonuseg": "Kaggle 'segmentation-of-nuclei-in-cryosectioned-he-images' (folder 'archive')",
 }
-SUMMARY_KINDS = ("mean", "hmean")
 
 
 def load_catalog() -> dict[str, dict[str, Any]]:
