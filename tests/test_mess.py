@@ -178,3 +178,16 @@ def test_packaged_catalog_matches_the_installed_mess_package():
     from ovseg_lab.data.mess import catalog_from_package
 
     assert catalog_from_package() == load_catalog()
+
+
+def test_fake_folders_never_go_into_a_real_mess_root(tmp_path):
+    from ovseg_lab.data.mess import write_fake_root
+    from ovseg_lab.errors import DataError
+
+    write_fake_root(tmp_path / "fake", ["chase_db1"])
+    write_fake_root(tmp_path / "fake", ["chase_db1", "cwfid"])  # its own folder: adds what is missing
+    assert (tmp_path / "fake/cwfid/annotations_detectron2/test").is_dir()
+    (tmp_path / "real/CHASEDB1").mkdir(parents=True)
+    with pytest.raises(DataError, match="not a folder of fake MESS datasets"):
+        write_fake_root(tmp_path / "real", ["cwfid"])
+    assert not (tmp_path / "real/cwfid").exists()

@@ -22,6 +22,7 @@ MESS conventions kept here:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -33,6 +34,7 @@ from ovseg_lab.data.benchmark import BenchmarkSpec
 from ovseg_lab.errors import DataError
 
 PREFIX = "mess_"  # our benchmark names: mess_<catalog key>, e.g. mess_chase_db1
+FAKE_MARKER = "FAKE_MESS.txt"  # marks a root of fake datasets (write_fake_root)
 # Datasets whose raw files MESS's scripts cannot download (its DATASETS.md): fetch them by hand into the root first.
 MANUAL_DOWNLOAD = {
     "bdd100k": "https://bdd-data.berkeley.edu (10K Images and Segmentation zips)",
@@ -43,8 +45,9 @@ MANUAL_DOWNLOAD = {
 }
 
 
+@functools.cache
 def load_catalog() -> dict[str, dict[str, Any]]:
-    """Catalog key -> entry, in MESS's evaluation order (``mess_evaluation.py``)."""
+    """Catalog key -> entry, in MESS's evaluation order (``mess_evaluation.py``); read once, do not modify."""
     path = resources.files("ovseg_lab") / "assets" / "mess_catalog.json"
     return json.loads(path.read_text())["datasets"]
 
@@ -171,7 +174,15 @@ def write_fake_dataset(root: str | Path, key: str, num_images: int = 2, size: tu
 def write_fake_root(root: str | Path, keys: Iterable[str] | None = None, num_images: int = 2,
                     size: tuple[int, int] = (64, 64), seed: int = 0, ignore_fraction: float = 0.05) -> None:
     """Fake copies of the MESS datasets ``keys`` (default: all) under ``root``, skipping those already there
-    (data=mess_toy's ``generate_mess_fake``)."""
+    (data=mess_toy's ``generate_mess_fake``). Only into an empty folder or one it made: a real MESS root passed
+    by mistake must not gain fake datasets beside the real ones."""
+    root = Path(root)
+    marker = root / FAKE_MARKER
+    if root.is_dir() and any(root.iterdir()) and not marker.exists():
+        raise DataError(f"{root} is not a folder of fake MESS datasets (no {FAKE_MARKER}): data=mess_toy writes its "
+                        "fakes only into an empty folder or its own (data.root, default <paths.data_dir>/mess_fake).")
+    root.mkdir(parents=True, exist_ok=True)
+    marker.write_text("Fake MESS datasets (random pixels) written by ovseg_lab.data.mess.write_fake_root.\n")
     catalog = load_catalog()
     for index, key in enumerate(keys or catalog):
         entry = catalog[key]
