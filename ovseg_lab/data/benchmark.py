@@ -174,11 +174,11 @@ class SegmentationFolder(Dataset):
         self.spec = spec
         self.transform = transform
         self.num_classes = num_classes if num_classes is not None else len(spec.load_vocabulary())
+        def is_image(p: Path) -> bool:
+            return p.name.endswith(spec.image_suffix) if spec.image_suffix else p.suffix.lower() in IMAGE_EXTENSIONS
+
         # hidden files: temporaries of an interrupted atomic write, editor or OS litter
-        if spec.image_suffix:
-            images = sorted(p for p in spec.image_dir.iterdir() if p.name.endswith(spec.image_suffix) and not p.name.startswith("."))
-        else:
-            images = sorted(p for p in spec.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        images = sorted(p for p in spec.image_dir.iterdir() if is_image(p) and not p.name.startswith("."))
         if not images:
             raise DataError(f"No images (*{spec.image_suffix or '.jpg / *.png'}) in {spec.image_dir}.")
         if spec.max_images:
@@ -209,7 +209,7 @@ class SegmentationFolder(Dataset):
             bad = np.unique(label[valid & (label >= self.num_classes)])[:5].tolist()
             vocabulary = self.spec.vocabulary or Path(self.spec.root) / "vocab.json"
             if not isinstance(vocabulary, (str, Path)):  # the names themselves: say where they came from
-                vocabulary = f"{len(vocabulary)} names of its config"
+                vocabulary = f"{len(vocabulary)} class names given with the benchmark"
             raise DataError(
                 f"Label {label_path} holds ids {bad} outside the {self.num_classes}-class vocabulary of "
                 f"{self.spec.name} ({vocabulary}; ignore id {self.spec.ignore_index}): the vocabulary is too "
