@@ -26,9 +26,15 @@ def test_every_group_option_composes(group, option):
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF_DIR / "data" / "eval").glob("*.yaml")))
 def test_every_eval_benchmark_composes(option):
+    from ovseg_lab.data.mess import load_catalog
+
     cfg = compose("train", [f"data/eval=[{option}]"])
+    if option == "mess":  # the collection: every MESS benchmark, in MESS's order
+        assert list(cfg.data.eval) == [f"mess_{key}" for key in load_catalog()]
+        return
     assert list(cfg.data.eval) == [option]
-    assert cfg.data.eval[option].root
+    entry = cfg.data.eval[option]
+    assert entry.get("root") or entry.mess in load_catalog()  # a MESS entry finds its folders under data.root
 
 
 def test_eval_config_composes():

@@ -5,6 +5,9 @@ Layout written by ``scripts/prepare_datasets.py`` and ``scripts/make_toy.py``::
     ROOT/images/SPLIT/<stem>.(jpg|png)     RGB images
     ROOT/labels/SPLIT/<stem>.(png|tif)     train ids; uint8 with ignore 255, or uint16 with ignore 65535
     ROOT/vocab.json                        class names in train-id order (optional when packaged)
+
+Other layouts (MESS's prepared folders, ``ovseg_lab.data.mess``) name their image and label folders and pair files
+by their endings instead.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch.utils.data import Dataset
 
 from ovseg_lab.data.sampling import SampleKey
 from ovseg_lab.errors import DataError
-from ovseg_lab.vocab import Vocabulary, load_vocabulary
+from ovseg_lab.vocab import Vocabulary, load_vocabulary, vocabulary_from_names
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 LABEL_EXTENSIONS = (".png", ".tif", ".tiff")
@@ -30,20 +33,31 @@ LABEL_EXTENSIONS = (".png", ".tif", ".tiff")
 class BenchmarkSpec:
     """One benchmark split: where it lives, its vocabulary and how to score it.
 
-    vocabulary: packaged vocabulary name ("ade150") or a file; None means ``ROOT/vocab.json``.
+    vocabulary: packaged vocabulary name ("ade150"), a file, or the class names themselves; None means
+        ``ROOT/vocab.json``.
     background_from: PAS-20b style scoring: predicted ids >= this value count as the background class
         ``background_from`` (the metric then has ``background_from + 1`` classes).
     prepare: the command that creates this benchmark, quoted in missing-data messages.
+    images / labels: image and label folders relative to ``root`` (default ``images/SPLIT``, ``labels/SPLIT``).
+    image_suffix / label_suffix: pair files by their endings, as detectron2's ``load_sem_seg`` does (MESS
+        registers its datasets with it): image ``<id><image_suffix>`` goes with label ``<id><label_suffix>``.
+        None: images by extension, labels by stem.
+    metric_convention: the benchmark's own mIoU convention (MESS: ``mmseg``); None = the model's.
     """
 
     name: str
     root: str
     split: str = "val"
-    vocabulary: str | None = None
+    vocabulary: str | list[str] | None = None
     ignore_index: int = 255
     background_from: int | None = None
     max_images: int | None = None
     prepare: str = ""
+    images: str | None = None
+    labels: str | None = None
+    image_suffix: str | None = None
+    label_suffix: str | None = None
+    metric_convention: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -56,11 +70,11 @@ class BenchmarkSpec:
 
     @property
     def image_dir(self) -> Path:
-        return Path(self.root) / "images" / self.split
+        return Path(self.root) / (self.images or f"images/{self.split}")
 
     @property
     def label_dir(self) -> Path:
-        return Path(self.root) / "labels" / self.split
+        return Path(self.root) / (self.labels or f"labels/{self.split}")
 
     def missing(self) -> str | None:
         """A one-line description of what is missing, or None when the split is on disk."""
@@ -93,6 +107,8 @@ class BenchmarkSpec:
     def load_vocabulary(self) -> Vocabulary:
         """The class names; their number must match ``num_classes`` of the config, or of the prepared folder's
         prepare_summary.json when the folder's own vocab.json is used."""
+        if self.vocabulary is not None and not isinstance(self.vocabulary, str):
+            return vocabulary_from_names(list(self.vocabulary), name=self.name)
         source = self.vocabulary or str(Path(self.root) / "vocab.json")
         return load_vocabulary(source, name=self.name, expected_size=self.expected_num_classes())
 
@@ -177,17 +193,25 @@ class SegmentationFolder(Dataset):
         self.spec = spec
         self.transform = transform
         self.num_classes = num_classes if num_classes is not None else len(spec.load_vocabulary())
+        def is_image(p: Path) -> bool:
+            return p.name.endswith(spec.image_suffix) if spec.image_suffix else p.suffix.lower() in IMAGE_EXTENSIONS
+
         # hidden files: temporaries of an interrupted atomic write, editor or OS litter
-        images = sorted(p for p in spec.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        images = sorted(p for p in spec.image_dir.iterdir() if is_image(p) and not p.name.startswith("."))
         if not images:
-            raise DataError(f"No images (*.jpg / *.png) in {spec.image_dir}.")
+            raise DataError(f"No images (*{spec.image_suffix or '.jpg / *.png'}) in {spec.image_dir}.")
         if spec.max_images:
             images = images[: spec.max_images]
         self.samples: list[tuple[Path, Path]] = []
         for image in images:
-            label = _find_with_extension(spec.label_dir, image.stem, LABEL_EXTENSIONS)
+            if spec.label_suffix:
+                expected = f"{image.name[: len(image.name) - len(spec.image_suffix or image.suffix)]}{spec.label_suffix}"
+                label = spec.label_dir / expected if (spec.label_dir / expected).exists() else None
+            else:
+                expected = f"{image.stem}.png or .tif"
+                label = _find_with_extension(spec.label_dir, image.stem, LABEL_EXTENSIONS)
             if label is None:
-                raise DataError(f"No label for image {image} in {spec.label_dir} (expected {image.stem}.png or .tif).")
+                raise DataError(f"No label for image {image} in {spec.label_dir} (expected {expected}).")
             self.samples.append((image, label))
 
     def __len__(self) -> int:
@@ -203,6 +227,8 @@ class SegmentationFolder(Dataset):
         if valid.any() and label[valid].max() >= self.num_classes:
             bad = np.unique(label[valid & (label >= self.num_classes)])[:5].tolist()
             vocabulary = self.spec.vocabulary or Path(self.spec.root) / "vocab.json"
+            if not isinstance(vocabulary, (str, Path)):  # the names themselves: say where they came from
+                vocabulary = f"{len(vocabulary)} class names given with the benchmark"
             raise DataError(
                 f"Label {label_path} holds ids {bad} outside the {self.num_classes}-class vocabulary of "
                 f"{self.spec.name} ({vocabulary}; ignore id {self.spec.ignore_index}): the vocabulary is too "

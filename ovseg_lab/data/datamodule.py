@@ -60,6 +60,7 @@ class EvalBenchmark:
         self.num_classes = spec.num_eval_classes
         self.ignore_index = spec.ignore_index
         self.background_from = spec.background_from
+        self.metric_convention = spec.metric_convention  # None: the model's convention
         if self.background_from is not None and not 0 < self.background_from < len(self.vocabulary):
             raise DataError(f"{self.name}: background_from={self.background_from} must lie inside its vocabulary.")
 
@@ -74,6 +75,10 @@ class SegmentationDataModule(L.LightningDataModule):
     generate_toy: when set, ``prepare_data`` writes the toy benchmark to ``generate_toy.out`` if absent.
     max_bad_samples / max_bad_fraction: unreadable samples are skipped and reported each epoch; more distinct
         bad files than this, or a larger fraction of an epoch's samples, stop the run (None: no limit).
+    root: the folder of a benchmark collection that evaluation entries name by key (``{mess: chase_db1}``: a MESS
+        dataset under MESS's prepared root, ``ovseg_lab.data.mess``).
+    generate_mess_fake: when set, ``prepare_data`` writes small fake copies of the configured MESS datasets under
+        ``root`` where absent (``write_fake_root`` options; the toy flavour of data=mess).
     """
 
     def __init__(
@@ -89,10 +94,14 @@ class SegmentationDataModule(L.LightningDataModule):
         shuffle_seed: int = 0,
         max_bad_samples: int | None = 100,
         max_bad_fraction: float | None = 0.01,
+        root: str | None = None,
+        generate_mess_fake: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.root = root
+        self.generate_mess_fake = dict(generate_mess_fake) if generate_mess_fake else None
         self.train_spec = BenchmarkSpec.from_config(train.get("name", "train"), train) if train else None
-        self.eval_specs = [BenchmarkSpec.from_config(name, cfg) for name, cfg in (eval or {}).items()]
+        self.eval_specs = [self._eval_spec(name, cfg) for name, cfg in (eval or {}).items()]
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -107,10 +116,24 @@ class SegmentationDataModule(L.LightningDataModule):
         self.bad_samples = BadSampleLog(max_bad_samples, max_bad_fraction)
         self._resume: tuple[int, int] | None = None  # (epoch, batches already trained in it)
 
+    def _eval_spec(self, name: str, cfg: Mapping[str, Any]) -> BenchmarkSpec:
+        if cfg.get("mess"):  # a MESS dataset: folders, classes and ignore value from its catalog
+            from ovseg_lab.data.mess import mess_spec
+
+            return mess_spec(name, cfg["mess"], self.root, max_images=cfg.get("max_images"))
+        return BenchmarkSpec.from_config(name, cfg)
+
+    def summarize_results(self, results: dict[str, dict]) -> dict[str, dict]:
+        """Figures over several benchmarks that a benchmark collection defines (MESS: per-domain means, mean and
+        harmonic mean over datasets), keyed like benchmarks; {} when none applies."""
+        from ovseg_lab.data.mess import summarize
+
+        return summarize(results, self.eval_specs)
+
     # ------------------------------------------------------------------ availability
     def missing(self, stage: str = "fit") -> list[str]:
         """Every split this run needs that is not on disk, as user-facing lines."""
-        if self.generate_toy:
+        if self.generate_toy or self.generate_mess_fake:
             return []  # prepare_data creates it
         specs = list(self.eval_specs)
         if stage == "fit" and self.train_spec is not None:
@@ -122,6 +145,11 @@ class SegmentationDataModule(L.LightningDataModule):
             from ovseg_lab.data.toy import generate_toy_from_config
 
             generate_toy_from_config(self.generate_toy)
+        if self.generate_mess_fake:
+            from ovseg_lab.data.mess import write_fake_root
+
+            keys = [s.extra["mess"] for s in self.eval_specs if "mess" in s.extra]
+            write_fake_root(self.root, keys, **self.generate_mess_fake)
 
     # ------------------------------------------------------------------ what the model needs to know
     @property

@@ -96,7 +96,8 @@ class OpenVocabModule(L.LightningModule):
 
     def _make_metric(self, bench):
         """The metric a benchmark is scored with (a recipe may score its own kinds of benchmark differently)."""
-        return SegmentationMetric(bench.num_classes, ignore_index=bench.ignore_index, convention=self.metric_convention)
+        convention = getattr(bench, "metric_convention", None) or self.metric_convention  # MESS scores its own way
+        return SegmentationMetric(bench.num_classes, ignore_index=bench.ignore_index, convention=convention)
 
     # ------------------------------------------------------------------ inference
     def forward(self, images: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
@@ -159,6 +160,10 @@ class OpenVocabModule(L.LightningModule):
         if results:
             mean = sum(r["mIoU"] for r in results.values()) / len(results)
             self.log(f"{prefix}/mIoU_mean", mean, add_dataloader_idx=False, prog_bar=True)
+        summarize = getattr(self.datamodule, "summarize_results", None)
+        for name, scores in (summarize(results) if summarize else {}).items():  # MESS: domains, mean, harmonic mean
+            self.log(f"{prefix}/{name}/mIoU", scores["mIoU"], add_dataloader_idx=False, sync_dist=False)
+            results[name] = scores
         self.eval_results = results
         self.eval_results_step = self.global_step
         self.on_eval_results(prefix, results)
