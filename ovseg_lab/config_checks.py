@@ -9,9 +9,9 @@ combinations that exist for one tower or model but not another. Those are gather
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ovseg_lab.errors import SetupError
 
@@ -48,9 +48,11 @@ def _spec(problems: list[str], build: Callable[[], Any]) -> None:
         problems.append(f"{type(err).__name__}: {err}")
 
 
-def _clip_nodes(node: Any):
+def nodes_with_target(node: Any, target: str) -> Iterator[DictConfig]:
+    """Every config node (in dicts and lists, at any depth) whose ``_target_`` is ``target``; an outer match hides
+    its children. Values that cannot be resolved here (e.g. ``${stage:...}``) are skipped."""
     if isinstance(node, DictConfig):
-        if node.get("_target_") == CLIP_TARGET:
+        if node.get("_target_") == target:
             yield node
             return
         for key in node:
@@ -58,7 +60,14 @@ def _clip_nodes(node: Any):
                 child = node[key]
             except Exception:
                 continue
-            yield from _clip_nodes(child)
+            yield from nodes_with_target(child, target)
+    elif isinstance(node, ListConfig):
+        for item in node:
+            yield from nodes_with_target(item, target)
+
+
+def _clip_nodes(node: Any) -> Iterator[DictConfig]:
+    return nodes_with_target(node, CLIP_TARGET)
 
 
 def _visual_layers(clip: DictConfig) -> int | None:

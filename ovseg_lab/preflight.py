@@ -8,26 +8,14 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Iterator
+from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from ovseg_lab.config_checks import CLIP_TARGET
+from ovseg_lab.config_checks import CLIP_TARGET, nodes_with_target
 from ovseg_lab.errors import SetupError
 
 QUICKSTART_HINT = "To try ovseg-lab offline in a few minutes, run `make quickstart` (= `python train.py experiment=quickstart`)."
-
-
-def _clip_nodes(node: Any) -> Iterator[DictConfig]:
-    if isinstance(node, DictConfig):
-        if node.get("_target_") == CLIP_TARGET:
-            yield node
-            return
-        for key in node:
-            yield from _clip_nodes(node[key])
-    elif isinstance(node, ListConfig):
-        for item in node:
-            yield from _clip_nodes(item)
 
 
 def network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
@@ -45,7 +33,7 @@ def missing_weights(cfg: DictConfig) -> list[str]:
     from ovseg_lab.clip.loading import pretrained_cached
 
     problems, checked = [], set()
-    for node in _clip_nodes(cfg.get("model")):
+    for node in nodes_with_target(cfg.get("model"), CLIP_TARGET):
         name, pretrained = node.get("model_name"), node.get("pretrained")
         if node.get("model_cfg") is not None or not pretrained or (name, pretrained) in checked:
             continue
@@ -63,19 +51,6 @@ def missing_weights(cfg: DictConfig) -> list[str]:
 
 
 BERT_TARGET = "ovseg_lab.models.text_encoders.BertTextEncoder"
-
-
-def _bert_nodes(node: Any) -> Iterator[DictConfig]:
-    if isinstance(node, DictConfig):
-        if node.get("_target_") == BERT_TARGET:
-            yield node
-            return
-        for key in node:
-            try:
-                child = node[key]
-            except Exception:
-                continue
-            yield from _bert_nodes(child)
 
 
 def bert_cached(name: str) -> bool | None:
@@ -97,7 +72,7 @@ def missing_text_encoders(cfg: DictConfig) -> list[str]:
     a random-weight BERT needs its tokenizer from the hub.
     """
     problems = []
-    for node in _bert_nodes(cfg.get("model")):
+    for node in nodes_with_target(cfg.get("model"), BERT_TARGET):
         name = node.get("pretrained")
         if not name:
             continue
