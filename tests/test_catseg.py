@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -129,6 +130,30 @@ def test_sliding_window_covers_and_averages():
     assert scores.shape == (1, 1, 40, 40)
     assert calls == [3 * 3 + 1]  # 3x3 windows over 64 px with stride 16, plus the global view, in one batch
     torch.testing.assert_close(scores, torch.full_like(scores, 0.5))
+
+
+def test_shortest_edge_resize_follows_detectron2():
+    """Hand-computed ResizeShortestEdge(640, max 2560) sizes (round half up), the long-side cap included; uint8
+    images go through PIL's bilinear filter, and scores come back at the size of the image passed in."""
+    from PIL import Image
+
+    from ovseg_lab.eval.inference import resize_shortest_edge, shortest_edge_size
+
+    assert shortest_edge_size(480, 640, 640, 2560) == (640, 853)  # 640 * 640 / 480 = 853.3
+    assert shortest_edge_size(641, 427, 640, 2560) == (961, 640)  # 641 * 640 / 427 = 960.75
+    assert shortest_edge_size(100, 3000, 640, 2560) == (85, 2560)  # 640 x 19200 capped: x 2560 / 19200
+    image = (torch.rand(1, 3, 30, 40) * 255).to(torch.uint8)
+    resized = resize_shortest_edge(image, 64, None)
+    pil = Image.fromarray(image[0].permute(1, 2, 0).numpy()).resize((85, 64), Image.BILINEAR)
+    assert torch.equal(resized[0].permute(1, 2, 0), torch.from_numpy(np.asarray(pil)))
+    seen = []
+
+    def forward(x):
+        seen.append(tuple(x.shape[-2:]))
+        return torch.zeros(x.shape[0], 2, 8, 8)
+
+    scores = segment(forward, image, InferenceConfig(mode="whole", resize_short=64))
+    assert seen == [(64, 85)] and scores.shape == (1, 2, 30, 40)
 
 
 def _reference_window_attention(block: GuidedSwinBlock, x, guidance, h, w):
