@@ -52,6 +52,8 @@ TOY_TRAIN_OVERRIDES = ("experiment=quickstart", "model=catseg", "logger=csv", "t
                        "catseg_toy.pretrain_steps=150")
 GRADIO_MISSING = ('The web demo needs Gradio, an optional extra: pip install "ovseg_lab[demo]" '
                   '(or pip install gradio). The rest of ovseg-lab does not need it.')
+# small images (the 64x64 toy) are drawn at the size of their box, not at their pixel size (the files stay as written)
+DEMO_CSS = "#image img, #overlay img, #score_map img {width: 100%; height: 100%; object-fit: contain;}"
 KEEP_REQUESTS = 32  # request folders kept on disk (overlay, labels, areas); older ones are removed
 
 
@@ -446,7 +448,8 @@ def build_ui(app: DemoApp):
         status = gr.Markdown(app.status_markdown(), elem_id="status")
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="filepath", label="image", sources=["upload", "clipboard"], elem_id="image")
+                image = gr.Image(type="filepath", label="image", sources=["upload", "clipboard"], elem_id="image",
+                                 height=280)
                 classes = gr.Textbox(label="class names (comma-separated)", placeholder="red circle, striped grass, plain sky",
                                      elem_id="classes")
                 vocabulary = gr.Dropdown(vocabulary_choices(), value=CUSTOM, label="or a benchmark vocabulary",
@@ -461,13 +464,13 @@ def build_ui(app: DemoApp):
                 run = gr.Button("Segment", variant="primary", elem_id="segment")
             with gr.Column(scale=1):
                 overlay = gr.Image(type="filepath", label="overlay (legend: classes present)", elem_id="overlay",
-                                   interactive=False)
+                                   interactive=False, height=280)
                 areas = gr.Dataframe(headers=["class", "pixels", "area %"], label="area per class", elem_id="areas",
                                      interactive=False)
                 info = gr.Markdown(elem_id="info")
                 score_class = gr.Dropdown([], label="CAT-Seg score map of class", visible=False, elem_id="score_class")
                 score_image = gr.Image(type="numpy", label="score map (0 dark, 1 yellow)", visible=False,
-                                       interactive=False, elem_id="score_map")
+                                       interactive=False, elem_id="score_map", height=280)
         if examples:
             gr.Examples([[e["image"], e.get("classes", ""), e.get("vocabulary") or CUSTOM] for e in examples],
                         inputs=[image, classes, vocabulary], label="examples (toy benchmark images)",
@@ -523,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"ovseg-lab demo: {len(app.models)} model(s) on {app.device}; http://{args.host}:{args.port}", flush=True)
     demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, show_error=True,
-                                                   allowed_paths=[str(EXAMPLES_DIR)], inbrowser=False)
+                                                   allowed_paths=[str(EXAMPLES_DIR)], inbrowser=False,
+                                                   css=DEMO_CSS)
     return 0
 
 
