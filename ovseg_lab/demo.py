@@ -156,7 +156,8 @@ class DemoApp:
         sam_model: Hugging Face id or local folder of Segment Anything (OVSeg's SAM proposals).
         sam_options: extra :class:`~ovseg_lab.models.ovseg.SAMProposals` arguments (``config`` builds a random-init
             SamModel from ``transformers.SamConfig`` arguments instead of loading ``sam_model``).
-        root: folder whose ``outputs/`` holds the quickstart checkpoint and the demo's toy run.
+        root: folder whose ``outputs/`` holds the quickstart checkpoint and the demo's toy run (default: the
+            repository when run from a checkout, else the current folder). Training runs the repository's train.py.
         toy_overrides: Hydra overrides of the toy training run (default: the notebook's 200-step CAT-Seg).
     """
 
@@ -254,7 +255,10 @@ class DemoApp:
         return "\n".join(lines)
 
     def toy_train_command(self) -> list[str]:
-        return [sys.executable, str(self.root / "train.py"), *self.toy_overrides, f"hydra.run.dir={self.toy_run_dir}"]
+        if not (ROOT / "train.py").is_file():
+            raise SetupError(f"Training the toy model needs the ovseg-lab repository (train.py next to {Path(__file__).parent}); "
+                             "from an installed package, load a checkpoint instead.")
+        return [sys.executable, str(ROOT / "train.py"), *self.toy_overrides, f"hydra.run.dir={self.toy_run_dir.resolve()}"]
 
     def train_toy(self, poll_s: float = 2.0) -> Iterator[str]:
         """Train the toy CAT-Seg in ``outputs/demo_toy`` (or reuse a finished run) and load it; yields status lines."""
@@ -266,7 +270,7 @@ class DemoApp:
             log.parent.mkdir(parents=True, exist_ok=True)
             start = time.time()
             with open(log, "w") as handle:
-                proc = subprocess.Popen(cmd, cwd=self.root, stdout=handle, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(cmd, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
                 while proc.poll() is None:
                     time.sleep(poll_s)
                     yield f"Training the toy CAT-Seg ({time.time() - start:.0f} s; log: {log}) ..."

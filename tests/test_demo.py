@@ -346,9 +346,9 @@ def test_train_toy_button_trains_and_loads_a_model(toy_data_dir, tmp_path):
     overrides += ["trainer.max_steps=4", "trainer.val_check_interval=4", "callbacks.model_checkpoint.every_n_train_steps=4",
                   "catseg_toy.pretrain_steps=4", *small_toy_overrides(toy_data_dir)]
     app = DemoApp([], device="cpu", root=tmp_path, output_dir=tmp_path / "requests", toy_overrides=overrides)
-    app.root = tmp_path
     lines = list(app.train_toy(poll_s=0.5))
     assert lines[-1].startswith("Loaded") and len(app.models) == 1
+    assert (tmp_path / "outputs" / "demo_toy" / "checkpoints" / "last.ckpt").is_file()
     result = app.segment(load_examples()[0]["image"], CLASSES)
     assert set(result.legend) <= set(REQUESTED) and result.scores is not None
 
