@@ -45,6 +45,12 @@ def needs_gradio():
     pytest.importorskip("gradio_client", reason='the web demo tests need gradio_client: pip install -e ".[demo]"')
 
 
+@pytest.fixture(scope="session")
+def gradio_available():
+    """Skips (before any checkpoint is trained) when the [demo] extra is not installed."""
+    needs_gradio()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -91,9 +97,8 @@ def demo_checkpoints(quickstart_run, toy_data_dir, tmp_path_factory) -> dict[str
 
 
 @pytest.fixture(scope="module")
-def demo_server(demo_checkpoints, tmp_path_factory):
+def demo_server(gradio_available, demo_checkpoints, tmp_path_factory):
     """scripts/demo.py on 127.0.0.1 with four checkpoints (one of another layout); stopped after the module."""
-    needs_gradio()
     folder = tmp_path_factory.mktemp("demo_server")
     (folder / "sam.json").write_text(json.dumps(TINY_SAM))
     port = free_port()
@@ -298,9 +303,8 @@ def test_without_gradio_the_demo_says_how_to_install_it(monkeypatch, capsys):
     assert 'pip install "ovseg_lab[demo]"' in capsys.readouterr().err
 
 
-def test_demo_starts_without_a_checkpoint_and_offers_one(demo_checkpoints, tmp_path):
+def test_demo_starts_without_a_checkpoint_and_offers_one(gradio_available, demo_checkpoints, tmp_path):
     """No checkpoint, no network: the page starts, says how to get a model, and loads the quickstart one."""
-    needs_gradio()
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
