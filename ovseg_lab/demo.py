@@ -329,7 +329,8 @@ class DemoApp:
                     if not 0.0 <= float(granularity) <= 1.0:
                         raise SetupError(f"SAM granularity must lie in [0, 1], got {granularity}.")
                     progress(0.1, "loading Segment Anything")
-                    net.sam, net.proposals, net.granularity = self.sam_proposals(), "sam", float(granularity)
+                    sam = net.sam if net.sam is not None else self.sam_proposals()  # model=ovseg_sam brings its own
+                    net.sam, net.proposals, net.granularity = sam, "sam", float(granularity)
                 elif net.maskformer is None:
                     raise SetupError("This OVSeg checkpoint has no MaskFormer (model=ovseg_sam): choose SAM proposals.")
                 else:
@@ -349,8 +350,9 @@ class DemoApp:
         seconds = time.time() - start
         extra = f", {proposals} proposals" + (f", granularity {float(granularity):g}" if proposals == "SAM" else "") \
             if loaded.is_ovseg else ""
+        picked = f" ({vocab.name})" if vocabulary and vocabulary != CUSTOM else ""
         info = (f"{loaded.label} on {self.device}{extra}: {image.shape[1]}x{image.shape[0]} px, {len(vocab)} classes "
-                f"asked, {len(prediction.areas)} present, {seconds:.2f} s")
+                f"asked{picked}, {len(prediction.areas)} present, {seconds:.2f} s")
         return DemoResult(prediction.overlay_path, list(prediction.areas), prediction.areas, list(vocab.classes),
                           (image.shape[1], image.shape[0]), kept, info, {"total_s": seconds})
 
@@ -457,6 +459,7 @@ def build_ui(app: DemoApp):
                 classes = gr.Textbox(label="class names (comma-separated)", placeholder="red circle, striped grass, plain sky",
                                      elem_id="classes")
                 vocabulary = gr.Dropdown(vocabulary_choices(), value=CUSTOM, label="or a benchmark vocabulary",
+                                         info="when one is picked, it replaces the class names above",
                                          elem_id="vocabulary")
                 first = next(iter(app.models), None)
                 model = gr.Dropdown(list(app.models), value=first, label="model", elem_id="model")

@@ -224,7 +224,7 @@ def test_demo_catseg_score_map_and_ovseg_proposals(demo_server):
 
     rows = areas["data"] if isinstance(areas, dict) else areas
     assert rows and {row[0] for row in rows} <= set(split_vocabularies()["toy_seen"])
-    assert "36 classes asked" in info
+    assert "36 classes asked (toy_seen)" in info
 
 
 def test_demo_error_paths_are_clear_messages(demo_server, tmp_path):
