@@ -121,11 +121,21 @@ def set_background_threshold(module, vocabulary: Vocabulary, threshold: float | 
     thresholds[vocabulary.name] = float(threshold)
 
 
+def predict_scores_image(module, image: np.ndarray, vocabulary: Vocabulary, inference: InferenceConfig | None = None) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (K, H, W) per-class scores (on the module's device), with the module's evaluation protocol
+    (or ``inference``); :func:`predict_image` takes their argmax, the web demo also shows them per class."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(module.device)
+    return module.predict_scores(tensor, vocabulary, inference)[0]
+
+
 def predict_image(module, image: np.ndarray, vocabulary: Vocabulary, inference: InferenceConfig | None = None) -> np.ndarray:
     """(H, W, 3) uint8 -> (H, W) class ids, with the module's evaluation protocol (or ``inference``)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(module.device)
-    scores = module.predict_scores(tensor, vocabulary, inference)
-    return scores.argmax(dim=1)[0].cpu().numpy()
+    return labels_from_scores(predict_scores_image(module, image, vocabulary, inference))
+
+
+def labels_from_scores(scores: torch.Tensor) -> np.ndarray:
+    """(K, H, W) scores -> (H, W) class ids (argmax)."""
+    return scores.argmax(dim=0).cpu().numpy()
 
 
 def write_outputs(stem: str, image: np.ndarray, labels: np.ndarray, vocabulary: Vocabulary, out_dir: Path) -> Prediction:
