@@ -121,8 +121,31 @@ def _convert_and_evaluate(setting: str, tmp_path, toy_data_dir) -> None:
     assert (run_dir / "metrics.json").is_file()
 
 
+@pytest.mark.parametrize("setting", ["vitl16", "vitb32", "rn101_zs"])
+def test_lseg_released_layouts_map_onto_our_modules(setting):
+    """Every key of each released layout is understood, and the image encoder + decoder keys and shapes are
+    exactly ours (built on the meta device; the CLIP text tower is checked end to end by the slow tests below)."""
+    from ovseg_lab.convert.lseg import lseg_overrides
+    from ovseg_lab.models.lseg import LSegDecoder, build_encoder
+
+    recipe = load_fixture("lseg_released")["state"][setting]
+    official = {key: torch.empty(shape, device="meta") for key, shape, *_ in recipe}
+    converted = convert_lseg_state_dict(official, prefix="")
+    (override,) = lseg_overrides(official)
+    with torch.device("meta"):
+        encoder = build_encoder(override.split("=", 1)[1], pretrained=False)
+        decoder = LSegDecoder(encoder.out_channels, 256, 512, SpatialRegularization("none"))
+    expected = {**{f"encoder.{k}": v.shape for k, v in encoder.state_dict().items()},
+                **{f"decoder.{k}": v.shape for k, v in decoder.state_dict().items()}}
+    ours = {k: v.shape for k, v in converted.items() if k.startswith(("encoder.", "decoder."))}
+    assert ours == expected
+    assert sum(k.startswith("clip.model.") for k in converted) > 100
+
+
+@pytest.mark.slow
 def test_lseg_released_vitb32_checkpoint_converts_and_evaluates(tmp_path, toy_data_dir):
-    """ViT-B/32 (clip_vitb32_384): 240M random weights, converted with the format's own defaults."""
+    """ViT-B/32 (clip_vitb32_384): 240M random weights, converted with the format's own defaults (about 100 s
+    on 2 CPU cores: slow)."""
     _convert_and_evaluate("vitb32", tmp_path, toy_data_dir)
 
 
