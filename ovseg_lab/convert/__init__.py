@@ -12,7 +12,7 @@ from typing import Callable, Mapping, NamedTuple
 import torch
 
 from ovseg_lab.convert.catseg import catseg_overrides, convert_catseg_state_dict
-from ovseg_lab.convert.lseg import convert_lseg_state_dict
+from ovseg_lab.convert.lseg import convert_lseg_state_dict, lseg_overrides
 from ovseg_lab.convert.ovseg import convert_ovseg_clip_state_dict
 
 Converter = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -31,9 +31,9 @@ FORMATS: dict[str, Format] = {
     # the paper recipe (ViT-B/16 at 384 or ViT-L/14 at 336) and prompt tokens are read off the checkpoint's shapes
     "catseg": Format(convert_catseg_state_dict, ["model=catseg"], usage="python eval.py ckpt={out} {overrides}",
                      detect=catseg_overrides),
-    # LSeg's release: ViT-L/16 image encoder (model.net.encoder.name), CLIP ViT-B/32 text tower
-    "lseg": Format(convert_lseg_state_dict, ["experiment=lseg_ade20k"],
-                   usage="python eval.py experiment=lseg_ade20k ckpt={out}  (or scripts/predict.py --checkpoint {out})"),
+    # LSeg's release: ViT-L/16 or ViT-B/32 image encoder (read off the checkpoint), CLIP ViT-B/32 text tower
+    "lseg": Format(convert_lseg_state_dict, ["experiment=lseg_ade20k"], usage="python eval.py ckpt={out} {overrides}",
+                   detect=lseg_overrides),
     # the adapted CLIP ViT-L/14 at 224 with mask prompts of depth 3 (the paper's ft_mpt model)
     "ovseg": Format(convert_ovseg_clip_state_dict, ["experiment=ovseg", "clip.mask_prompt_depth=3"], part="net.clip.",
                     usage="python eval.py experiment=ovseg ckpt=<MaskFormer last.ckpt> clip.mask_prompt_depth=3 "

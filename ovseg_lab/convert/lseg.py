@@ -36,6 +36,14 @@ _RULES: list[tuple[str, str]] = [
     (r"pretrained\.act_postprocess(\d)\.0\.project\.", "encoder.reassemble.{0}.readout.project."),
     (r"pretrained\.act_postprocess(\d)\.3\.", "encoder.reassemble.{0}.project."),
     (r"pretrained\.act_postprocess(\d)\.4\.", "encoder.reassemble.{0}.resample."),
+    # the zero-shot ResNet-101 (LSegRNNetZS, modules/models/lseg_blocks_zs.py:109-119): torchvision's resnet101
+    # regrouped as layer1 = Sequential(conv1, bn1, relu, maxpool, layer1), layer2..4 -> timm's features_only names
+    (r"pretrained\.layer1\.0\.", "encoder.resnet.conv1."),
+    (r"pretrained\.layer1\.1\.", "encoder.resnet.bn1."),
+    (r"pretrained\.layer1\.4\.", "encoder.resnet.layer1."),
+    (r"pretrained\.layer2\.", "encoder.resnet.layer2."),
+    (r"pretrained\.layer3\.", "encoder.resnet.layer3."),
+    (r"pretrained\.layer4\.", "encoder.resnet.layer4."),
     (r"scratch\.layer(\d)_rn\.", "decoder.fusion.project.{0}."),
     (r"scratch\.refinenet4\.resConfUnit1\.", ""),  # never called by the official forward: dropped
     (r"scratch\.refinenet(\d)\.resConfUnit1\.", "decoder.fusion.fuse.{0}.skip_unit."),
@@ -56,6 +64,26 @@ def _rename(key: str) -> str | None:
             index = [str(int(g) - 1) for g in match.groups()]  # official levels count from 1
             return target.format(*index) + key[match.end():]
     return None
+
+
+# (ViT width, patch size) of the released image encoders -> our encoder name
+_ENCODERS = {(1024, 16): "vit_large_16_384", (768, 32): "vit_base_32_384"}
+
+
+def lseg_overrides(official: Mapping[str, torch.Tensor]) -> list[str]:
+    """The image encoder read off an official LSeg checkpoint (ViT-L/16 or ViT-B/32 at 384, or the zero-shot
+    ResNet-101); the paper recipe
+    (experiment=lseg_ade20k) supplies the rest."""
+    state = strip_prefix(official, "net.")
+    if "pretrained.layer1.0.weight" in state:  # LSegRNNetZS (the ResNet rows of the zero-shot tables)
+        return ["model.net.encoder.name=resnet101"]
+    proj = state.get("pretrained.model.patch_embed.proj.weight")
+    if proj is None:
+        return []  # not a known layout: the converter names the keys it does not understand
+    key = (int(proj.shape[0]), int(proj.shape[-1]))
+    if key not in _ENCODERS:  # not a released encoder (e.g. a toy model): the user's overrides describe it
+        return []
+    return [f"model.net.encoder.name={_ENCODERS[key]}"]
 
 
 def convert_lseg_state_dict(official: Mapping[str, torch.Tensor], prefix: str = "net.") -> dict[str, torch.Tensor]:

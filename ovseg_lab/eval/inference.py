@@ -6,7 +6,13 @@
   local and global maps 50/50, and resize back. With ``keep_ratio`` the image is resized so that its short
   side is ``slide_size`` instead of squashed (mmseg's slide protocol, GroupViT / OVSegmentor).
 
-Either mode may first resize the image so that its short side is ``resize_short`` (long side at most
+- ``multiscale`` (LSeg, lang-seg's ``LSeg_MultiEvalModule``, ``additional_utils/models.py:55-143``): for each of
+  ``scales``, resize (bilinear, ``align_corners=True``) so that the long side is ``ceil(base_size * scale)``
+  keeping the aspect ratio, pad bottom/right with black up to ``crop``, run ``crop`` windows with ``stride``
+  (the last window of a row/column is cut at the border and padded), add the horizontally flipped pass when
+  ``flip``, average overlapping windows, resize back (``align_corners=True``) and SUM the raw scores over scales.
+
+Any mode may first resize the image so that its short side is ``resize_short`` (long side at most
 ``resize_max``), as detectron2's test-time ``ResizeShortestEdge`` does before CAT-Seg's sliding window: on uint8
 images with PIL's bilinear filter, like detectron2. Scores always come back at the size of the image passed in.
 """
@@ -36,10 +42,16 @@ class InferenceConfig:
     keep_ratio: bool = False
     resize_short: int | None = None  # CAT-Seg: 640 (detectron2 MIN_SIZE_TEST) before squashing to slide_size
     resize_max: int | None = None  # CAT-Seg: 2560 (MAX_SIZE_TEST)
+    scales: tuple[float, ...] = (1.0,)  # multiscale: long side = ceil(base_size * scale) (LSeg: 0.5 .. 1.75)
+    base_size: int = 520  # multiscale (LSeg's ADE base size)
+    flip: bool = False  # multiscale: add the horizontally flipped pass
 
     def __post_init__(self) -> None:
-        if self.mode not in ("whole", "slide"):
-            raise SetupError(f"inference.mode must be 'whole' or 'slide', got '{self.mode}'.")
+        if self.mode not in ("whole", "slide", "multiscale"):
+            raise SetupError(f"inference.mode must be 'whole', 'slide' or 'multiscale', got '{self.mode}'.")
+        self.scales = tuple(float(x) for x in self.scales)
+        if self.mode == "multiscale" and (not self.scales or not 0 < self.stride <= self.crop):
+            raise SetupError("inference mode 'multiscale' needs scales and 0 < stride <= crop.")
         if self.score not in ("sigmoid", "softmax", "identity"):
             raise SetupError(f"inference.score must be sigmoid, softmax or identity, got '{self.score}'.")
         if self.mode == "slide" and not 0 < self.stride <= self.crop <= self.slide_size:
@@ -123,6 +135,8 @@ def segment(
     images = to_unit_float(images)
     if cfg.mode == "whole":
         return _score(upsample_to(forward(images), (height, width)), cfg.score)
+    if cfg.mode == "multiscale":
+        return _multiscale(forward, images, cfg)
 
     crop = cfg.crop
     if cfg.keep_ratio:
@@ -158,3 +172,55 @@ def segment(
     if global_scores is not None:
         local = (1 - cfg.global_weight) * local + cfg.global_weight * global_scores
     return upsample_to(local, (height, width))
+
+
+def _multiscale(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
+    """lang-seg's ``LSeg_MultiEvalModule.forward`` (``additional_utils/models.py:55-132``) on [0, 1] images:
+    padding with 0 here is its padding with ``-mean / std`` in normalised space (black)."""
+    import math
+
+    height, width = images.shape[-2:]
+    crop, stride = cfg.crop, cfg.stride
+
+    def infer(view: torch.Tensor) -> torch.Tensor:  # module_inference: the pass plus the flipped pass
+        out = _score(upsample_to(forward(view), tuple(view.shape[-2:])), cfg.score)
+        if cfg.flip:
+            out = out + _score(upsample_to(forward(view.flip(3)), tuple(view.shape[-2:])), cfg.score).flip(3)
+        return out
+
+    def pad(view: torch.Tensor) -> torch.Tensor:
+        ph, pw = max(crop - view.shape[-2], 0), max(crop - view.shape[-1], 0)
+        return F.pad(view, (0, pw, 0, ph), value=0.0) if ph or pw else view
+
+    scores = None
+    for scale in cfg.scales:
+        long_size = int(math.ceil(cfg.base_size * scale))
+        if height > width:
+            h, w = long_size, int(1.0 * width * long_size / height + 0.5)
+            short_size = w
+        else:
+            h, w = int(1.0 * height * long_size / width + 0.5), long_size
+            short_size = h
+        current = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=True)
+        if long_size <= crop:
+            outputs = infer(pad(current))[:, :, :h, :w]
+        else:
+            padded = pad(current) if short_size < crop else current
+            ph, pw = padded.shape[-2:]
+            h_grids = int(math.ceil(1.0 * (ph - crop) / stride)) + 1
+            w_grids = int(math.ceil(1.0 * (pw - crop) / stride)) + 1
+            outputs = count = None
+            for idh in range(h_grids):
+                for idw in range(w_grids):
+                    h0, w0 = idh * stride, idw * stride
+                    h1, w1 = min(h0 + crop, ph), min(w0 + crop, pw)
+                    out = infer(pad(padded[:, :, h0:h1, w0:w1]))
+                    if outputs is None:
+                        outputs = images.new_zeros(images.shape[0], out.shape[1], ph, pw)
+                        count = images.new_zeros(1, 1, ph, pw)
+                    outputs[:, :, h0:h1, w0:w1] += out[:, :, : h1 - h0, : w1 - w0]
+                    count[:, :, h0:h1, w0:w1] += 1
+            outputs = (outputs / count)[:, :, :h, :w]
+        score = F.interpolate(outputs, size=(height, width), mode="bilinear", align_corners=True)
+        scores = score if scores is None else scores + score
+    return scores

@@ -14,6 +14,7 @@ counterpart of the same family for tests and the toy benchmark (``tiny=True``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -139,16 +140,49 @@ class Pyramid(nn.Module):
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
 
+POSITION_EMBEDDINGS = ("forward", "timm")
+
+
+def _forward_pos_embed(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """lang-seg's ``forward_flex`` position embedding (modules/models/lseg_vit.py:149-163, 166-194): the
+    checkpoint's grid is resized to the input's grid on every forward, bilinear, ``align_corners=False``, no
+    antialias; the CLS entry is kept. ``x``: patch tokens (B, h, w, C) from timm's dynamic-size patch embedding."""
+    batch, height, width, channels = x.shape
+    prefix = vit.num_prefix_tokens
+    pos = vit.pos_embed
+    grid_h, grid_w = vit.patch_embed.grid_size
+    grid = pos[:, prefix:].reshape(1, grid_h, grid_w, -1).permute(0, 3, 1, 2)
+    if (grid_h, grid_w) != (height, width):
+        grid = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
+    pos = torch.cat([pos[:, :prefix], grid.permute(0, 2, 3, 1).reshape(1, height * width, -1)], dim=1)
+    tokens = [vit.cls_token.expand(batch, -1, -1)] if vit.cls_token is not None else []
+    if getattr(vit, "reg_token", None) is not None:
+        tokens.append(vit.reg_token.expand(batch, -1, -1))
+    x = torch.cat(tokens + [x.reshape(batch, height * width, channels)], dim=1)
+    return vit.pos_drop(x + pos)
+
+
 class ViTPyramid(Pyramid):
     """A timm ViT whose hooked blocks are reassembled (DPT) into a 1/4 .. 1/32 pyramid.
 
     Blocks after the last hook, the final norm and the classifier are pruned: they would receive no gradient.
-    Position embeddings are interpolated for any input size that is a multiple of the patch size.
+    Position embeddings follow any input size that is a multiple of the patch size:
+    ``position_embedding="forward"`` (lang-seg): the grid the ViT was built with (384: 24x24 for /16) is kept and
+    resized bilinearly (no antialias) on every forward; ``"timm"``: timm's bicubic + antialias resampling (ours;
+    with ``img_size`` it also trains a grid of that size).
     """
 
     def __init__(self, vit: nn.Module, hooks: Sequence[int], channels: Sequence[int], readout: str = "project",
-                 mean: Sequence[float] = HALF, std: Sequence[float] = HALF) -> None:
+                 mean: Sequence[float] = HALF, std: Sequence[float] = HALF, position_embedding: str = "forward") -> None:
         super().__init__(mean, std)
+        if position_embedding not in POSITION_EMBEDDINGS:
+            raise SetupError(f"model.net.encoder.position_embedding must be one of {POSITION_EMBEDDINGS}, "
+                             f"got '{position_embedding}'.")
+        self.position_embedding = position_embedding
+        if position_embedding == "forward":
+            if getattr(vit, "no_embed_class", False):
+                raise SetupError("position_embedding=forward needs a ViT whose position embedding covers the CLS token.")
+            vit._pos_embed = functools.partial(_forward_pos_embed, vit)
         depth = len(vit.blocks)
         if len(hooks) != 4 or not all(0 <= h < depth for h in hooks) or list(hooks) != sorted(hooks):
             raise SetupError(f"ViT hooks must be 4 increasing block indices in 0..{depth - 1}, got {list(hooks)}.")
@@ -194,13 +228,16 @@ def build_encoder(
     tiny: bool = False,
     img_size: int | None = None,
     readout: str = "project",
+    position_embedding: str = "forward",
 ) -> Pyramid:
     """An LSeg image encoder by variant name (:data:`ENCODERS`).
 
     pretrained: load timm's ImageNet weights (offline without a cached copy: a SetupError saying what to do).
     checkpoint: a local weight file for timm instead of the download.
     tiny: build the variant's tiny counterpart instead (random init; for tests and the toy benchmark).
-    img_size: ViT input size the position embeddings are built for (timm resamples pretrained ones).
+    img_size: ViT input size the position embeddings are built for (timm resamples pretrained ones; None: 384).
+    position_embedding: forward (lang-seg: keep the built grid, bilinear resize per forward) | timm (bicubic +
+        antialias, :class:`ViTPyramid`).
     """
     if name not in ENCODERS:
         raise SetupError(f"Unknown LSeg encoder '{name}' (model.net.encoder.name); choose one of {sorted(ENCODERS)}.")
@@ -218,7 +255,7 @@ def build_encoder(
         if img_size is not None and not spec.timm_kwargs:
             kwargs["img_size"] = img_size
         vit = create_timm_model(spec.timm_name, pretrained, checkpoint, num_classes=0, dynamic_img_size=True, **kwargs)
-        return ViTPyramid(vit, spec.hooks, spec.channels, readout, spec.mean, spec.std)
+        return ViTPyramid(vit, spec.hooks, spec.channels, readout, spec.mean, spec.std, position_embedding)
     resnet = create_timm_model(spec.timm_name, pretrained, checkpoint, features_only=True, out_indices=(1, 2, 3, 4), **kwargs)
     return ResNetPyramid(resnet, spec.mean, spec.std)
 
@@ -267,18 +304,22 @@ class SpatialRegularization(nn.Module):
     """``depth`` regularisation blocks with an activation between them (none after the last).
 
     kind: none | depthwise | bottleneck. share_weights: the release applies one block ``depth`` times (True);
-    False gives each repetition its own kernel. The release trains with ``kind=none``.
+    False gives each repetition its own kernel. The release trains with ``kind=none``. ``depth=0`` applies one
+    block without activation, as lang-seg's ``block_depth 0`` does for arch options 1/2
+    (modules/models/lseg_net.py:198-201: ``range(block_depth - 1)`` is empty, then one block).
+    activation: lang-seg's default is lrelu (modules/lseg_module.py:177-181).
     """
 
-    def __init__(self, kind: str = "none", depth: int = 2, activation: str = "relu", share_weights: bool = True) -> None:
+    def __init__(self, kind: str = "none", depth: int = 2, activation: str = "lrelu", share_weights: bool = True) -> None:
         super().__init__()
         if kind not in REGULARIZATIONS:
             raise SetupError(f"model.net.regularization.kind must be one of {REGULARIZATIONS}, got '{kind}'.")
         if activation not in ACTIVATIONS:
             raise SetupError(f"model.net.regularization.activation must be one of {sorted(ACTIVATIONS)}, got '{activation}'.")
-        if kind != "none" and depth < 1:
-            raise SetupError(f"model.net.regularization.depth must be >= 1 for '{kind}' blocks, got {depth}.")
+        if kind != "none" and depth < 0:
+            raise SetupError(f"model.net.regularization.depth must be >= 0 for '{kind}' blocks, got {depth}.")
         self.kind = kind
+        depth = max(depth, 1)  # lang-seg: block_depth 0 still applies one block
         self.depth = depth if kind != "none" else 0
         count = 0 if kind == "none" else (1 if share_weights else depth)
         self.blocks = nn.ModuleList(RegularizationBlock(kind) for _ in range(count))
@@ -315,6 +356,8 @@ class LSegNet(nn.Module):
     templates: prompt templates for the labels ("raw": the label name alone).
     image_size: resize inputs to this square size first (None: keep the size, rounded to multiples of 32).
     decoder_lr_multiplier: learning-rate factor of the decoder (10 in the release).
+    label_strings: class name -> the string sent to the text tower instead (the ADE recipe's official label
+        strings, which lang-seg cuts at the first ';'); None: the names as they are.
     """
 
     per_image_vocabulary = True  # forward accepts one vocabulary per image (few-shot episodes)
@@ -332,8 +375,10 @@ class LSegNet(nn.Module):
         image_size: int | None = None,
         decoder_lr_multiplier: float = 10.0,
         ignore_index: int = 255,
+        label_strings: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
+        self.label_strings = {str(k).strip(): str(v) for k, v in dict(label_strings or {}).items()}
         self.clip = clip
         self.clip.requires_grad_(False)  # LSeg keeps the text encoder frozen
         self.templates = templates if isinstance(templates, str) else tuple(templates)
@@ -364,6 +409,7 @@ class LSegNet(nn.Module):
         return table[rows]
 
     def _embed_names(self, names: Sequence[str]) -> torch.Tensor:
+        names = [self.label_strings.get(name.strip(), name) for name in names]
         with torch.no_grad():
             text = self.clip.encode_vocabulary(tuple(names), templates=self.templates)  # (T, P, C)
         return F.normalize(text.mean(dim=1), dim=-1)

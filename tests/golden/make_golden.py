@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.golden.harness import FIXTURE_DIR  # noqa: E402
 
-METHODS = {"catseg": "tests.golden.official_catseg"}
+METHODS = {"catseg": "tests.golden.official_catseg", "lseg": "tests.golden.official_lseg"}
 
 
 def official_commit(root: Path, given: str | None) -> str:
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--official", required=True, type=Path, help="extracted official repository")
     parser.add_argument("--method", required=True, choices=sorted(METHODS))
     parser.add_argument("--detectron2", type=Path, help="extracted detectron2 (protocol fixtures)")
+    parser.add_argument("--clip", type=Path, help="extracted openai/CLIP (LSeg imports OpenAI's clip package)")
     parser.add_argument("--commit", help="official commit, when --official is not a git checkout")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=FIXTURE_DIR)
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     module = importlib.import_module(METHODS[args.method])
-    paths = module.make(args.official, args.detectron2, args.out, official_commit(args.official, args.commit), args.seed)
+    extra = args.clip if args.method == "lseg" else args.detectron2
+    paths = module.make(args.official, extra, args.out, official_commit(args.official, args.commit), args.seed)
     for path in paths:
         print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
     return 0

@@ -107,7 +107,9 @@ def detectron2_function(detectron2_root: Path, relative_file: str, qualname: str
         node = next(n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
         body = node.body
     node.decorator_list = []
-    namespace: dict[str, Any] = {"np": np, "torch": torch, "F": F, "Image": Image, "sys": sys,
+    import os
+
+    namespace: dict[str, Any] = {"np": np, "torch": torch, "F": F, "Image": Image, "sys": sys, "os": os,
                                  "Tuple": tuple, "List": list}
     exec(compile(ast.Module(body=[node], type_ignores=[]), relative_file, "exec"), namespace)
     return namespace[node.name]
