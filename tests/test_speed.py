@@ -304,3 +304,20 @@ def test_compare_official_tiny_with_truncation(capsys):
                    "--repeats", "1", "--no-memory"])
     assert result["relative_error"] <= 1e-5 and result["truncate"] and "memory" not in result
     assert "T=260 top-256" in capsys.readouterr().err
+
+
+def test_gpu_check_runs_tiny_on_cpu(tmp_path, capsys):
+    """scripts/gpu_check.py --tiny: every section (training per fine-tuning strategy, sliding-window evaluation with
+    and without truncation, OVSeg region classification) under CPU bf16 autocast, one JSON."""
+    from ovseg_lab.tools.gpu_check import FINETUNES, main
+
+    out = tmp_path / "gpu_check.json"
+    result = main(["--tiny", "--device", "cpu", "--output", str(out)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(out.read_text()) == result
+    assert [p["finetune"] for p in result["train"]] == list(FINETUNES)
+    assert all(p["latency_s"] > 0 and p["peak_memory_mib"] > 0 and p["batch_size"] == 2 for p in result["train"])
+    assert [(p["classes"], p["truncate"]) for p in result["eval"]] == [(5, False), (12, False), (12, True)]
+    assert all(p["images_per_s"] > 0 for p in result["eval"])
+    regions = result["ovseg_regions"]
+    assert regions["seconds_per_image"] > 0 and regions["valid_regions"] == regions["regions"]
+    assert result["skipped"] == [] and result["precision"] == "bf16"
