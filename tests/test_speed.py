@@ -303,6 +303,7 @@ def test_compare_official_tiny_with_truncation(capsys):
     result = main(["--compare-official", str(OFFICIAL_CATSEG), "--tiny", "--num-classes", "260", "--truncate",
                    "--repeats", "1", "--no-memory"])
     assert result["relative_error"] <= 1e-5 and result["truncate"] and "memory" not in result
+    assert result["dropped_classes"] == 260 - 256 and result["relative_error_scored"] <= 1e-5
     assert "T=260 top-256" in capsys.readouterr().err
 
 
