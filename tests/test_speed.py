@@ -269,3 +269,56 @@ def test_benchmark_class_sweep_and_train_mode(capsys):
 
     with pytest.raises(SetupError, match="--mode train"):
         main(["--method", "ovseg", "--mode", "train", "--clip", "tiny", "data=toy"])
+
+
+# ---------------------------------------------------------------------------------------------- official comparison
+# The official CAT-Seg code never enters the repository: extract it (tests/golden/README.md) and point
+# CATSEG_OFFICIAL at the directory holding cat_seg/ (default /tmp/catseg_official).
+OFFICIAL_CATSEG = __import__("pathlib").Path(__import__("os").environ.get("CATSEG_OFFICIAL", "/tmp/catseg_official"))
+needs_official = pytest.mark.skipif(not (OFFICIAL_CATSEG / "cat_seg" / "modeling" / "transformer" / "model.py").is_file(),
+                                    reason="official CAT-Seg code not extracted (set CATSEG_OFFICIAL)")
+
+
+@needs_official
+def test_compare_official_tiny_prints_ratios_and_checks_outputs(capsys):
+    """--compare-official with tiny widths: outputs equal to 1e-5, interleaved CPU-time ratio, memory children."""
+    from ovseg_lab.tools.benchmark import main
+
+    result = main(["--compare-official", str(OFFICIAL_CATSEG), "--tiny", "--num-classes", "12", "--repeats", "2"])
+    err = capsys.readouterr().err
+    assert "latency ratio (ours/official, CPU s, T=12 untruncated)" in err and "peak-memory ratio" in err
+    assert result["relative_error"] <= 1e-5 and result["threads"] == 1
+    assert len(result["cpu_s"]["ours"]) == len(result["cpu_s"]["official"]) == 2
+    assert result["latency_ratio"] > 0 and result["memory_ratio"] > 0
+    for head in ("ours", "official"):
+        memory = result["memory"][head]
+        assert memory["peak_mib"] >= memory["before_mib"] > 0 and memory["output_shape"] == [1, 12, 48, 48]
+
+
+@needs_official
+def test_compare_official_tiny_with_truncation(capsys):
+    """Above 256 classes with the official top-256 truncation: the dropped classes score -100 on both sides."""
+    from ovseg_lab.tools.benchmark import main
+
+    result = main(["--compare-official", str(OFFICIAL_CATSEG), "--tiny", "--num-classes", "260", "--truncate",
+                   "--repeats", "1", "--no-memory"])
+    assert result["relative_error"] <= 1e-5 and result["truncate"] and "memory" not in result
+    assert result["dropped_classes"] == 260 - 256 and result["relative_error_scored"] <= 1e-5
+    assert "T=260 top-256" in capsys.readouterr().err
+
+
+def test_gpu_check_runs_tiny_on_cpu(tmp_path, capsys):
+    """scripts/gpu_check.py --tiny: every section (training per fine-tuning strategy, sliding-window evaluation with
+    and without truncation, OVSeg region classification) under CPU bf16 autocast, one JSON."""
+    from ovseg_lab.tools.gpu_check import FINETUNES, main
+
+    out = tmp_path / "gpu_check.json"
+    result = main(["--tiny", "--device", "cpu", "--output", str(out)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(out.read_text()) == result
+    assert [p["finetune"] for p in result["train"]] == list(FINETUNES)
+    assert all(p["latency_s"] > 0 and p["peak_memory_mib"] > 0 and p["batch_size"] == 2 for p in result["train"])
+    assert [(p["classes"], p["truncate"]) for p in result["eval"]] == [(5, False), (12, False), (12, True)]
+    assert all(p["images_per_s"] > 0 for p in result["eval"])
+    regions = result["ovseg_regions"]
+    assert regions["seconds_per_image"] > 0 and regions["valid_regions"] == regions["regions"]
+    assert result["skipped"] == [] and result["precision"] == "bf16"

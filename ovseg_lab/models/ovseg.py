@@ -351,7 +351,7 @@ class OVSeg(nn.Module):
             probs = images.new_ones(m.shape[0], text.shape[0], dtype=torch.float32)
             count = piece_crops.shape[0]
             if count:
-                probs[valid] = logits[start : start + count].softmax(dim=-1)
+                probs[valid] = logits[start : start + count].float().softmax(dim=-1)  # bf16 under autocast
             start += count
             results.append((probs, valid))
         return results

@@ -427,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classes-list", default=",".join(map(str, DEFAULT_CLASS_SWEEP)))
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZE_SWEEP)))
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON here (atomically)")
+    from ovseg_lab.tools.compare_official import add_arguments
+
+    add_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.net.class_chunk=128 speed.channels_last=true")
     return parser
 
@@ -437,6 +440,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compare_official is not None:
+        from ovseg_lab.tools.compare_official import compare
+
+        if args.resolution is None:
+            args.resolution = 12 if args.tiny else 24
+        result = compare(args)
+        if args.output is not None:
+            write_json(args.output, result)
+            log(f"written to {args.output}")
+        print(json.dumps(result))
+        return result
     spec = BenchmarkSpec(
         method=args.method, clip=None if args.clip in ("none", "") else args.clip, num_classes=args.num_classes,
         image_size=args.image_size, net_size=args.net_size, batch_size=args.batch_size, device=args.device,
