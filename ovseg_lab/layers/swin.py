@@ -13,7 +13,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
@@ -131,77 +130,3 @@ class GuidedSwinBlock(nn.Module):
             attended = torch.roll(attended, shifts=(shift, shift), dims=(1, 2))
         x = x + attended.reshape(b, length, c)
         return x + self.mlp(self.norm2(x))
-
-
-# ---------------------------------------------------------------------------------------------- fast path
-# CAT-Seg runs the same pair of Swin blocks on every class slice of a cost embedding. The fast path below keeps the
-# cost embedding in one pixel-major tensor (B, H*W, T, C) and runs the blocks on a few slices at a time, in the
-# windowed token order (window-major, then position in the window, then slice): one gather into block 1's windows,
-# one gather from block 1's windows into block 2's shifted windows (the cyclic shift is part of the index), one
-# scatter back. q, k, v come from one fused matmul on the tokens; the guidance halves of q and k and the biases are
-# a per-window-position table computed once per image and broadcast over the slices. Same computation as
-# :class:`GuidedSwinBlock` (tested against it), no (B*T)-sized layout copies, a cache-sized working set.
-
-
-@lru_cache(maxsize=32)
-def window_index(height: int, width: int, window: int, shift: int) -> torch.Tensor:
-    """(nW * w*w,) raster index of the token at every windowed position (windows of the map rolled by -shift)."""
-    idx = torch.arange(height * width).view(1, height, width, 1)
-    if shift:
-        idx = torch.roll(idx, shifts=(-shift, -shift), dims=(1, 2))
-    return window_partition(idx, window).reshape(-1)
-
-
-@lru_cache(maxsize=32)
-def _window_masks(height: int, width: int, window: int, shift: int) -> tuple[torch.Tensor | None, ...]:
-    """One (w*w, w*w) additive mask per window; None where the window holds one region (the mask is all zeros)."""
-    if not shift:
-        return (None,) * ((height // window) * (width // window))
-    return tuple(m if bool(m.ne(0).any()) else None for m in _shift_mask(height, width, window, shift))
-
-
-def _fused_qkv_weight(attn: "GuidedWindowAttention | nn.Module", dim: int) -> torch.Tensor:
-    """(3*dim, dim): the token halves of the q and k weights and the v weight, one matmul."""
-    return torch.cat([attn.q.weight[:, :dim], attn.k.weight[:, :dim], attn.v.weight], dim=0)
-
-
-def _bias(layer: nn.Linear, dim: int, like: torch.Tensor) -> torch.Tensor:
-    return layer.bias if layer.bias is not None else like.new_zeros(dim)
-
-
-def qkv_table(attn: nn.Module, dim: int, guidance: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """(..., 3*dim): [W_qg g + b_q, W_kg g + b_k, b_v] per guidance row (``guidance`` (..., G)), or the biases."""
-    biases = [_bias(attn.q, dim, like), _bias(attn.k, dim, like), _bias(attn.v, dim, like)]
-    if guidance is None:
-        return torch.cat(biases)
-    qk = F.linear(guidance, torch.cat([attn.q.weight[:, dim:], attn.k.weight[:, dim:]]), torch.cat(biases[:2]))
-    return torch.cat([qk, biases[2].expand(*qk.shape[:-1], dim)], dim=-1)
-
-
-def swin_block_windows(block: "GuidedSwinBlock", xw: torch.Tensor, table: torch.Tensor,
-                       masks: tuple[torch.Tensor | None, ...], inplace: bool) -> torch.Tensor:
-    """One Swin block on windowed tokens xw (nW*N, K, C) of K slices; ``table`` (nW*N, 1, 3C) from :func:`qkv_table`
-    on the windowed guidance; ``masks`` one per window. In place when ``inplace`` (no autograd)."""
-    m, k, c = xw.shape
-    attn = block.attn
-    heads = attn.num_heads
-    num_windows = len(masks)
-    n = m // num_windows
-    h = F.layer_norm(xw, (c,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
-    qkv = F.linear(h, _fused_qkv_weight(attn, c))
-    qkv = qkv.add_(table) if inplace else qkv + table
-    qkv = qkv.view(num_windows, n, k, 3, heads, c // heads)
-    outs = []
-    for w, mask in enumerate(masks):
-        q, key, v = (qkv[w, :, :, i].permute(1, 2, 0, 3) for i in range(3))  # (K, heads, N, d)
-        mask = mask.to(device=q.device, dtype=q.dtype) if mask is not None else None
-        outs.append(attention(q, key, v, mask, fused=attn.fused_attn).permute(2, 0, 1, 3))  # (N, K, heads, d)
-    out = F.linear(torch.stack(outs).view(m, k, c), attn.proj.weight, attn.proj.bias)
-    xw = xw.add_(out) if inplace else xw + out
-    del out, qkv, h
-    mlp = block.mlp
-    hidden = F.linear(F.layer_norm(xw, (c,), block.norm2.weight, block.norm2.bias, block.norm2.eps),
-                      mlp.fc1.weight, mlp.fc1.bias)
-    hidden = torch._C._nn.gelu_(hidden) if inplace else F.gelu(hidden)
-    out = F.linear(hidden, mlp.fc2.weight, mlp.fc2.bias)
-    return xw.add_(out) if inplace else xw + out

@@ -18,18 +18,16 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from ovseg_lab.clip import CLIPBackbone
 from ovseg_lab.errors import SetupError
 from ovseg_lab.layers.linear_attention import ClassAggregationLayer
 from ovseg_lab.layers.losses import IGNORE_PIXEL_MODES, per_pixel_bce
-from ovseg_lab.layers.swin import GuidedSwinBlock, _window_masks, qkv_table, swin_block_windows, window_index
+from ovseg_lab.layers.swin import GuidedSwinBlock
 from ovseg_lab.models.costvolume import cosine_cost_volume
 from ovseg_lab.vocab import Vocabulary
-
-WORKING_TOKENS = 4096  # tokens per step of the head's stages without autograd (a few MiB: stays in cache)
-DECODER_CLASSES = 8  # classes per decoder step without autograd
 
 
 @dataclass(frozen=True)
@@ -82,21 +80,17 @@ class UpBlock(nn.Module):
         self.up = nn.ConvTranspose2d(in_channels, in_channels - guidance_channels, kernel_size=2, stride=2)
         self.conv = DoubleConv(in_channels, out_channels)
 
-    def guidance_term(self, guidance: torch.Tensor) -> torch.Tensor:
-        """The guidance half of the first convolution, once per image: (B, G, 2h, 2w) -> (B, out, 2h, 2w)."""
-        return F.conv2d(guidance, self.conv.block[0].weight[:, self.up.out_channels:], padding=1)
-
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None, guided: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B*T, C, h, w), image-major; guidance (B, G, 2h, 2w) shared by the T classes of an image (or its
-        :meth:`guidance_term` as ``guided``)."""
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+        """x (B*T, C, h, w), image-major; guidance (B, G, 2h, 2w) shared by the T classes of an image."""
         x = self.up(x)
-        if guidance is None and guided is None:
+        if guidance is None:
             return self.conv(x)
         # conv([x; g]) = conv_x(x) + conv_g(g): the guidance half runs once per image, not once per class
-        if guided is None:
-            guided = self.guidance_term(guidance)
-        y = F.conv2d(x, self.conv.block[0].weight[:, : x.shape[1]], padding=1)
-        y.view(guided.shape[0], -1, *y.shape[1:]).add_(guided.unsqueeze(1))
+        first = self.conv.block[0]
+        channels = x.shape[1]
+        y = F.conv2d(x, first.weight[:, :channels], padding=1)
+        guided = F.conv2d(guidance, first.weight[:, channels:], padding=1)
+        y = (y.view(guided.shape[0], -1, *y.shape[1:]) + guided.unsqueeze(1)).view(y.shape)
         return self.conv.block[1:](y)
 
 
@@ -115,42 +109,19 @@ class SpatialAggregation(nn.Module):
 
     def forward(self, x: torch.Tensor, guidance: torch.Tensor | None, chunk: int | None = None) -> torch.Tensor:
         b, c, t, h, w = x.shape
-        state = x.permute(0, 3, 4, 2, 1).reshape(b, h * w, t, c)
-        out = self.forward_state(state, guidance, h, w, chunk, inplace=False)
-        return out.view(b, h, w, t, c).permute(0, 4, 3, 1, 2)
-
-    def forward_state(self, state: torch.Tensor, guidance: torch.Tensor | None, height: int, width: int,
-                      chunk: int | None = None, inplace: bool = False) -> torch.Tensor:
-        """state (B, H*W, T, C) pixel-major (CATSegHead's layout), ``chunk`` slices at a time, in place when
-        ``inplace``: gather into block 1's windows, block 1, gather into block 2's shifted windows, block 2,
-        scatter back (see :func:`~ovseg_lab.layers.swin.swin_block_windows`)."""
-        b, hw, t, c = state.shape
-        g = None
         if guidance is not None and self.guidance_norm is not None:
-            g = self.guidance_norm(guidance.flatten(2).transpose(1, 2))  # (B, H*W, G)
-        geometry = [blk._geometry(height, width) for blk in (self.block1, self.block2)]
-        idx1, idx2 = (window_index(height, width, *geo).to(state.device) for geo in geometry)
-        inverse1 = torch.empty_like(idx1)
-        inverse1[idx1] = torch.arange(len(idx1), device=idx1.device)
-        perm = inverse1[idx2]  # block 1's windowed position of every block 2 windowed position
-        masks1, masks2 = (_window_masks(height, width, *geo) for geo in geometry)
-        chunk = max(1, min(chunk or t, t))
-        images = []
-        for i in range(b):
-            tables = [qkv_table(blk.attn, c, g[i][idx] if g is not None and blk.guidance_dim else None, state).unsqueeze(-2)
-                      for blk, idx in ((self.block1, idx1), (self.block2, idx2))]
-            parts = []
-            for start in range(0, t, chunk):
-                part = state[i, :, start : start + chunk]  # (H*W, K, C)
-                xw = swin_block_windows(self.block1, part[idx1], tables[0], masks1, inplace)
-                xw = swin_block_windows(self.block2, xw[perm], tables[1], masks2, inplace)
-                if inplace:
-                    part[idx2] = xw
-                else:
-                    parts.append(torch.empty_like(xw).index_copy(0, idx2, xw))
-            if not inplace:
-                images.append(torch.cat(parts, dim=1))
-        return state if inplace else torch.stack(images)
+            guidance = self.guidance_norm(rearrange(guidance, "b g h w -> b (h w) g"))
+        else:
+            guidance = None
+        outputs = []
+        chunk = chunk or t
+        for start in range(0, t, chunk):
+            part = x[:, :, start : start + chunk]
+            tokens = rearrange(part, "b c t h w -> (b t) (h w) c")
+            tokens = self.block1(tokens, guidance, h, w)  # guidance (B, h*w, G) shared by the n slices
+            tokens = self.block2(tokens, guidance, h, w)
+            outputs.append(rearrange(tokens, "(b t) (h w) c -> b c t h w", b=b, h=h, w=w))
+        return torch.cat(outputs, dim=2)
 
 
 class CATSegHead(nn.Module):
@@ -222,39 +193,21 @@ class CATSegHead(nn.Module):
         if prior_probability is not None:
             nn.init.constant_(self.head.bias, math.log(prior_probability / (1.0 - prior_probability)))
 
-    def cost_volume(self, dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Cost volume or feature volume (B, P, T, h, w). dense (B, C, h, w), text (B, T, P, C)."""
-        if self.aggregation.input == "cost":
-            return cosine_cost_volume(dense, text)  # (B, P, T, h, w)
-        image = F.normalize(dense, dim=1)
-        words = F.normalize(F.normalize(text, dim=-1).mean(dim=2), dim=-1)  # (B, T, C)
-        t, (h, w) = words.shape[1], image.shape[-2:]
-        return torch.cat([
-            image.unsqueeze(2).expand(-1, -1, t, -1, -1),
-            words.permute(0, 2, 1)[..., None, None].expand(-1, -1, -1, h, w),
-        ], dim=1)  # (B, 2C, T, h, w)
-
     def embed_input(self, dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Cost volume or feature volume -> (B, hidden, T, h, w). dense (B, C, h, w), text (B, T, P, C)."""
-        state = self.embed_state(self.cost_volume(dense, text), inplace=False)
-        b, (h, w), t, c = state.shape[0], dense.shape[-2:], state.shape[2], state.shape[3]
-        return state.view(b, h, w, t, c).permute(0, 4, 3, 1, 2)
-
-    def embed_state(self, volume: torch.Tensor, chunk: int | None = None, inplace: bool = False) -> torch.Tensor:
-        """(B, P, T, h, w) volume -> the pixel-major cost embedding (B, h*w, T, hidden); ``chunk`` classes at a time
-        into one preallocated tensor when ``inplace`` (no autograd)."""
-        b, p, t, h, w = volume.shape
-        c = self.cost_embedding.out_channels
-        if not inplace:
-            embedded = self.cost_embedding(volume.transpose(1, 2).reshape(b * t, p, h, w))
-            return embedded.view(b, t, c, h * w).permute(0, 3, 1, 2).contiguous()
-        state = volume.new_empty(b, h * w, t, c)
-        chunk = chunk or t
-        for i in range(b):
-            for start in range(0, t, chunk):
-                part = self.cost_embedding(volume[i, :, start : start + chunk].transpose(0, 1))  # (K, C, h, w)
-                state[i, :, start : start + chunk] = part.flatten(2).permute(2, 0, 1)
-        return state
+        if self.aggregation.input == "cost":
+            volume = cosine_cost_volume(dense, text)  # (B, P, T, h, w)
+        else:
+            image = F.normalize(dense, dim=1)
+            words = F.normalize(F.normalize(text, dim=-1).mean(dim=2), dim=-1)  # (B, T, C)
+            t, (h, w) = words.shape[1], image.shape[-2:]
+            volume = torch.cat([
+                image.unsqueeze(2).expand(-1, -1, t, -1, -1),
+                words.permute(0, 2, 1)[..., None, None].expand(-1, -1, -1, h, w),
+            ], dim=1)  # (B, 2C, T, h, w)
+        b = volume.shape[0]
+        embedded = self.cost_embedding(rearrange(volume, "b p t h w -> (b t) p h w"))
+        return rearrange(embedded, "(b t) c h w -> b c t h w", b=b)
 
     def forward(
         self,
@@ -269,72 +222,39 @@ class CATSegHead(nn.Module):
 
         ``truncate``: the official ``pad_len`` behaviour (Aggregator.forward): with more than ``truncate`` classes,
         only each image's top-``truncate`` classes by maximum cost are aggregated and the others score -100.
-
-        The cost embedding lives in one pixel-major tensor (B, h*w, T, hidden) from the cost embedding to the
-        decoder: Swin blocks gather a few class slices at a time into their windows and scatter them back, class
-        aggregation reads each pixel's (T, hidden) block where it lies, the decoder reads a few classes at a time.
-        Without autograd every stage works in place on that tensor and on working sets of about
-        ``WORKING_TOKENS`` tokens (fast in cache, bounded memory); ``class_chunk`` caps the classes per step further.
-        With autograd the same computation runs out of place.
         """
         if truncate and text.shape[1] > truncate:
             cost = cosine_cost_volume(dense, text)  # (B, P, T, h, w)
             score = cost.permute(0, 2, 1, 3, 4).flatten(2).amax(dim=-1)  # (B, T)
-            del cost
             keep = score.topk(truncate, dim=-1).indices  # (B, K)
             kept_text = torch.gather(text, 1, keep[..., None, None].expand(-1, -1, *text.shape[2:]))
             logits = self.forward(dense, intermediates, kept_text, class_pool, class_chunk)
             out = logits.new_full((logits.shape[0], text.shape[1], *logits.shape[2:]), -100.0)
-            return out.scatter_(1, keep[..., None, None].expand(-1, -1, *logits.shape[2:]), logits)
-        inplace = not torch.is_grad_enabled()
-        b, t = text.shape[:2]
-        h, w = dense.shape[-2:]
-        slices = max(1, WORKING_TOKENS // (h * w))
-        slices = min(slices, class_chunk) if class_chunk else slices
-        tokens = min(WORKING_TOKENS, class_chunk * h * w) if class_chunk else WORKING_TOKENS
-        x = self.embed_state(self.cost_volume(dense, text), slices, inplace)  # (B, h*w, T, C)
+            return out.scatter(1, keep[..., None, None].expand(-1, -1, *logits.shape[2:]), logits)
+        x = self.embed_input(dense, text)
         appearance = self.appearance_guidance(dense) if self.appearance_guidance is not None else None
         text_guidance = None
         if self.text_guidance is not None:
             text_guidance = self.text_guidance(F.normalize(F.normalize(text, dim=-1).mean(dim=2), dim=-1))
         for index in range(self.num_layers):
             if self.spatial_layers:
-                x = self.spatial_layers[index].forward_state(x, appearance, h, w, slices, inplace)
+                x = self.spatial_layers[index](x, appearance, class_chunk)
             if self.class_layers:
-                x = self.class_layers[index].forward_state(x, text_guidance, h, w, class_pool, tokens, inplace)
+                x = self.class_layers[index](x, text_guidance, class_pool, class_chunk)
         guidance = [proj(up(feat)) for proj, up, feat in zip(
             self.decoder_guidance, (self.upsample1, self.upsample2), intermediates)]
-        decoder_classes = min(DECODER_CLASSES, class_chunk) if class_chunk else DECODER_CLASSES
-        return self.decode_state(x, guidance, h, w, decoder_classes, inplace)
+        return self.decode(x, guidance, class_chunk)
 
     def decode(self, x: torch.Tensor, guidance: list[torch.Tensor], chunk: int | None = None) -> torch.Tensor:
         """(B, C, T, h, w) -> (B, T, 4h, 4w), optionally ``chunk`` classes at a time."""
-        b, c, t, h, w = x.shape
-        state = x.permute(0, 3, 4, 2, 1).reshape(b, h * w, t, c)
-        return self.decode_state(state, guidance, h, w, chunk, inplace=not torch.is_grad_enabled())
-
-    def decode_state(self, x: torch.Tensor, guidance: list[torch.Tensor], height: int, width: int,
-                     chunk: int | None = None, inplace: bool = False) -> torch.Tensor:
-        """Pixel-major (B, h*w, T, C) -> logits (B, T, 4h, 4w), ``chunk`` classes at a time."""
-        b, _, t, c = x.shape
+        b, _, t = x.shape[:3]
         chunk = chunk or t
-        guided = [block.guidance_term(g) for block, g in zip((self.decoder1, self.decoder2), guidance)]
-        out = None
         outputs = []
-        for i in range(b):
-            for start in range(0, t, chunk):
-                part = x[i, :, start : start + chunk].permute(1, 2, 0).reshape(-1, c, height, width)  # (K, C, h, w)
-                part = self.decoder1(part, None, guided[0][i : i + 1])
-                part = self.head(self.decoder2(part, None, guided[1][i : i + 1]))[:, 0]  # (K, 4h, 4w)
-                if inplace:
-                    if out is None:
-                        out = part.new_empty(b, t, *part.shape[-2:])
-                    out[i, start : start + chunk] = part
-                else:
-                    outputs.append(part)
-        if inplace:
-            return out
-        return torch.cat(outputs).view(b, t, *outputs[0].shape[-2:])
+        for start in range(0, t, chunk):
+            part = rearrange(x[:, :, start : start + chunk], "b c t h w -> (b t) c h w")
+            part = self.decoder2(self.decoder1(part, guidance[0]), guidance[1])
+            outputs.append(rearrange(self.head(part), "(b t) 1 h w -> b t h w", b=b))
+        return torch.cat(outputs, dim=1)
 
 
 class CATSeg(nn.Module):
