@@ -86,7 +86,7 @@ def test_unknown_keys_fail_at_compose_time_with_hydras_message():
     ("trainer.precision=15", "trainer.precision=15 is not a Lightning precision"),
     ("model.nonfinite_loss=ignore", "model.nonfinite_loss='ignore' must be one of"),
     ("finetune.strategy=qvk", "Unknown finetune strategy 'qvk'"),
-    ("model.inference.mode=tile", "inference.mode must be 'whole' or 'slide'"),
+    ("model.inference.mode=tile", "inference.mode must be 'whole', 'slide' or 'multiscale'"),
 ])
 def test_invalid_values_are_named(override, message):
     cfg = compose("train", ["experiment=quickstart", override])

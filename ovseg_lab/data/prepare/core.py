@@ -356,6 +356,20 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _start_pool(context, workers: int):
+    """A worker pool whose processes never see Ctrl-C. SIGINT is ignored in the parent while the workers are
+    started: an ignored signal stays ignored across fork and exec, and Python keeps it so at start-up, so a Ctrl-C
+    while a spawned worker still imports its modules (before its initializer runs) cannot interrupt it there. The
+    parent's handler comes back right after (a Ctrl-C in that instant is lost, not mishandled)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return context.Pool(workers, initializer=_ignore_sigint)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _iterate(job, samples: list[Sample], workers: int, progress: bool, desc: str):
     from tqdm import tqdm
 
@@ -368,7 +382,7 @@ def _iterate(job, samples: list[Sample], workers: int, progress: bool, desc: str
         else:
             # spawn, not fork: a forked child of a process whose torch / OpenMP threads are running can hang
             context = multiprocessing.get_context("spawn")
-            with context.Pool(workers, initializer=_ignore_sigint) as pool:  # leaving it terminates and joins
+            with _start_pool(context, workers) as pool:  # leaving it terminates and joins
                 for result in pool.imap_unordered(job, samples, chunksize=max(1, min(32, len(samples) // (workers * 8)))):
                     yield result
                     bar.update()
