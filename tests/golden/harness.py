@@ -132,6 +132,35 @@ def digest_error(tensor: torch.Tensor, expected: Mapping[str, Any], seed: int = 
                relative_error(_projections(flat, gen), expected["projections"], floor))
 
 
+def convert_and_evaluate(fmt: str, checkpoint: dict[str, Any], tmp_path: Path, data_dir: Path, expect: list[str],
+                         eval_overrides: tuple[str, ...] = ()) -> Path:
+    """An official checkpoint (``checkpoint``, written to a file as released) -> ``scripts/convert_checkpoint.py
+    --format fmt`` with the format's own defaults -> the ``eval.py`` line it prints (which must hold ``expect``), on
+    one toy image under ``data_dir``. Returns the eval run folder, whose metrics.json is checked."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    official = tmp_path / f"official_{fmt}.pth"
+    torch.save(checkpoint, official)
+    converted = tmp_path / f"converted_{fmt}.ckpt"
+    proc = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", "--format", fmt, "--input", str(official),
+                           "--output", str(converted)], cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    official.unlink()
+    hint = next(line for line in proc.stdout.splitlines() if line.startswith("use it with: "))
+    command = hint.removeprefix("use it with: ").split()
+    assert command[:3] == ["python", "eval.py", f"ckpt={converted}"], command
+    assert all(item in command for item in expect), (expect, command)
+    run_dir = tmp_path / "eval"
+    overrides = [f"paths.data_dir={data_dir}", "data/eval=[toy_seen]", "+data.eval.toy_seen.max_images=1",
+                 "data.num_workers=0", "logger=csv", f"hydra.run.dir={run_dir}", *eval_overrides]
+    proc = subprocess.run([sys.executable, *command[1:], *overrides], cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_dir / "metrics.json").is_file()
+    return run_dir
+
+
 def save_fixture(fixture: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

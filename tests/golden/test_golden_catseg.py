@@ -7,9 +7,6 @@ Each test rebuilds the official state dict from the fixture's seed and recipe, c
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -18,8 +15,10 @@ from ovseg_lab.convert.catseg import convert_catseg_state_dict
 from ovseg_lab.eval.inference import InferenceConfig, segment
 from ovseg_lab.layers.losses import per_pixel_bce
 from ovseg_lab.models.catseg import CATSeg, CATSegHead
-from tests.conftest import ROOT
-from tests.golden.harness import TOLERANCE, digest_error, load_fixture, perturbed_state, relative_error, seeded_image, seeded_input, seeded_labels
+from tests.golden.harness import (
+    TOLERANCE, convert_and_evaluate, digest_error, load_fixture, perturbed_state, relative_error, seeded_image,
+    seeded_input, seeded_labels,
+)
 
 AGGREGATOR_FIXTURES = ["catseg_aggregator_vitb_c20_pool1_trunc", "catseg_aggregator_vitb_c20_pool2_trunc",
                        "catseg_aggregator_vitl_c20_pool1_trunc", "catseg_aggregator_vitl_c20_pool2_trunc",
@@ -207,23 +206,9 @@ def test_catseg_finetune_options_train_the_official_parameters(option):
 # ---------------------------------------------------------------------------------------------- released checkpoints
 def _convert_and_evaluate(setting: str, tmp_path, toy_data_dir) -> None:
     fixture = load_fixture("catseg_released")
-    official = tmp_path / f"model_final_{setting}.pth"
-    torch.save({"model": perturbed_state(fixture["state"][setting], fixture["seed"])}, official)
-    converted = tmp_path / f"catseg_{setting}.ckpt"
-    proc = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", "--format", "catseg", "--input", str(official),
-                           "--output", str(converted)], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    official.unlink()
-    hint = next(line for line in proc.stdout.splitlines() if line.startswith("use it with: "))
-    command = hint.removeprefix("use it with: ").split()
-    assert command[:3] == ["python", "eval.py", f"ckpt={converted}"]
-    assert f"experiment=catseg_{'vitb16' if setting == 'vitb' else 'vitl14'}_coco" in command
-    run_dir = tmp_path / "eval"
-    overrides = [f"paths.data_dir={toy_data_dir}", "data/eval=[toy_seen]", "+data.eval.toy_seen.max_images=1",
-                 "data.num_workers=0", "logger=csv", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run([sys.executable, *command[1:], *overrides], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (run_dir / "metrics.json").is_file()
+    experiment = f"experiment=catseg_{'vitb16' if setting == 'vitb' else 'vitl14'}_coco"
+    convert_and_evaluate("catseg", {"model": perturbed_state(fixture["state"][setting], fixture["seed"])}, tmp_path,
+                         toy_data_dir, [experiment])
 
 
 def test_catseg_released_vitb16_checkpoint_converts_and_evaluates(tmp_path, toy_data_dir):

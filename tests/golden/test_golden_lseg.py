@@ -14,7 +14,9 @@ from ovseg_lab.clip import CLIPBackbone
 from ovseg_lab.convert.lseg import convert_lseg_state_dict
 from ovseg_lab.models.lseg import LSegNet, SpatialRegularization, ViTPyramid
 from ovseg_lab.vocab import Vocabulary
-from tests.golden.harness import TOLERANCE, digest_error, load_fixture, perturbed_state, seeded_input
+from tests.golden.harness import (
+    TOLERANCE, convert_and_evaluate, digest_error, load_fixture, perturbed_state, seeded_input,
+)
 
 NET_FIXTURES = [f"lseg_net_{variant}_{size}" for variant in ("vitb32", "vitl16") for size in ("384", "480", "352x512")]
 REGULARIZATION_FIXTURES = [f"lseg_regularization_arch{a}_depth{d}" for a in (1, 2) for d in (0, 1, 2, 3)]
@@ -93,32 +95,12 @@ def test_lseg_regularization_equals_official(name):
 def _convert_and_evaluate(setting: str, tmp_path, toy_data_dir) -> None:
     """An official-layout LSegModule checkpoint (lang-seg's LSegNet key names and shapes, perturbed random
     weights) -> scripts/convert_checkpoint.py --format lseg with its own defaults -> eval.py with the printed line."""
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     fixture = load_fixture("lseg_released")
-    official = tmp_path / f"lseg_{setting}_official.ckpt"
-    torch.save({"state_dict": perturbed_state(fixture["state"][setting], fixture["seed"])}, official)
-    converted = tmp_path / f"lseg_{setting}.ckpt"
-    proc = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", "--format", "lseg", "--input", str(official),
-                           "--output", str(converted)], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    official.unlink()
-    hint = next(line for line in proc.stdout.splitlines() if line.startswith("use it with: "))
-    command = hint.removeprefix("use it with: ").split()
-    assert command[:3] == ["python", "eval.py", f"ckpt={converted}"] and "experiment=lseg_ade20k" in command
     encoder = {"vitl16": "vit_large_16_384", "vitb32": "vit_base_32_384", "rn101_zs": "resnet101"}[setting]
-    assert f"model.net.encoder.name={encoder}" in command
-    run_dir = tmp_path / "eval"
     # the recipe's multi-scale protocol at one scale (0.5: one 480 window) and without flips keeps the test short
-    overrides = [f"paths.data_dir={toy_data_dir}", "data/eval=[toy_seen]", "+data.eval.toy_seen.max_images=1",
-                 "data.num_workers=0", "logger=csv", f"hydra.run.dir={run_dir}", "model.inference.scales=[0.5]",
-                 "model.inference.flip=false"]
-    proc = subprocess.run([sys.executable, *command[1:], *overrides], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (run_dir / "metrics.json").is_file()
+    convert_and_evaluate("lseg", {"state_dict": perturbed_state(fixture["state"][setting], fixture["seed"])}, tmp_path,
+                         toy_data_dir, ["experiment=lseg_ade20k", f"model.net.encoder.name={encoder}"],
+                         ("model.inference.scales=[0.5]", "model.inference.flip=false"))
 
 
 @pytest.mark.parametrize("setting", ["vitl16", "vitb32", "rn101_zs"])
