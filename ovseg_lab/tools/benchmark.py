@@ -434,9 +434,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def emit(result: dict[str, Any], output: Path | None) -> dict[str, Any]:
+    """The JSON result: written to ``output`` (atomically) when given, and printed as the last line (scripts and
+    tests parse it)."""
     from ovseg_lab.utils.io import write_json
 
+    if output is not None:
+        write_json(output, result)
+        log(f"written to {output}")
+    print(json.dumps(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -446,11 +456,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.resolution is None:
             args.resolution = 12 if args.tiny else 24
         result = compare(args)
-        if args.output is not None:
-            write_json(args.output, result)
-            log(f"written to {args.output}")
-        print(json.dumps(result))
-        return result
+        return emit(result, args.output)
     spec = BenchmarkSpec(
         method=args.method, clip=None if args.clip in ("none", "") else args.clip, num_classes=args.num_classes,
         image_size=args.image_size, net_size=args.net_size, batch_size=args.batch_size, device=args.device,
@@ -463,8 +469,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = sweep_sizes(spec, parse_ints(args.sizes))
     else:
         result = measure(spec)
-    if args.output is not None:
-        write_json(args.output, result)
-        log(f"written to {args.output}")
-    print(json.dumps(result))
-    return result
+    return emit(result, args.output)

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ovseg_lab.tools.benchmark import BenchmarkSpec, build_module, environment, log, measure
+from ovseg_lab.tools.benchmark import BenchmarkSpec, build_module, emit, environment, log, measure
 
 FINETUNES = ("freeze", "prompt", "full", "qv")
 FULL = {
@@ -208,8 +206,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from ovseg_lab.utils.io import write_json
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
@@ -219,8 +215,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     result = run(args)
-    if args.output is not None:
-        write_json(args.output, result)
-        log(f"written to {args.output}")
-    print(json.dumps(result))
-    return result
+    return emit(result, args.output)

@@ -132,6 +132,17 @@ def digest_error(tensor: torch.Tensor, expected: Mapping[str, Any], seed: int = 
                relative_error(_projections(flat, gen), expected["projections"], floor))
 
 
+def openai_clip_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """An OpenAI-layout CLIP's sizes (the argument names of OpenAI's ``CLIP`` constructor, as the official releases
+    build it) -> the open_clip ``model_cfg`` of our :class:`~ovseg_lab.clip.CLIPBackbone`."""
+    return {"embed_dim": cfg["embed_dim"],
+            "vision_cfg": {"image_size": cfg["image_resolution"], "layers": cfg["vision_layers"],
+                           "width": cfg["vision_width"], "patch_size": cfg["vision_patch_size"], "head_width": 64},
+            "text_cfg": {"context_length": cfg["context_length"], "vocab_size": cfg["vocab_size"],
+                         "width": cfg["transformer_width"], "heads": cfg["transformer_heads"],
+                         "layers": cfg["transformer_layers"]}}
+
+
 def convert_and_evaluate(fmt: str, checkpoint: dict[str, Any], tmp_path: Path, data_dir: Path, expect: list[str],
                          eval_overrides: tuple[str, ...] = ()) -> Path:
     """An official checkpoint (``checkpoint``, written to a file as released) -> ``scripts/convert_checkpoint.py

@@ -16,7 +16,7 @@ from ovseg_lab.eval.inference import InferenceConfig, segment
 from ovseg_lab.layers.losses import per_pixel_bce
 from ovseg_lab.models.catseg import CATSeg, CATSegHead
 from tests.golden.harness import (
-    TOLERANCE, convert_and_evaluate, digest_error, load_fixture, perturbed_state, relative_error, seeded_image,
+    TOLERANCE, convert_and_evaluate, digest_error, load_fixture, openai_clip_cfg, perturbed_state, relative_error, seeded_image,
     seeded_input, seeded_labels,
 )
 
@@ -44,12 +44,7 @@ def head_kwargs(agg: dict) -> dict:
 
 def our_clip(cfg: dict, finetune=None) -> CLIPBackbone:
     """Our CLIP tower with the official one's architecture; the position grid stays the checkpoint's."""
-    model_cfg = {"embed_dim": cfg["embed_dim"],
-                 "vision_cfg": {"image_size": cfg["image_resolution"], "layers": cfg["vision_layers"],
-                                "width": cfg["vision_width"], "patch_size": cfg["vision_patch_size"], "head_width": 64},
-                 "text_cfg": {"context_length": cfg["context_length"], "vocab_size": cfg["vocab_size"],
-                              "width": cfg["transformer_width"], "heads": cfg["transformer_heads"],
-                              "layers": cfg["transformer_layers"]}}
+    model_cfg = openai_clip_cfg(cfg)
     return CLIPBackbone(model_name="golden", pretrained=None, model_cfg=model_cfg, image_size=cfg["run_resolution"],
                         position_embedding="forward", quick_gelu=True, feature_layers=cfg["hooked"],
                         templates="catseg", synonyms="first", finetune=finetune)

@@ -15,7 +15,7 @@ from ovseg_lab.convert.lseg import convert_lseg_state_dict
 from ovseg_lab.models.lseg import LSegNet, SpatialRegularization, ViTPyramid
 from ovseg_lab.vocab import Vocabulary
 from tests.golden.harness import (
-    TOLERANCE, convert_and_evaluate, digest_error, load_fixture, perturbed_state, seeded_input,
+    TOLERANCE, convert_and_evaluate, digest_error, load_fixture, openai_clip_cfg, perturbed_state, seeded_input,
 )
 
 NET_FIXTURES = [f"lseg_net_{variant}_{size}" for variant in ("vitb32", "vitl16") for size in ("384", "480", "352x512")]
@@ -25,12 +25,7 @@ ARCH_OPTIONS = {0: "none", 1: "bottleneck", 2: "depthwise"}  # lang-seg's arch_o
 
 def our_clip(cfg: dict) -> CLIPBackbone:
     """Our CLIP tower with the official (OpenAI) one's architecture; LSeg sends the label strings as they are."""
-    model_cfg = {"embed_dim": cfg["embed_dim"],
-                 "vision_cfg": {"image_size": cfg["image_resolution"], "layers": cfg["vision_layers"],
-                                "width": cfg["vision_width"], "patch_size": cfg["vision_patch_size"], "head_width": 64},
-                 "text_cfg": {"context_length": cfg["context_length"], "vocab_size": cfg["vocab_size"],
-                              "width": cfg["transformer_width"], "heads": cfg["transformer_heads"],
-                              "layers": cfg["transformer_layers"]}}
+    model_cfg = openai_clip_cfg(cfg)
     return CLIPBackbone(model_name="golden", pretrained=None, model_cfg=model_cfg, quick_gelu=True,
                         feature_layers=(), templates="raw", synonyms="full")
 
