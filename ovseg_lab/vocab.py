@@ -2,12 +2,18 @@
 
 A vocabulary comes from a packaged benchmark list (``"ade150"``, ``"coco_stuff171"``, ...) or from a file:
 a JSON array of names in train-id order, or a text file with one name per line.
+
+The names identify classes (metric rows, legends). What a method's text tower is sent can differ: each official
+release embeds its own strings for a benchmark's classes (OVSeg "building, edifice", GroupViT "table" for
+"diningtable"). Those are data too: ``assets/class_strings/<release>/<packaged vocabulary>.json``, applied by
+:func:`with_release_strings` when a recipe sets ``model.class_strings: <release>``.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -23,6 +29,7 @@ class Vocabulary:
 
     name: str
     classes: tuple[str, ...]
+    source: str | None = None  # the packaged vocabulary it came from ("ade150"); None for files and CLI lists
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(self.classes))
@@ -37,7 +44,7 @@ class Vocabulary:
         return self.classes[index]
 
     def subset(self, indices, name: str | None = None) -> "Vocabulary":
-        return Vocabulary(name or f"{self.name}[subset]", tuple(self.classes[i] for i in indices))
+        return Vocabulary(name or f"{self.name}[subset]", tuple(self.classes[i] for i in indices), self.source)
 
 
 def _packaged_path(name: str) -> Path:
@@ -84,7 +91,52 @@ def load_vocabulary(source: str | Path, name: str | None = None, expected_size: 
             f"Vocabulary file {path} has {len(names)} classes but {expected_size} were expected "
             "(num_classes of the benchmark config)."
         )
-    return Vocabulary(name or path.stem, tuple(names))
+    return Vocabulary(name or path.stem, tuple(names), source_str if source_str in PACKAGED_VOCABULARIES else None)
+
+
+def _class_strings_path(release: str, source: str) -> Path:
+    return Path(str(resources.files("ovseg_lab") / "assets" / "class_strings" / release / f"{source}.json"))
+
+
+@lru_cache(maxsize=None)
+def release_class_strings(release: str, source: str) -> dict[str, str]:
+    """{our class name: the string ``release``'s official code sends to its text tower} for a packaged vocabulary.
+
+    File layout: ``{"citation": "<repository@commit path:line>", "strings": {"<name>": "<string>", ...}}``.
+    """
+    path = _class_strings_path(release, source)
+    if not path.is_file():
+        raise DataError(
+            f"The recipe sends {release}'s official class strings to the text tower (model.class_strings={release}), "
+            f"but there are none for the vocabulary {source!r} (no file {path}). Add that file, or set "
+            "model.class_strings=null to send the benchmark's own class names."
+        )
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+        strings = content["strings"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DataError(f"Class-string file {path} must be JSON with a 'strings' object ({err}).") from None
+    if not isinstance(strings, dict) or not all(isinstance(v, str) and v.strip() for v in strings.values()):
+        raise DataError(f"Class-string file {path}: 'strings' must map class names to non-empty strings.")
+    return dict(strings)
+
+
+def with_release_strings(vocabulary: Vocabulary, release: str | None) -> Vocabulary:
+    """The vocabulary as ``release``'s text tower reads it: same order and ids, the release's strings.
+
+    ``release=None`` or a vocabulary that is not a packaged benchmark list (a file, names typed on the command line)
+    is returned unchanged: there the user chose the strings.
+    """
+    if release is None or vocabulary.source is None:
+        return vocabulary
+    strings = release_class_strings(release, vocabulary.source)
+    missing = [name for name in vocabulary.classes if name not in strings]
+    if missing:
+        raise DataError(
+            f"{_class_strings_path(release, vocabulary.source)} has no string for {len(missing)} class(es) of "
+            f"{vocabulary.source}: {missing[:5]}."
+        )
+    return Vocabulary(vocabulary.name, tuple(strings[name] for name in vocabulary.classes), vocabulary.source)
 
 
 def vocabulary_from_names(names: str | list[str], name: str = "custom") -> Vocabulary:

@@ -18,7 +18,7 @@ from torch import nn
 from ovseg_lab.eval.inference import InferenceConfig, segment, to_unit_float
 from ovseg_lab.lit.optim import build_param_groups
 from ovseg_lab.metrics import SegmentationMetric
-from ovseg_lab.vocab import Vocabulary
+from ovseg_lab.vocab import Vocabulary, with_release_strings
 
 
 def save_label_maps(pred: torch.Tensor, stems: list[str], folder: Path) -> None:
@@ -43,6 +43,9 @@ class OpenVocabModule(L.LightningModule):
     backbone_lr_multiplier: learning-rate factor for CLIP parameters (CAT-Seg: 0.01).
     inference: :class:`InferenceConfig` fields (whole / slide).
     metric_convention: detectron2 (classes present in GT) or mmseg.
+    class_strings: whose official class strings the text tower is sent for packaged benchmark vocabularies
+        (``assets/class_strings/<release>/``, e.g. ``ovseg``); None sends the benchmark's own names. Metric rows
+        and legends keep the benchmark's names either way.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class OpenVocabModule(L.LightningModule):
         inference: Mapping[str, Any] | None = None,
         metric_convention: str = "detectron2",
         num_visuals: int = 4,
+        class_strings: str | None = None,
     ) -> None:
         super().__init__()
         self.net = net
@@ -66,6 +70,7 @@ class OpenVocabModule(L.LightningModule):
         self.weight_decay_embed = weight_decay_embed
         self.inference_cfg = InferenceConfig.from_config(inference)
         self.metric_convention = metric_convention
+        self.class_strings = class_strings
         self.metrics = nn.ModuleDict()
         self.num_visuals = num_visuals
         # first evaluation batch of each benchmark (fixed across evaluations): images, predictions, labels
@@ -106,7 +111,8 @@ class OpenVocabModule(L.LightningModule):
     @torch.no_grad()
     def predict_scores(self, images: torch.Tensor, vocabulary: Vocabulary, inference: InferenceConfig | None = None) -> torch.Tensor:
         """Per-class scores (B, T, H, W) at the input resolution under the inference protocol."""
-        return segment(lambda x: self.net(x, vocabulary), images, inference or self.inference_cfg)
+        text_vocabulary = with_release_strings(vocabulary, self.class_strings)
+        return segment(lambda x: self.net(x, text_vocabulary), images, inference or self.inference_cfg)
 
     @torch.no_grad()
     def predict_labels(self, images: torch.Tensor, vocabulary: Vocabulary, background_from: int | None = None) -> torch.Tensor:
