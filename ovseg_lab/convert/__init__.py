@@ -12,6 +12,9 @@ from typing import Callable, Mapping, NamedTuple
 import torch
 
 from ovseg_lab.convert.catseg import catseg_overrides, convert_catseg_state_dict
+from ovseg_lab.convert.groupvit import (
+    convert_groupvit_hf_state_dict, convert_groupvit_state_dict, groupvit_hf_overrides, groupvit_overrides,
+)
 from ovseg_lab.convert.lseg import convert_lseg_state_dict, lseg_overrides
 from ovseg_lab.convert.ovseg import convert_ovseg_clip_state_dict
 
@@ -34,6 +37,11 @@ FORMATS: dict[str, Format] = {
     # LSeg's release: ViT-L/16 or ViT-B/32 image encoder (read off the checkpoint), CLIP ViT-B/32 text tower
     "lseg": Format(convert_lseg_state_dict, ["experiment=lseg_ade20k"], usage="python eval.py ckpt={out} {overrides}",
                    detect=lseg_overrides),
+    # GroupViT's release (NVlabs .pth, {"model": ...}) and transformers' GroupViTModel layout; sizes read off the file
+    "groupvit": Format(convert_groupvit_state_dict, ["model=groupvit"], usage="python eval.py ckpt={out} {overrides}",
+                       detect=groupvit_overrides),
+    "groupvit_hf": Format(convert_groupvit_hf_state_dict, ["model=groupvit"],
+                          usage="python eval.py ckpt={out} {overrides}", detect=groupvit_hf_overrides),
     # the adapted CLIP ViT-L/14 at 224 with mask prompts of depth 3 (the paper's ft_mpt model)
     "ovseg": Format(convert_ovseg_clip_state_dict, ["experiment=ovseg", "clip.mask_prompt_depth=3"], part="net.clip.",
                     usage="python eval.py experiment=ovseg ckpt=<MaskFormer last.ckpt> clip.mask_prompt_depth=3 "

@@ -198,6 +198,36 @@ class CaptionStream(IterableDataset):
             yield {**item, "skipped": self.skipped, "reader": slot, "bad": bad}
 
 
+NOUN_PADDINGS = ("caption", "mask")
+
+
+def noun_prompts(caption: str, nouns: Sequence[str], k: int, templates: Sequence[str], rng: np.random.RandomState,
+                 padding: str = "caption") -> tuple[list[str], list[bool]]:
+    """GroupViT's multi-label prompts of one caption: ``k`` strings and which of them are real prompts.
+
+    Up to ``k`` distinct positions of ``nouns`` drawn without replacement, each put into a template drawn from
+    ``templates`` (GroupViT: the 80 ImageNet ones), with the draws made in the order of the release's
+    ``WordAugTokenizeWrapper.__call__`` (datasets/builder.py:317-320: ``np.random.choice(nouns, n, replace=False)``,
+    then one ``np.random.choice(templates)`` per chosen noun), so a ``RandomState`` seeded like the release's global
+    one gives its strings. Short lists are padded to ``k``:
+
+    - ``caption``: with the caption itself, counted as positives (the release, builder.py:321-322);
+    - ``mask``: with empty strings marked invalid (ours: the multi-label loss ignores them).
+    """
+    if padding not in NOUN_PADDINGS:
+        raise SetupError(f"Multi-label prompt padding must be one of {NOUN_PADDINGS}, got '{padding}'.")
+    prompts: list[str] = []
+    if len(nouns) > 0:
+        chosen = rng.choice(list(nouns), min(k, len(nouns)), replace=False)
+        prompts = [str(rng.choice(list(templates))).format(noun) for noun in chosen]
+    valid = [True] * len(prompts)
+    missing = k - len(prompts)
+    if missing > 0:
+        prompts += [caption if padding == "caption" else ""] * missing
+        valid += [padding == "caption"] * missing
+    return prompts, valid
+
+
 def collate_captions(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack images; keep texts and mention lists as lists."""
     out: dict[str, Any] = {"image": torch.stack([b["image"] for b in batch])}

@@ -3,8 +3,11 @@
 - ``whole``: one forward pass; the model resizes to its own input size, scores are resized back.
 - ``slide`` (CAT-Seg): squash the image to ``slide_size``, run overlapping ``crop`` windows with ``stride``
   plus one global view of the whole image at ``crop`` size, average window scores per pixel, then average
-  local and global maps 50/50, and resize back. With ``keep_ratio`` the image is resized so that its short
-  side is ``slide_size`` instead of squashed (mmseg's slide protocol, GroupViT / OVSegmentor).
+  local and global maps 50/50, and resize back. With ``keep_ratio`` the image is resized as mmcv's
+  ``Resize(img_scale=(slide_max, slide_size), keep_ratio=True)`` does (mmseg's slide protocol, GroupViT /
+  OVSegmentor: ``mmcv.rescale_size``, scale = min(slide_size / short side, slide_max / long side), sizes rounded
+  half up), and a side shorter than ``crop`` is run with windows of that side (mmseg's ``slide_inference``: "the
+  small patch will be used to decode without padding").
 
 - ``multiscale`` (LSeg, lang-seg's ``LSeg_MultiEvalModule``, ``additional_utils/models.py:55-143``): for each of
   ``scales``, resize (bilinear, ``align_corners=True``) so that the long side is ``ceil(base_size * scale)``
@@ -40,6 +43,7 @@ class InferenceConfig:
     global_weight: float = 0.5
     batch_windows: bool = True
     keep_ratio: bool = False
+    slide_max: int | None = None  # keep_ratio: the long side at most this (mmcv img_scale (2048, 448): 2048)
     resize_short: int | None = None  # CAT-Seg: 640 (detectron2 MIN_SIZE_TEST) before squashing to slide_size
     resize_max: int | None = None  # CAT-Seg: 2560 (MAX_SIZE_TEST)
     scales: tuple[float, ...] = (1.0,)  # multiscale: long side = ceil(base_size * scale) (LSeg: 0.5 .. 1.75)
@@ -116,6 +120,15 @@ def resize_shortest_edge(images: torch.Tensor, short: int, max_size: int | None)
     return torch.stack(resized).permute(0, 3, 1, 2).to(images.device)
 
 
+def keep_ratio_size(height: int, width: int, short: int, long_max: int | None) -> tuple[int, int]:
+    """mmcv ``rescale_size(.., (long_max, short))`` + ``_scale_size``: (new_h, new_w) scaled by
+    min(short / short side, long_max / long side), each rounded half up (mmcv/image/geometric.py, v1.3.14)."""
+    scale = short / min(height, width)
+    if long_max is not None:
+        scale = min(scale, long_max / max(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float in [0, 1]; float input is assumed to be in [0, 1] already."""
     return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
@@ -138,16 +151,17 @@ def segment(
     if cfg.mode == "multiscale":
         return _multiscale(forward, images, cfg)
 
-    crop = cfg.crop
+    crop_h = crop_w = cfg.crop
     if cfg.keep_ratio:
-        scale = cfg.slide_size / min(height, width)
-        size_hw = (max(crop, round(height * scale)), max(crop, round(width * scale)))
+        size_hw = keep_ratio_size(height, width, cfg.slide_size, cfg.slide_max)
+        crop_h, crop_w = min(crop_h, size_hw[0]), min(crop_w, size_hw[1])
     else:
         size_hw = (cfg.slide_size, cfg.slide_size)
     squashed = F.interpolate(images, size=size_hw, mode="bilinear", align_corners=False)
-    offsets = [(top, left) for top in window_starts(size_hw[0], crop, cfg.stride) for left in window_starts(size_hw[1], crop, cfg.stride)]
-    windows = [squashed[:, :, t : t + crop, l : l + crop] for t, l in offsets]
-    views = windows + ([F.interpolate(images, size=(crop, crop), mode="bilinear", align_corners=False)] if cfg.global_view else [])
+    offsets = [(top, left) for top in window_starts(size_hw[0], crop_h, cfg.stride)
+               for left in window_starts(size_hw[1], crop_w, cfg.stride)]
+    windows = [squashed[:, :, t : t + crop_h, l : l + crop_w] for t, l in offsets]
+    views = windows + ([F.interpolate(images, size=(crop_h, crop_w), mode="bilinear", align_corners=False)] if cfg.global_view else [])
     batch = images.shape[0]
     if cfg.batch_windows:
         view_logits = forward(torch.cat(views, dim=0)).split(batch, dim=0)
@@ -157,7 +171,7 @@ def segment(
     # is what bounds memory for large vocabularies (T maps of crop x crop per view).
     total = count = global_scores = None
     for index, logits in enumerate(view_logits):
-        scores = _score(upsample_to(logits, (crop, crop)), cfg.score)
+        scores = _score(upsample_to(logits, (crop_h, crop_w)), cfg.score)
         if index == len(offsets):  # the global view
             global_scores = upsample_to(scores, size_hw)
             continue
@@ -165,8 +179,8 @@ def segment(
             total = images.new_zeros(batch, scores.shape[1], *size_hw)
             count = images.new_zeros(1, 1, *size_hw)
         top, left = offsets[index]
-        total[:, :, top : top + crop, left : left + crop] += scores
-        count[:, :, top : top + crop, left : left + crop] += 1
+        total[:, :, top : top + crop_h, left : left + crop_w] += scores
+        count[:, :, top : top + crop_h, left : left + crop_w] += 1
         del scores
     local = total / count
     if global_scores is not None:

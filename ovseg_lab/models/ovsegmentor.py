@@ -24,6 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
@@ -31,6 +32,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ovseg_lab.clip.prompts import resolve_templates
+from ovseg_lab.data.captions import NOUN_PADDINGS, noun_prompts
 from ovseg_lab.errors import SetupError
 from ovseg_lab.layers.contrastive import info_nce, multi_label_info_nce
 from ovseg_lab.layers.grouping import Assignment, CrossAttnBlock, GroupingBlock, TokenMixer
@@ -310,6 +312,12 @@ class OVSegmentor(nn.Module):
         objective: the auxiliary objective, one of ``OBJECTIVES`` (OVSegmentor: all_entities; GroupViT: multi_label).
         entity_weight / multi_label_weight / mlm_weight: weights of the auxiliary losses (1.0 in the papers).
         num_prompts: prompts per image for multi_label (GroupViT: 3).
+        multi_label_templates: the template drawn for each prompt noun (GroupViT: one of the 80 ImageNet ones).
+        multi_label_padding: a caption with fewer than ``num_prompts`` nouns is padded with the caption itself as
+            extra positives (``caption``, the release) or its missing prompts are left out of the loss (``mask``).
+        prompt_seed: seed of the numpy generator drawing prompt nouns and templates (the release: numpy's global one).
+        patch_remainder: an image side that is not a multiple of the patch size: ``crop`` drops the remainder as
+            the release's strided patch convolution does; ``resize`` resizes the image to the nearest multiple.
         add_multi_label: add the multi-label loss to any other objective (the release's ``multi_label > 0``;
             off in the paper's OVSegmentor configs, on for the toy, whose captions never name a single entity).
         cross_image_weight: weight of the cross-image mask consistency (stage 2: 0.1; 0 = off, no momentum encoder).
@@ -333,6 +341,10 @@ class OVSegmentor(nn.Module):
         multi_label_weight: float = 1.0,
         mlm_weight: float = 1.0,
         num_prompts: int = 3,
+        multi_label_templates: str | Sequence[str] = "imagenet80",
+        multi_label_padding: str = "caption",
+        prompt_seed: int = 0,
+        patch_remainder: str = "crop",
         add_multi_label: bool = False,
         mlm_probability: float = 0.15,
         decoder_heads: int = 8,
@@ -366,6 +378,14 @@ class OVSegmentor(nn.Module):
         self.objective = objective
         self.entity_weight, self.multi_label_weight, self.mlm_weight = entity_weight, multi_label_weight, mlm_weight
         self.num_prompts = num_prompts
+        if multi_label_padding not in NOUN_PADDINGS:
+            raise SetupError(f"model.net.multi_label_padding must be one of {NOUN_PADDINGS}, got '{multi_label_padding}'.")
+        if patch_remainder not in ("crop", "resize"):
+            raise SetupError(f"model.net.patch_remainder must be 'crop' or 'resize', got '{patch_remainder}'.")
+        self.multi_label_templates = resolve_templates(multi_label_templates)
+        self.multi_label_padding = multi_label_padding
+        self.prompt_rng = np.random.RandomState(prompt_seed)
+        self.patch_remainder = patch_remainder
         self.mlm_probability = mlm_probability
         self.add_multi_label = add_multi_label and objective != "multi_label"
         if objective == "multi_label" or self.add_multi_label:
@@ -401,12 +421,16 @@ class OVSegmentor(nn.Module):
         return self.logit_scale.exp().clamp(max=self.logit_scale_max)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> normalised and resized to a multiple of the patch size."""
+        """(B, 3, H, W) in [0, 1] -> normalised, cropped (``patch_remainder: crop``) or resized to a multiple of
+        the patch size."""
         patch = self.image_encoder.patch_size
         height, width = images.shape[-2:]
-        size = (max(patch, round(height / patch) * patch), max(patch, round(width / patch) * patch))
-        if size != (height, width):
-            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        if self.patch_remainder == "crop" and height >= patch and width >= patch:
+            images = images[..., : height // patch * patch, : width // patch * patch]
+        else:
+            size = (max(patch, round(height / patch) * patch), max(patch, round(width / patch) * patch))
+            if size != (height, width):
+                images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
@@ -488,13 +512,13 @@ class OVSegmentor(nn.Module):
             losses["entity"] = self._entity_completion(out.tokens, batch)
             total = total + self.entity_weight * losses["entity"]
         elif self.objective == "multi_label":
-            losses["multi_label"] = self._multi_label(image_x, batch["entities"])
+            losses["multi_label"] = self._multi_label(image_x, batch["entities"], captions)
             total = total + self.multi_label_weight * losses["multi_label"]
         elif self.objective in ("mlm", "mlm_nogroups"):
             losses["mlm"] = self._masked_language_modelling(out.tokens, captions)
             total = total + self.mlm_weight * losses["mlm"]
         if self.add_multi_label:
-            losses["multi_label"] = self._multi_label(image_x, batch["entities"])
+            losses["multi_label"] = self._multi_label(image_x, batch["entities"], captions)
             total = total + self.multi_label_weight * losses["multi_label"]
         if self.cross_image_weight > 0:
             losses["cross_image"] = self._cross_image(out, group_x, batch)
@@ -533,13 +557,21 @@ class OVSegmentor(nn.Module):
         decoded = self.decoder(self.align_text(question), encoded["attention_mask"], self.align_visual(visual))
         return info_nce(self.answer_head(decoded[:, 0]), self.encode_text(answers), self.scale)
 
-    def _multi_label(self, image_x: torch.Tensor, entities: Sequence[Sequence[str]]) -> torch.Tensor:
+    def multi_label_prompts(self, entities: Sequence[Sequence[str]], captions: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+        """``num_prompts`` prompt strings per caption (flat, caption-major) and their validity (B, K) (see
+        :func:`~ovseg_lab.data.captions.noun_prompts`)."""
+        prompts, valid = [], []
+        for names, caption in zip(entities, captions):
+            texts, ok = noun_prompts(caption, list(names), self.num_prompts, self.multi_label_templates, self.prompt_rng,
+                                     self.multi_label_padding)
+            prompts += texts
+            valid.append(ok)
+        return prompts, torch.tensor(valid, dtype=torch.bool).reshape(len(captions), self.num_prompts)
+
+    def _multi_label(self, image_x: torch.Tensor, entities: Sequence[Sequence[str]], captions: Sequence[str]) -> torch.Tensor:
         k = self.num_prompts
-        prompts, valid = [], torch.zeros(len(entities), k, dtype=torch.bool, device=image_x.device)
-        for b, names in enumerate(entities):
-            chosen = random.sample(list(names), min(k, len(names)))
-            valid[b, : len(chosen)] = True
-            prompts += [self.prompt_template.format(n) for n in chosen] + [""] * (k - len(chosen))
+        prompts, valid = self.multi_label_prompts(entities, captions)
+        valid = valid.to(image_x.device)
         texts = self.encode_text(prompts).reshape(len(entities), k, -1)
         scale = self.multi_label_logit_scale.exp().clamp(max=self.logit_scale_max)
         return multi_label_info_nce(image_x, texts, valid, scale)

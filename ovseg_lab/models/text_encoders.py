@@ -125,19 +125,29 @@ class BertTextEncoder(nn.Module):
 
 
 class GroupViTTextEncoder(nn.Module):
-    """GroupViT's text transformer (causal, end-of-text token pooled), built with open_clip, random init."""
+    """GroupViT's text transformer (causal, end-of-text token pooled), built with open_clip, random init.
+
+    activation: the MLP activation. ``quick_gelu`` (x * sigmoid(1.702 x)) is the official one (GroupViT
+    ``models/utils.py:47``, as in OpenAI's CLIP, and the ``hidden_act`` of transformers' ``GroupViTTextConfig``);
+    ``gelu`` (exact GELU) is open_clip's default, kept as a named option.
+    """
 
     supports_masking = False
+    ACTIVATIONS = ("quick_gelu", "gelu")
 
     def __init__(self, context_length: int = 77, width: int = 256, layers: int = 12, heads: int | None = None,
-                 vocab_size: int = 49408) -> None:
+                 vocab_size: int = 49408, activation: str = "quick_gelu") -> None:
         super().__init__()
         import open_clip
-        from open_clip.transformer import TextTransformer
+        from open_clip.transformer import QuickGELU, TextTransformer
 
+        if activation not in self.ACTIVATIONS:
+            raise SetupError(f"model.net.text_encoder.activation must be one of {self.ACTIVATIONS}, got '{activation}'.")
+        self.activation = activation
         self.transformer = TextTransformer(
             context_length=context_length, vocab_size=vocab_size, width=width, heads=heads or max(1, width // 64),
             layers=layers, output_dim=None, proj_type="none", output_tokens=True,
+            act_layer=QuickGELU if activation == "quick_gelu" else nn.GELU,
         )
         self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
 

@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.golden.harness import FIXTURE_DIR  # noqa: E402
 
-METHODS = {"catseg": "tests.golden.official_catseg", "lseg": "tests.golden.official_lseg"}
+METHODS = {"catseg": "tests.golden.official_catseg", "lseg": "tests.golden.official_lseg",
+           "groupvit": "tests.golden.official_groupvit"}
 
 
 def official_commit(root: Path, given: str | None) -> str:
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", required=True, choices=sorted(METHODS))
     parser.add_argument("--detectron2", type=Path, help="extracted detectron2 (protocol fixtures)")
     parser.add_argument("--clip", type=Path, help="extracted openai/CLIP (LSeg imports OpenAI's clip package)")
+    parser.add_argument("--mmcv", type=Path, help="extracted mmcv v1.3.14 (GroupViT's keep-ratio resize sizes)")
+    parser.add_argument("--mmseg", type=Path, help="mmseg 0.x mmseg/models/segmentors/encoder_decoder.py tree (GroupViT)")
     parser.add_argument("--commit", help="official commit, when --official is not a git checkout")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=FIXTURE_DIR)
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     module = importlib.import_module(METHODS[args.method])
-    extra = args.clip if args.method == "lseg" else args.detectron2
+    extra = {"lseg": args.clip, "groupvit": {"mmcv": args.mmcv, "mmseg": args.mmseg}}.get(args.method, args.detectron2)
     paths = module.make(args.official, extra, args.out, official_commit(args.official, args.commit), args.seed)
     for path in paths:
         print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
