@@ -142,9 +142,11 @@ PROTOCOL = InferenceConfig(mode="slide", slide_size=448, slide_max=2048, crop=44
                            global_view=False, score="identity")
 
 
-def run_protocol(fixture: dict, cfg: InferenceConfig = PROTOCOL) -> tuple[torch.Tensor, OVSegmentor, Vocabulary]:
+def run_protocol(fixture: dict, cfg: InferenceConfig = PROTOCOL, net_kwargs: dict | None = None
+                 ) -> tuple[torch.Tensor, OVSegmentor, Vocabulary]:
     classes = fixture["config"]["classes"]
-    net = our_net(fixture, background_thresholds={"voc": fixture["config"]["protocol"]["bg_thresh"]}, topk_classes=5)
+    net = our_net(fixture, background_thresholds={"voc": fixture["config"]["protocol"]["bg_thresh"]}, topk_classes=5,
+                  **(net_kwargs or {}))
     vocabulary = Vocabulary("voc", tuple(classes))  # background first, as the release's channel 0
     with torch.no_grad():
         scores = segment(lambda x: net(x, vocabulary), fixture["inputs"]["image"][None], cfg)
@@ -167,13 +169,16 @@ def test_groupvit_zero_shot_protocol_equals_official(image):
 
 
 @pytest.mark.slow
-def test_groupvit_long_side_cap_matters_for_the_elongated_image():
-    """Without mmcv's 2048 cap the 60x400 image would be resized to 448x2987: other windows, other scores
-    (14 windows of 448: slow)."""
+def test_groupvit_long_side_cap_and_patch_remainder_matter_for_the_elongated_image():
+    """Without mmcv's 2048 cap the 60x400 image would be resized to 448x2987: other windows, other scores (14
+    windows of 448: slow). patch_remainder=resize (ours) resizes the 307-row windows to 304 rows where the release's
+    strided patch convolution drops the last 3."""
     fixture = load_fixture("groupvit_protocol_elongated")
     uncapped = InferenceConfig(**{**PROTOCOL.__dict__, "slide_max": None})
     scores, _, _ = run_protocol(fixture, uncapped)
     assert digest_error(scores, fixture["outputs"]["logits"]) > 1e-3
+    scores, _, _ = run_protocol(fixture, net_kwargs={"patch_remainder": "resize"})
+    assert digest_error(scores, fixture["outputs"]["logits"]) > 1e-2
 
 
 # ------------------------------------------------------------------------------------------------ class strings
