@@ -207,11 +207,11 @@ def noun_prompts(caption: str, nouns: Sequence[str], k: int, templates: Sequence
 
     Up to ``k`` distinct positions of ``nouns`` drawn without replacement, each put into a template drawn from
     ``templates`` (GroupViT: the 80 ImageNet ones), with the draws made in the order of the release's
-    ``WordAugTokenizeWrapper.__call__`` (datasets/builder.py:317-320: ``np.random.choice(nouns, n, replace=False)``,
+    ``WordAugTokenizeWrapper.__call__`` (datasets/builder.py:330-332: ``np.random.choice(nouns, n, replace=False)``,
     then one ``np.random.choice(templates)`` per chosen noun), so a ``RandomState`` seeded like the release's global
     one gives its strings. Short lists are padded to ``k``:
 
-    - ``caption``: with the caption itself, counted as positives (the release, builder.py:321-322);
+    - ``caption``: with the caption itself, counted as positives (the release, builder.py:333-334);
     - ``mask``: with empty strings marked invalid (ours: the multi-label loss ignores them).
     """
     if padding not in NOUN_PADDINGS:
