@@ -17,7 +17,7 @@ import torch
 from ovseg_lab.clip.prompts import resolve_templates
 from ovseg_lab.convert.groupvit import convert_groupvit_hf_state_dict, convert_groupvit_state_dict
 from ovseg_lab.data.captions import noun_prompts
-from ovseg_lab.eval.inference import InferenceConfig, segment
+from ovseg_lab.eval.inference import InferenceConfig, keep_ratio_size, segment
 from ovseg_lab.layers.contrastive import info_nce, multi_label_info_nce
 from ovseg_lab.models.ovsegmentor import GroupViTEncoder, OVSegmentor
 from ovseg_lab.models.text_encoders import GroupViTTextEncoder
@@ -159,6 +159,8 @@ def test_groupvit_zero_shot_protocol_equals_official(image):
     is run with 307x448 windows), mmseg's slide inference (stride 224, averaged, resized back), the release's
     chained soft maps, top-5 classes, background threshold 0.95 and 'a photo of a {}.' class embeddings."""
     fixture = load_fixture(f"groupvit_protocol_{image}")
+    height, width = fixture["inputs"]["image"].shape[-2:]
+    assert keep_ratio_size(height, width, 448, 2048) == tuple(fixture["config"]["resized"])  # mmcv's rescale_size
     scores, net, vocabulary = run_protocol(fixture)
     with torch.no_grad():
         text = net.class_embeddings([c for c in vocabulary.classes if c != "background"])
