@@ -162,19 +162,6 @@ def _learning_rate_problems(node: Any, prefix: str = "model") -> list[str]:
     return problems
 
 
-def _patch_size(clip: DictConfig) -> int | None:
-    patch = _get(clip, "model_cfg.vision_cfg.patch_size")
-    if patch is not None:
-        return int(patch)
-    try:
-        import open_clip
-
-        named = open_clip.get_model_config(str(clip.get("model_name")))
-    except Exception:
-        return None
-    return (named or {}).get("vision_cfg", {}).get("patch_size")
-
-
 def _given_on_command_line(key: str) -> bool:
     from hydra.core.hydra_config import HydraConfig
 

@@ -32,10 +32,24 @@ def _get(node: Any, key: str, default: Any = None) -> Any:
         return default
 
 
-def _clip_patch(model: DictConfig) -> tuple[int, str] | None:
-    from ovseg_lab.config_checks import _clip_nodes, _patch_size
+def _patch_size(clip: DictConfig) -> int | None:
+    """Patch of a CLIP node's image tower, from its custom model_cfg or open_clip's named config (no weights)."""
+    patch = _get(clip, "model_cfg.vision_cfg.patch_size")
+    if patch is not None:
+        return int(patch)
+    try:
+        import open_clip
 
-    patches = [p for p in (_patch_size(c) for c in _clip_nodes(model)) if p]
+        named = open_clip.get_model_config(str(clip.get("model_name")))
+    except Exception:
+        return None
+    return (named or {}).get("vision_cfg", {}).get("patch_size")
+
+
+def _clip_patch(model: DictConfig) -> tuple[int, str] | None:
+    from ovseg_lab.config_checks import CLIP_TARGET, nodes_with_target
+
+    patches = [p for p in (_patch_size(c) for c in nodes_with_target(model, CLIP_TARGET)) if p]
     return (max(patches), "patch of the model's CLIP image tower") if patches else None
 
 
