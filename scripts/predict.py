@@ -43,7 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from ovseg_lab.build import model_from_checkpoint
         from ovseg_lab.predict import list_images, predict_paths, resolve_vocabulary, set_background_threshold
-
         from ovseg_lab.run_folder import RunLock
 
         vocabulary = resolve_vocabulary(args.classes, args.vocab)
