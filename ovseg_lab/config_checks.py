@@ -162,19 +162,6 @@ def _learning_rate_problems(node: Any, prefix: str = "model") -> list[str]:
     return problems
 
 
-def _patch_size(clip: DictConfig) -> int | None:
-    patch = _get(clip, "model_cfg.vision_cfg.patch_size")
-    if patch is not None:
-        return int(patch)
-    try:
-        import open_clip
-
-        named = open_clip.get_model_config(str(clip.get("model_name")))
-    except Exception:
-        return None
-    return (named or {}).get("vision_cfg", {}).get("patch_size")
-
-
 def _given_on_command_line(key: str) -> bool:
     from hydra.core.hydra_config import HydraConfig
 
@@ -197,22 +184,17 @@ def _length_problems(cfg: DictConfig, stage: str) -> list[str]:
     return []
 
 
-def _crop_problems(cfg: DictConfig, model_choice: str | None) -> list[str]:
-    """A crop smaller than one patch of the CLIP image tower that sees it has no token to segment. (LSeg's image goes
-    to its own encoder, OVSegmentor / GroupViT have no clip-group tower: not checked here.)"""
+def _crop_problems(cfg: DictConfig) -> list[str]:
+    """A crop below the chosen model's minimum (one cell of its coarsest map: ovseg_lab.models.min_crop)."""
     crop = _get(cfg, "data.transform.crop_size")
     if crop is None:
         return []
     sizes = list(crop) if OmegaConf.is_list(crop) else [crop]
     if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in sizes):
         return [f"data.transform.crop_size={crop} must be a positive integer (or a pair)"]
-    if model_choice == "lseg":
-        return []
-    patches = [p for p in (_patch_size(c) for c in _clip_nodes(_get(cfg, "model"))) if p]
-    if patches and min(sizes) < max(patches):
-        return [f"data.transform.crop_size={crop} is below the {max(patches)} px patch of the model's CLIP image "
-                f"tower (the smallest crop it can segment)"]
-    return []
+    from ovseg_lab.models.min_crop import crop_problems
+
+    return crop_problems(_get(cfg, "model"), sizes, crop)
 
 
 def config_problems(cfg: DictConfig, stage: str = "fit") -> list[str]:
@@ -269,11 +251,8 @@ def config_problems(cfg: DictConfig, stage: str = "fit") -> list[str]:
             if layers is not None and depth > layers:
                 problems.append(f"finetune.prompt_depth={depth} exceeds the {layers} blocks of the image tower of "
                                 f"CLIP {clip.get('model_name')} (finetune=prompt prompts the image tower only)")
-    from hydra.core.hydra_config import HydraConfig
-
-    choice = OmegaConf.select(HydraConfig.get(), "runtime.choices.model") if HydraConfig.initialized() else None
     problems += _learning_rate_problems(_get(cfg, "model"))
-    problems += _crop_problems(cfg, choice)
+    problems += _crop_problems(cfg)
     problems += _unread_group_problems(cfg)
     return list(dict.fromkeys(problems))
 

@@ -30,6 +30,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from ovseg_lab.errors import SetupError
+from ovseg_lab.run_folder import RunLock
 from ovseg_lab.utils.io import write_json
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -121,7 +122,10 @@ def _compose(config_name: str, overrides: list[str], out_dir: Path | None) -> Di
 
 
 def run_stages(cfg: DictConfig) -> list[Path]:
-    """Run every stage of ``cfg.pipeline`` that has no finished folder yet; returns the stage folders."""
+    """Run every stage of ``cfg.pipeline`` that has no finished folder yet; returns the stage folders.
+
+    A stage folder is locked while its stage runs (:class:`~ovseg_lab.run_folder.RunLock`): a second run that needs
+    the same unfinished stage at that moment stops with exit status 2 naming the first's pid."""
     from hydra.core.hydra_config import HydraConfig
 
     pipeline = cfg.get("pipeline")
@@ -136,21 +140,37 @@ def run_stages(cfg: DictConfig) -> list[Path]:
         if pipeline.get("reuse", True) and done.is_file():
             print(f"[pipeline] stage {name}: reusing {out}")
             continue
-        overrides = stage_overrides(cfg, name)
-        print(f"[pipeline] stage {name} -> {out}\n[pipeline]   {spec.get('config', 'train')} {' '.join(overrides)}")
-        module_name, _, function = str(spec.get("run", "ovseg_lab.runner.train")).rpartition(".")
-        run = getattr(importlib.import_module(module_name), function)
-        start = time.time()
-        out.mkdir(parents=True, exist_ok=True)
-        sub = _compose(str(spec.get("config", "train")), overrides, out)
+        # one writer per stage folder: two sweep jobs (a parallel launcher) that share pipeline.dir must not train
+        # the same stage into one folder at once; a stage left by a killed run is taken over with a notice
+        lock = RunLock.acquire(out, elsewhere="run the sweep's jobs one after another (the next reuses the stage)")
         try:
-            HydraConfig.instance().set_config(sub)
-            with open_dict(sub):
-                del sub["hydra"]  # as in a @hydra.main task: the hydra node lives in HydraConfig only
-            run(sub)
+            if pipeline.get("reuse", True) and done.is_file():  # finished by the owner we just followed
+                print(f"[pipeline] stage {name}: reusing {out}")
+                continue
+            _run_stage(cfg, name, spec, out, parent_hydra)
         finally:
-            if parent_hydra is not None:
-                HydraConfig.instance().cfg = parent_hydra
-        write_json(done, {"stage": name, "config": spec.get("config", "train"), "overrides": overrides,
-                          "seconds": round(time.time() - start, 1)})
+            lock.release()
     return folders
+
+
+def _run_stage(cfg: DictConfig, name: str, spec: DictConfig, out: Path, parent_hydra: Any) -> None:
+    """Compose stage ``name``'s config, run it in process with HydraConfig pointing at ``out``, mark it done."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = stage_overrides(cfg, name)
+    print(f"[pipeline] stage {name} -> {out}\n[pipeline]   {spec.get('config', 'train')} {' '.join(overrides)}")
+    module_name, _, function = str(spec.get("run", "ovseg_lab.runner.train")).rpartition(".")
+    run = getattr(importlib.import_module(module_name), function)
+    start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    sub = _compose(str(spec.get("config", "train")), overrides, out)
+    try:
+        HydraConfig.instance().set_config(sub)
+        with open_dict(sub):
+            del sub["hydra"]  # as in a @hydra.main task: the hydra node lives in HydraConfig only
+        run(sub)
+    finally:
+        if parent_hydra is not None:
+            HydraConfig.instance().cfg = parent_hydra
+    write_json(out / "stage_done.json", {"stage": name, "config": spec.get("config", "train"),
+                                         "overrides": overrides, "seconds": round(time.time() - start, 1)})

@@ -72,13 +72,16 @@ class RunLock:
 
     _held: dict[Path, "RunLock"] = {}
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, elsewhere: str = "choose another folder (hydra.run.dir=...)") -> None:
         self.folder = Path(folder).resolve()
         self.path = self.folder / LOCK_NAME
+        self.elsewhere = elsewhere
 
     @classmethod
-    def acquire(cls, folder: str | os.PathLike) -> "RunLock":
-        lock = cls(folder)
+    def acquire(cls, folder: str | os.PathLike, elsewhere: str = "choose another folder (hydra.run.dir=...)") -> "RunLock":
+        """Claim ``folder`` (created if missing); :class:`RunFolderBusy` names the live owner and ends with
+        ``elsewhere``, what this kind of run does to write somewhere else (train/eval: hydra.run.dir, predict: --output)."""
+        lock = cls(folder, elsewhere)
         if lock.folder in cls._held:
             return cls._held[lock.folder]
         lock._claim()
@@ -115,7 +118,7 @@ class RunLock:
                 raise RunFolderBusy(
                     f"Run folder {self.folder} is in use by {where} (started {owner.get('started', '?')}: "
                     f"{owner.get('command', '?')}). Two runs writing one folder would mix their records; wait for it "
-                    f"to finish, or choose another folder (hydra.run.dir=...). If that process is gone (e.g. another "
+                    f"to finish, or {self.elsewhere}. If that process is gone (e.g. another "
                     f"host crashed), delete {self.path}."
                 )
             with os.fdopen(fd, "w") as handle:

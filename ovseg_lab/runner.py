@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ovseg_lab.config_checks import check_config
 from ovseg_lab.errors import RunFolderBusy, SetupError, user_error
@@ -204,6 +204,52 @@ def load_weights(model: Any, source: str | Path | dict[str, Any]) -> dict[str, A
     return checkpoint
 
 
+def _model_fitting_checkpoint(cfg: DictConfig, model: Any, checkpoint: dict[str, Any]) -> tuple[Any, DictConfig]:
+    """(model, cfg): the composed model if the checkpoint fits it; else the model of the checkpoint's own stored
+    config (``ovseg_config``), with this run's evaluation protocol (``model.inference``), data and trainer.
+
+    So ``eval.py experiment=catseg_mess ckpt=<a toy CAT-Seg>`` scores the toy net with the MESS recipe's protocol on
+    the MESS data, instead of refusing because the recipe's paper-size CAT-Seg has other shapes. A notice says so.
+    A checkpoint without a stored config (or one that fits neither) gets check_fits' error for the composed model.
+    """
+    from hydra.utils import instantiate
+
+    from ovseg_lab.build import resolved_model_config, without_init_files
+
+    where = f"Checkpoint {cfg.ckpt}"
+    try:
+        check_fits(model, checkpoint, where)
+        return model, cfg
+    except SetupError:
+        if not checkpoint.get("ovseg_config"):
+            raise
+    import ovseg_lab.resolvers  # noqa: F401  (resolvers the stored config may use)
+
+    stored = OmegaConf.create(checkpoint["ovseg_config"])
+    stored_model = resolved_model_config(stored)
+    without_init_files(stored_model)
+    composed_inference = OmegaConf.select(cfg, "model.inference")
+    same_module = OmegaConf.select(cfg, "model._target_") == stored_model.get("_target_")
+    if composed_inference is not None and "inference" in stored_model and same_module:
+        stored_model.inference = OmegaConf.create(OmegaConf.to_container(composed_inference, resolve=True))
+    composed_net = type(getattr(model, "net", model)).__name__
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(cfg):
+        cfg.model = stored_model
+        if "net" in stored_model and stored_model.net.get("clip") is not None:
+            cfg.clip = stored_model.net.clip  # the record shows the CLIP that was evaluated
+    rebuilt = instantiate(cfg.model)
+    apply_speed(rebuilt, cfg.get("speed"))
+    rebuilt.run_config_yaml = resolved_yaml(cfg)
+    check_fits(rebuilt, checkpoint, where)
+    net = getattr(rebuilt, "net", rebuilt)
+    protocol = " and evaluation protocol (model.inference)" if same_module and composed_inference is not None else ""
+    print(f"NOTE: {where} does not fit this config's model (the experiment's {composed_net}); evaluating the model "
+          f"stored in the checkpoint ({type(net).__module__}.{type(net).__qualname__}, its own model and clip "
+          f"config) with this run's data{protocol}.", file=sys.stderr)
+    return rebuilt, cfg
+
+
 def evaluate(cfg: DictConfig) -> dict[str, dict]:
     """Evaluate a checkpoint (``ckpt=...``) on every configured benchmark and write metrics.json."""
     check_config(cfg, "validate")
@@ -221,10 +267,18 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config_resolved.yaml", resolved_yaml(cfg))
     datamodule, model, loggers, trainer = _build(cfg, "validate")
+    if cfg.get("ckpt"):
+        checkpoint = read_checkpoint(cfg.ckpt)
+        composed = model
+        model, cfg = _model_fitting_checkpoint(cfg, model, checkpoint)
+        if model is not composed:  # the record names the model that was evaluated
+            del composed
+            write_text(run_dir / "config_resolved.yaml", resolved_yaml(cfg))
+            for logger in loggers:
+                logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        load_weights(model, checkpoint)
     if cfg.get("save_predictions", False):
         model.save_predictions_dir = str(run_dir / "predictions")
-    if cfg.get("ckpt"):
-        load_weights(model, cfg.ckpt)
     try:
         trainer.validate(model, datamodule=datamodule, verbose=False)
         if trainer.is_global_zero:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import colorsys
+import unicodedata
 from functools import lru_cache
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -79,13 +81,20 @@ def legend_entries(label: np.ndarray, class_names: Sequence[str]) -> list[tuple[
     return [(int(ids[i]), class_names[int(ids[i])], counts[i] / total) for i in order]
 
 
-def _font_files() -> list[str]:
-    """matplotlib's DejaVu Sans (shipped with it: Latin, Greek, Cyrillic and more), then every system font."""
+FALLBACK_FONT = Path(__file__).resolve().parent / "assets" / "fonts" / "DroidSansFallback.ttf"
+
+
+@lru_cache(maxsize=1)
+def _font_files() -> tuple[str, ...]:
+    """Fonts in the order a character looks for its glyph: matplotlib's DejaVu Sans (shipped with matplotlib:
+    Latin, Greek, Cyrillic, Arabic, Hebrew, Armenian, Georgian), then every installed system font, then the packaged
+    Droid Sans Fallback (CJK ideographs, Hangul, kana: assets/fonts/README.txt says why it is shipped)."""
     from matplotlib import font_manager
 
     files = [font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans"), fallback_to_default=True)]
     files += sorted(f for f in font_manager.findSystemFonts() if f.lower().endswith((".ttf", ".otf", ".ttc")))
-    return list(dict.fromkeys(files))
+    files.append(str(FALLBACK_FONT))
+    return tuple(dict.fromkeys(files))
 
 
 @lru_cache(maxsize=None)
@@ -102,60 +111,94 @@ def _coverage(path: str) -> frozenset[int]:
 _WARNED: set[str] = set()
 
 
-@lru_cache(maxsize=256)
-def font_for(text: str) -> str | None:
-    """The first font file (DejaVu Sans, then system fonts) that has a glyph for every character of ``text``.
+def _joins_run(char: str) -> bool:
+    """Spaces, combining marks and joiners take the font of the character before them (shaping needs them there)."""
+    return char.isspace() or unicodedata.category(char) in ("Mn", "Me", "Cf")
 
-    PIL's built-in bitmap font draws anything beyond ASCII as boxes. When no installed font covers ``text`` (e.g.
-    Chinese on a machine without a CJK font), the best-covering one is used and a warning says what to install.
+
+@lru_cache(maxsize=256)
+def font_runs(text: str) -> tuple[tuple[str, str], ...]:
+    """``text`` split into (substring, font file) runs: each character in the first font of :func:`_font_files`
+    that has its glyph, kept in the current run's font when that one has it too (fewer, better-shaped runs).
+
+    A legend name may mix scripts ("猫 (12.3%)": no single font has both the ideograph and the digits everywhere),
+    so this is per character, not per name. A character no font has is drawn in the run's font (a box) and a
+    warning says what to install (e.g. fonts-noto-core for Devanagari or Thai).
     """
-    needed = {ord(c) for c in text if not c.isspace()}
-    best, best_count = None, -1
-    for path in _font_files():
-        covered = len(needed & _coverage(path))
-        if covered == len(needed):
-            return path
-        if covered > best_count:
-            best, best_count = path, covered
-    missing = "".join(sorted({c for c in text if not c.isspace() and all(ord(c) not in _coverage(p) for p in _font_files())}))
-    if missing and missing not in _WARNED:
-        _WARNED.add(missing)
+    runs: list[list[str]] = []
+    missing = []
+    for char in text:
+        current = runs[-1][1] if runs else None
+        code = ord(char)
+        if current is not None and (_joins_run(char) or code in _coverage(current)):
+            runs[-1][0] += char
+            continue
+        font = next((f for f in _font_files() if code in _coverage(f)), None)
+        if font is None:
+            if not _joins_run(char):
+                missing.append(char)
+            font = current or _font_files()[0]
+        if runs and runs[-1][1] == font:
+            runs[-1][0] += char
+        else:
+            runs.append([char, font])
+    gap = "".join(sorted(set(missing)))
+    if gap and gap not in _WARNED:
+        _WARNED.add(gap)
         import warnings
 
-        warnings.warn(f"No installed font has glyphs for {missing!r} (legend of {text!r}); install one that does "
-                      "(e.g. fonts-noto-cjk for Chinese / Japanese / Korean) and they will be used.", stacklevel=2)
-    return best
+        warnings.warn(f"No installed or packaged font has glyphs for {gap!r} (legend of {text!r}); install one that "
+                      "does (e.g. Debian/Ubuntu: apt-get install fonts-noto-core) and it will be used.", stacklevel=2)
+    return tuple((chunk, font) for chunk, font in runs)
 
 
-def _font(text: str, size: int):
-    path = font_for(text)
+@lru_cache(maxsize=64)
+def _truetype(path: str, size: int):
     try:
-        return ImageFont.truetype(path, size) if path else ImageFont.load_default(size)
+        return ImageFont.truetype(path, size)
     except OSError:
         return ImageFont.load_default(size)
+
+
+def text_width(text: str, size: int) -> float:
+    """Width in pixels of ``text`` drawn by :func:`draw_text` at ``size``."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    return sum(probe.textlength(chunk, font=_truetype(font, size)) for chunk, font in font_runs(text))
+
+
+def draw_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, size: int, fill=(0, 0, 0)) -> float:
+    """``text`` at ``xy`` (its top left; the baseline at y + size) in ``size`` px, font by font (:func:`font_runs`),
+    so names in any script (CJK, Hangul, Arabic, Cyrillic ...) render as glyphs, not boxes. Returns the x where
+    the text ends. Each call is one paragraph to Pillow's layout (with libraqm: Arabic joined, right to left)."""
+    x, baseline = xy[0], xy[1] + size
+    for chunk, font in font_runs(text):
+        face = _truetype(font, size)
+        draw.text((x, baseline), chunk, fill=fill, font=face, anchor="ls")
+        x += draw.textlength(chunk, font=face)
+    return x
 
 
 def with_legend(picture: np.ndarray, entries: Sequence[tuple[int, str, float]], num_classes: int) -> Image.Image:
     """A PIL image: the picture with a legend panel listing ``entries`` (colour swatch, name, area).
 
     The text is sized with the picture (a 4000x3000 photo gets a legend as readable as a 64x64 toy image's), and
-    drawn in a font that has the names' glyphs (:func:`font_for`).
+    drawn character by character in a font that has the glyph (:func:`draw_text`).
     """
     colours = palette(num_classes)
     size = max(11, round(max(picture.shape[:2]) / 40))
     row_height, swatch, margin = round(size * 1.5), size, max(4, size // 2)
-    labels = [f"{name} ({area * 100:.1f}%)" for _, name, area in entries]
-    fonts = [_font(label, size) for label in labels]
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_width = max((probe.textlength(label, font=font) for label, font in zip(labels, fonts)), default=0)
-    width = picture.shape[1] + 3 * margin + swatch + int(np.ceil(text_width))
+    # name and area drawn as two paragraphs: one would be laid out right to left after an Arabic or Hebrew name
+    # ("(%20.0) قطة"); this way the area stays on the right in every script
+    labels = [(name, f" ({area * 100:.1f}%)") for _, name, area in entries]
+    widest = max((text_width(name, size) + text_width(area, size) for name, area in labels), default=0)
+    width = picture.shape[1] + 3 * margin + swatch + int(np.ceil(widest))
     height = max(picture.shape[0], row_height * len(entries) + 2 * margin)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     canvas.paste(Image.fromarray(picture), (0, 0))
     draw = ImageDraw.Draw(canvas)
     x0 = picture.shape[1] + margin
-    for row, ((cls, _, _), label, font) in enumerate(zip(entries, labels, fonts)):
+    for row, ((cls, _, _), (name, area)) in enumerate(zip(entries, labels)):
         y = margin + row * row_height
         draw.rectangle([x0, y, x0 + swatch, y + swatch], fill=tuple(int(c) for c in colours[cls]), outline=(0, 0, 0))
-        draw.text((x0 + swatch + margin, y), label, fill=(0, 0, 0), font=font)
+        draw_text(draw, (draw_text(draw, (x0 + swatch + margin, y), name, size), y), area, size)
     return canvas

@@ -39,12 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--background-threshold", type=float, default=None,
                         help='OVSegmentor / GroupViT: "background" wins where no class scores above this (VOC: 0.95)')
     args = parser.parse_args(argv)
+    lock = None
     try:
         from ovseg_lab.build import model_from_checkpoint
         from ovseg_lab.predict import list_images, predict_paths, resolve_vocabulary, set_background_threshold
+        from ovseg_lab.run_folder import RunLock
 
         vocabulary = resolve_vocabulary(args.classes, args.vocab)
         output = output_folder(args.output, args.checkpoint)
+        # one writer per output folder (a second predict into it exits 2 naming this one), before minutes of loading
+        lock = RunLock.acquire(output, elsewhere="give another --output folder")
         device = checked_device(args.device)
         images = list_images(args.image)
         module, _ = model_from_checkpoint(args.checkpoint)
@@ -55,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 2
+    finally:
+        if lock is not None:
+            lock.release()
     for result in report.results:
         top = ", ".join(f"{name} {info['fraction'] * 100:.1f}%" for name, info in list(result.areas.items())[:5])
         print(f"{result.overlay_path}: {top}")

@@ -43,6 +43,57 @@ def test_valid_settings_pass(overrides):
     assert config_problems(compose("train", ["experiment=quickstart", *overrides])) == []
 
 
+@pytest.mark.parametrize("overrides, minimum, what", [
+    (["experiment=catseg_vitb16_coco"], 16, "patch of the model's CLIP image tower"),
+    (["experiment=quickstart", "model=costvolume"], 8, "patch of the model's CLIP image tower"),
+    (["experiment=lseg_ade20k"], 32, "1/32 level of LSeg's DPT pyramid"),  # ViT-L/16: the pyramid, not the patch
+    (["experiment=ovseg"], 32, "MaskFormer's size divisibility"),
+    (["experiment=quickstart", "model=ovsegmentor", "model.net.image_encoder.patch_size=16"], 16,
+     "patch of the group ViT image encoder"),
+    (["experiment=quickstart", "model=groupvit"], 8, "patch of the group ViT image encoder"),
+])
+def test_the_crop_check_asks_the_chosen_model_for_its_minimum(overrides, minimum, what):
+    """Each family's own minimum (one cell of its coarsest map), from its config: below it refused, at it accepted."""
+    from omegaconf import open_dict
+
+    cfg = compose("train", overrides)
+    with open_dict(cfg):
+        cfg.data.transform.crop_size = minimum - 1
+    below = config_problems(cfg)
+    assert any(f"crop_size={minimum - 1} is below the {minimum} px" in p and what in p for p in below), below
+    with open_dict(cfg):
+        cfg.data.transform.crop_size = minimum
+    assert not any("crop_size" in p for p in config_problems(cfg))
+
+
+def test_the_minimum_crops_are_the_models_real_limits():
+    """The rules match the nets: LSeg trains at its 32 px minimum (one cell at 1/32; BatchNorm needs a batch of 2
+    there) and OVSeg's strict tiny Swin accepts only crops that pad to its 64 px (the check refuses 96 up front)."""
+    import torch
+    from hydra.utils import instantiate
+
+    from ovseg_lab.build import resolved_model_config, without_init_files
+
+    def net(overrides):
+        model_cfg = resolved_model_config(compose("train", overrides))
+        without_init_files(model_cfg)
+        return instantiate(model_cfg.net)
+
+    lseg = net(["experiment=quickstart", "model=lseg"]).train()
+    from ovseg_lab.vocab import vocabulary_from_names
+
+    assert lseg(torch.rand(2, 3, 32, 32), vocabulary_from_names("a,b")).shape == (2, 2, 32, 32)
+
+    ovseg = ["experiment=quickstart", "model=ovseg"]
+    assert not any("crop_size" in p for p in config_problems(compose("train", [*ovseg, "data.transform.crop_size=64"])))
+    (problem,) = [p for p in config_problems(compose("train", [*ovseg, "data.transform.crop_size=96"])) if "crop" in p]
+    assert "built for 64 px" in problem and "strict_img_size=false" in problem
+    backbone = net(ovseg).maskformer.backbone
+    backbone(torch.rand(1, 3, 64, 64))
+    with pytest.raises(AssertionError, match="doesn't match model"):
+        backbone(torch.rand(1, 3, 96, 96))
+
+
 def test_a_setup_error_inside_instantiation_reaches_the_user_unwrapped(toy_data_dir, tmp_path):
     """A missing clip.weights file raises our SetupError inside Hydra's instantiate; the user (and error.txt, which
     make_table quotes) gets our paragraph, not 'InstantiationException: Error in call to target'."""

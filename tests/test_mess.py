@@ -193,3 +193,86 @@ def test_fake_folders_never_go_into_a_real_mess_root(tmp_path):
     with pytest.raises(DataError, match="not a folder of fake MESS datasets"):
         write_fake_root(tmp_path / "real", ["cwfid"])
     assert not (tmp_path / "real/cwfid").exists()
+
+
+def _toy_catseg_checkpoint(path):
+    """A checkpoint as train.py writes it for experiment=catseg_mess_toy (tiny CLIP, slim head), random weights."""
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    from ovseg_lab.build import resolved_model_config, without_init_files
+    from ovseg_lab.preflight import resolved_yaml
+
+    cfg = compose("train", ["experiment=catseg_mess_toy", "clip.weights=null"])
+    with open_dict(cfg):
+        del cfg["hydra"]
+    model_cfg = resolved_model_config(cfg)
+    without_init_files(model_cfg)
+    torch.save({"state_dict": instantiate(model_cfg).state_dict(), "ovseg_config": resolved_yaml(cfg)}, path)
+    return path
+
+
+def test_eval_of_a_toy_checkpoint_with_the_paper_recipe_builds_the_checkpoints_model(tmp_path, capsys):
+    """experiment=catseg_mess composes the paper CAT-Seg ViT-B/16; a toy checkpoint does not fit it, so eval builds
+    the net from the checkpoint's stored config (with a notice), keeps the recipe's protocol and the MESS data, and
+    records the evaluated model. A checkpoint without a stored config still gets the does-not-fit error."""
+    from omegaconf import open_dict
+
+    from ovseg_lab.data.mess import write_fake_root
+    from ovseg_lab.errors import SetupError
+    from ovseg_lab.runner import evaluate
+
+    ckpt = _toy_catseg_checkpoint(tmp_path / "toy.ckpt")
+    write_fake_root(tmp_path / "mess", ["chase_db1", "cwfid"], num_images=1, size=(32, 48))
+    run_dir = tmp_path / "run"
+    cfg = compose("eval", ["experiment=catseg_mess", f"ckpt={ckpt}", f"data.root={tmp_path / 'mess'}",
+                           "data/eval=[mess_chase_db1,mess_cwfid]", "data.num_workers=0", "logger=none", "trainer=cpu"],
+                  run_dir)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    evaluate(cfg)
+    err = capsys.readouterr().err
+    assert "does not fit this config's model" in err and "evaluation protocol (model.inference)" in err, err
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["mess_chase_db1"]["mIoU"] is not None and metrics["mess_hmean"]["mIoU"] is not None
+    record = (run_dir / "config_resolved.yaml").read_text()
+    assert "model_name: tiny" in record or "tiny" in record.split("clip:", 1)[1][:400], record[:2000]
+    assert "crop: 384" in record  # the recipe's sliding-window protocol, not the toy's
+
+    from hydra.utils import instantiate
+
+    from ovseg_lab.build import resolved_model_config
+    from ovseg_lab.runner import _model_fitting_checkpoint
+
+    bare = torch.load(ckpt, weights_only=True)
+    del bare["ovseg_config"]
+    other = instantiate(resolved_model_config(compose("eval", ["experiment=quickstart", "model=costvolume"])))
+    with pytest.raises(SetupError, match="does not fit the configured model"):
+        _model_fitting_checkpoint(cfg, other, bare)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_must_show_eval_command_on_fake_mess_folders(tmp_path):
+    """Issue 25's command as written, on fake folders of all 22 datasets (one small image each): exit 0,
+    metrics.json with per-dataset, per-domain, mean and harmonic-mean figures (5-10 min on 2 loaded cores)."""
+    import os
+    import subprocess
+    import sys
+
+    from ovseg_lab.data.mess import write_fake_root
+    from tests.conftest import ROOT
+
+    ckpt = _toy_catseg_checkpoint(tmp_path / "toy.ckpt")
+    write_fake_root(tmp_path / "mess", list(load_catalog()), num_images=1, size=(40, 56))
+    proc = subprocess.run([sys.executable, "eval.py", "experiment=catseg_mess", f"ckpt={ckpt}",
+                           f"data.root={tmp_path / 'mess'}", f"paths.log_dir={tmp_path / 'logs'}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1500, env={**os.environ, "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (metrics_path,) = (tmp_path / "logs" / "eval" / "toy").glob("*/metrics.json")
+    metrics = json.loads(metrics_path.read_text())
+    for key in load_catalog():
+        assert metrics[f"mess_{key}"]["mIoU"] is not None, key
+    for name in ("mess_paxray_4", "mess_domain_general", "mess_domain_earth_monitoring", "mess_domain_medical_sciences",
+                 "mess_domain_engineering", "mess_domain_agriculture_and_biology", "mess_mean", "mess_hmean"):
+        assert metrics[name]["mIoU"] is not None, name

@@ -64,15 +64,42 @@ def test_exif_orientation_is_applied_and_16_bit_images_are_scaled_with_a_warning
         read_photo(tmp_path / "portrait.jpg")  # no warning for an ordinary image
 
 
-def test_legend_renders_non_ascii_names_and_scales_with_the_image():
+def test_legend_renders_any_script_and_scales_with_the_image():
+    """Every character of a legend name is drawn in a font that has its glyph (no warning), CJK included on a
+    machine without a CJK font (the packaged Droid Sans Fallback); the drawn ideographs are glyphs, not the box
+    drawn for a code point no font has. The text grows with the picture."""
     from fontTools.ttLib import TTFont
+    from PIL import ImageDraw, ImageFont
 
-    from ovseg_lab.viz import font_for, with_legend
+    from ovseg_lab.viz import FALLBACK_FONT, _font_files, draw_text, font_runs, with_legend
 
-    for name in ("красный круг", "Ελληνικά", "straße café"):
-        path = font_for(name)
-        cmap = TTFont(path, fontNumber=0).getBestCmap()
-        assert all(ord(c) in cmap for c in name if not c.isspace()), (name, path)
+    names = ["красный круг", "Ελληνικά", "straße café", "猫 (12.3%)", "고양이 (1.0%)", "ねこ", "قطة", "חתול", "猫 cat кот"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "no font has glyphs for ..." would fail here
+        for name in names:
+            runs = font_runs(name)
+            assert "".join(chunk for chunk, _ in runs) == name
+            for chunk, path in runs:
+                cmap = TTFont(path, fontNumber=0).getBestCmap()
+                assert all(ord(c) in cmap for c in chunk if not c.isspace()), (name, chunk, path)
+    assert str(FALLBACK_FONT) in _font_files() and FALLBACK_FONT.is_file()
+
+    def ink(text: str, font=None) -> np.ndarray:
+        image = Image.new("L", (72, 72), 255)
+        draw = ImageDraw.Draw(image)
+        if font is None:
+            draw_text(draw, (4, 4), text, 48, fill=0)
+        else:
+            draw.text((4, 4), text, font=font, fill=0)
+        return np.array(image) < 128
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tofu = ink("\ue000")  # private use: no font has it, the .notdef box
+    cat, dog = ink("猫"), ink("犬")
+    assert cat.sum() > 100 and (cat != dog).sum() > 100 and (cat != tofu).sum() > 100
+    dejavu = ImageFont.truetype(_font_files()[0], 48)  # the comparison can fail: DejaVu alone draws 猫 as its box
+    assert (ink("猫", dejavu) == ink("\ue000", dejavu)).all()
 
     def panel(size: int) -> tuple[int, int]:
         picture = np.full((size, size * 4 // 3, 3), 128, np.uint8)

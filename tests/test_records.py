@@ -120,6 +120,64 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_notice(tmp_path, ca
         alive.wait()
 
 
+def _lock_holder(folder: Path) -> subprocess.Popen:
+    """Another process that holds the run-folder lock of ``folder`` until killed."""
+    code = ("import sys; from ovseg_lab.run_folder import RunLock; RunLock.acquire(sys.argv[1]); "
+            "print('locked', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_predict_into_a_busy_output_folder_exits_2_naming_the_first(tmp_path, capsys):
+    """The lock is taken before the checkpoint is read (a refusal costs no loading); once its owner is killed,
+    the next predict takes the stale lock over with a notice (and here stops at the empty image folder)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import predict as script
+
+    out = tmp_path / "pred"
+    args = ["--checkpoint", str(tmp_path / "none.ckpt"), "--image", str(tmp_path), "--classes", "a,b", "--output", str(out)]
+    holder = _lock_holder(out)
+    try:
+        assert script.main(args) == 2
+        err = capsys.readouterr().err
+        assert f"pid {holder.pid}" in err and "in use" in err and "--output" in err, err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing of the refused run
+    finally:
+        holder.kill()
+        holder.wait()
+    assert script.main(args) == 2
+    err = capsys.readouterr().err
+    assert "taking over the lock" in err and f"pid {holder.pid}" in err and "in use" not in err, err
+    assert "No images" in err  # past the lock, on to the next check
+    assert not (out / ".lock").exists()  # released at the end (atexit covers a crash)
+
+
+def test_a_pipeline_stage_folder_is_locked_while_its_stage_runs(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    import ovseg_lab.resolvers  # noqa: F401
+    from ovseg_lab.errors import RunFolderBusy
+    from ovseg_lab.pipeline import run_stages, stage_dir
+
+    cfg = OmegaConf.create({"seed": 1, "pipeline": {"dir": str(tmp_path), "inherit": ["seed"], "stages": {
+        "a": {"run": "tests.test_ovseg_pairs.fake_stage", "config": "mine", "overrides": ["proposals_ckpt=none"]}}}})
+    folder = Path(stage_dir("a", _root_=cfg))
+    holder = _lock_holder(folder)  # another job of a parallel sweep training the same stage
+    try:
+        with pytest.raises(RunFolderBusy, match=f"pid {holder.pid}.*one after another"):
+            run_stages(cfg)
+        assert not (tmp_path / "calls.txt").exists() and not (folder / "stage_done.json").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)  # the other job dies mid-stage
+        holder.wait()
+    assert run_stages(cfg) == [folder]
+    assert "taking over the lock" in capsys.readouterr().err
+    assert (tmp_path / "calls.txt").read_text().splitlines() == ["none"] and (folder / "stage_done.json").is_file()
+    assert not (folder / ".lock").exists()
+
+
 def test_atomic_writes_follow_the_process_umask(tmp_path):
     from ovseg_lab.lit.checkpoint_io import atomic_torch_save
     from ovseg_lab.utils.io import write_json
