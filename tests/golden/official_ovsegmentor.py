@@ -17,7 +17,10 @@ Stub-level adaptations (the official code runs unchanged otherwise):
   import mmseg and the data loaders), and single functions of main_pretrain.py (``process_text``) run from its
   source (:func:`official_stubs.detectron2_function`);
 - the image encoders run in eval mode inside the training forward (no Gumbel noise: hard arg-max assignment,
-  the same straight-through gradients), BERT with dropout 0, so the training step is deterministic.
+  the same straight-through gradients), BERT with dropout 0, so the training step is deterministic;
+- the training step runs in float64 on both sides (weights drawn in float32 as everywhere, then cast): its
+  projectors normalise a batch of 3 random-network features that differ little between samples, and in float32
+  that BatchNorm turns rounding (1e-7) into 1e-4 differences that say nothing about equality.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ CONFIG = {
     "image_size": 56, "patch_size": 4, "embed_dim": 32, "depths": [1, 1], "num_heads": 8, "num_group_tokens": [8, 0],
     "num_output_groups": [4], "output_dim": 16, "bert": {"hidden_size": 32, "num_hidden_layers": 2,
     "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 80, "hidden_dropout_prob": 0.0,
-    "attention_probs_dropout_prob": 0.0}, "batch": 3, "template": "a photo of a {}.",
+    "attention_probs_dropout_prob": 0.0, "initializer_range": 0.5}, "batch": 3, "template": "a photo of a {}.",
 }
 # captions of the loss batch: one unique entity each (the release joins a set of entities in hash order)
 LOSS_CAPTIONS = ["A brown dog sitting on the grass next to another dog.", "Two cats playing with a toy in the kitchen",
@@ -210,9 +213,14 @@ def build_official(root: Path, group_ratio: float, seed: int) -> tuple[nn.Module
 def loss_inputs(seed: int) -> dict[str, torch.Tensor]:
     """[0, 1] images of the loss batch and their partners (regenerated on both sides)."""
     gen = torch.Generator().manual_seed(seed + 11)
-    size = CONFIG["image_size"]
-    return {"image": torch.rand(CONFIG["batch"], 3, size, size, generator=gen),
-            "pair_image": torch.rand(CONFIG["batch"], 3, size, size, generator=gen)}
+    size, batch = CONFIG["image_size"], CONFIG["batch"]
+
+    def pictures() -> torch.Tensor:  # a few flat regions per picture, so that pictures differ clearly
+        coarse = torch.rand(batch, 3, 4, 4, generator=gen)
+        flat = torch.nn.functional.interpolate(coarse, size=(size, size), mode="nearest")
+        return (flat + 0.05 * torch.randn(batch, 3, size, size, generator=gen)).clamp(0, 1)
+
+    return {"image": pictures(), "pair_image": pictures()}
 
 
 def _normalise(images: torch.Tensor) -> torch.Tensor:
@@ -244,6 +252,7 @@ def _bn_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def make_step_fixture(root: Path, commit: str, seed: int, group_ratio: float) -> dict[str, Any]:
     """One training step of the release (stage 2: matching + masked entity + cross-image mask losses)."""
     model, recipe = build_official(root, group_ratio, seed)
+    model.double()
     module = _clip_dataset(root)
     template_index = module.full_imagenet_templates.index(CONFIG["template"])
     qa = official_questions(root, LOSS_CAPTIONS, template_index)
@@ -254,8 +263,8 @@ def make_step_fixture(root: Path, commit: str, seed: int, group_ratio: float) ->
     model.img_encoder.eval()
     model.img_encoder_momentum.eval()
     losses = model.forward_train(
-        image=_normalise(inputs["image"]), text=process_text(LOSS_CAPTIONS),
-        cross_image=_normalise(inputs["pair_image"]),
+        image=_normalise(inputs["image"]).double(), text=process_text(LOSS_CAPTIONS),
+        cross_image=_normalise(inputs["pair_image"]).double(),
         cross_entity=process_text(["A photo of " + e for e in PAIR_ENTITIES]),
         question=process_text([q for q, _ in qa]), answer=process_text([a for _, a in qa]), entity_masks=None,
         question_masks=None)
