@@ -139,3 +139,15 @@ def test_tsv_source_reads_paths_and_reports_failures(tmp_path):
     bad.write_text("link\tcaption\na.png\tx\n")
     with pytest.raises(DataError, match="image column"):
         list(from_table(bad))
+
+
+def test_official_parser_questions_reach_the_batch():
+    from ovseg_lab.data.captions import collate_captions, parsed_caption
+    from ovseg_lab.data.entities import build_parser
+
+    parser = build_parser("official")
+    items = [{"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "caption": c, "key": str(i), "skipped": 0, "reader": 0,
+              **parsed_caption(parser, c)} for i, c in enumerate(["A dog on a sofa", "Two cats"])]
+    batch = collate_captions(items)
+    assert batch["question"] == ["A [MASK] on a ofa", "Two [MASK]"]
+    assert batch["entities"] == [["dog"], ["cat"]] and batch["mentions"][1] == [[4, 8, "cat"]]
