@@ -248,3 +248,16 @@ def test_multi_label_can_be_added_to_entity_completion():
     assert set(losses) == {"contrastive", "entity", "multi_label", "loss"}
     assert torch.allclose(losses["loss"], losses["contrastive"] + losses["entity"] + losses["multi_label"])
     assert not hasattr(tiny_net("all_entities"), "multi_label_logit_scale")  # off by default (paper configs)
+
+
+def test_bert_offline_error_says_which_files_to_place_where():
+    from pathlib import Path
+
+    from ovseg_lab.errors import SetupError
+
+    files = Path(__file__).resolve().parent / "fixtures" / "bert_base_uncased"  # config + tokenizer, no weights
+    with pytest.raises(SetupError, match=r"config\.json, vocab\.txt and tokenizer_config\.json.*model\.safetensors.*pretrained="):
+        BertTextEncoder(pretrained=str(files))
+    tiny = BertTextEncoder(pretrained=str(files), pretrained_weights=False,
+                           config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 32})
+    assert tiny.width == 16 and tiny.mask_token_id == 103 and tiny.tokenize(["a dog"])["input_ids"].shape[1] == 77
