@@ -151,3 +151,24 @@ def test_official_parser_questions_reach_the_batch():
     batch = collate_captions(items)
     assert batch["question"] == ["A [MASK] on a ofa", "Two [MASK]"]
     assert batch["entities"] == [["dog"], ["cat"]] and batch["mentions"][1] == [[4, 8, "cat"]]
+
+
+def test_shards_written_with_the_official_parser_store_its_questions(tmp_path):
+    import io
+    import json
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from ovseg_lab.data.caption_shards import RawSample, write_caption_shards
+    from ovseg_lab.data.entities import OfficialEntityParser
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png, format="PNG")
+    samples = [RawSample(str(i), c, png.getvalue(), "png") for i, c in enumerate(["A man on a bus", "A bus"])]
+    stats = write_caption_shards(samples, tmp_path, OfficialEntityParser.load(), progress=False)
+    assert stats.kept == 1  # the release's parser never finds "bus" (strip("'s") -> "bu")
+    with tarfile.open(next(tmp_path.glob("shard-*.tar"))) as tar:
+        meta = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+    assert meta[0]["question"] == "A [MASK] on a bu" and meta[0]["entities"] == ["people"]

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ovseg_lab.data.caption_shards import from_toy, shard_urls, write_caption_shards
 from ovseg_lab.data.datamodule import SegmentationDataModule
-from ovseg_lab.data.entities import EntityParser, EntityVocabulary, build_parser
+from ovseg_lab.data.entities import EntityParser, EntityVocabulary, build_parser, parsed_caption
 from ovseg_lab.errors import DataError, SetupError
 from ovseg_lab.vocab import Vocabulary
 
@@ -145,7 +145,10 @@ class CaptionStream(IterableDataset):
                 continue
             item = {"image": image, "caption": caption, "mentions": meta.get("mentions", []),
                     "entities": meta.get("entities", []), "key": raw.get("__key__", "")}
-            if self.entity_parser is not None:  # re-parsed here instead of the shard's stored mentions
+            if "question" in meta:  # shards written with the official parser (make_caption_shards.py --parser official)
+                item["question"] = meta["question"]
+            if self.entity_parser is not None:  # re-parsed here instead of the shard's stored mentions (and question)
+                item.pop("question", None)
                 item.update(parsed_caption(self.entity_parser, caption))
             if self.noun_parser is not None:
                 item["noun_mentions"] = [m.to_list() for m in self.noun_parser.noun_mentions(caption)]
@@ -200,17 +203,6 @@ class CaptionStream(IterableDataset):
                 return
             bad, self._new_bad = self._new_bad, []
             yield {**item, "skipped": self.skipped, "reader": slot, "bad": bad}
-
-
-def parsed_caption(parser: Any, caption: str) -> dict[str, Any]:
-    """mentions / entities of a caption by ``parser``, and the release's masked ``question`` when the parser is
-    the official one (:class:`~ovseg_lab.data.entities.OfficialEntityParser`)."""
-    if getattr(parser, "kind", None) == "official":
-        question, mentions = parser.parse(caption)
-        extra = {"question": question}
-    else:
-        mentions, extra = parser.mentions(caption), {}
-    return {"mentions": [m.to_list() for m in mentions], "entities": list(dict.fromkeys(m.entity for m in mentions)), **extra}
 
 
 def collate_captions(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -214,7 +214,9 @@ class OfficialEntityParser:
                 if source == "ovsegmentor" else Path(source).expanduser())
         try:
             data = json.loads(path.read_text())
-            return cls(data["TOP_CLASSES_1"], data["syn_dict"], data["TOP_UNIQUE_CLASSES"], name=path.stem)
+            parser = cls(data["TOP_CLASSES_1"], data["syn_dict"], data["TOP_UNIQUE_CLASSES"], name=path.stem)
+            parser.vocabulary = EntityVocabulary.from_ovsegmentor_json(path)  # the same entities, for manifests
+            return parser
         except FileNotFoundError:
             raise DataError(f"Entity vocabulary file not found: {path}") from None
         except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -274,3 +276,14 @@ def build_parser(kind: str, vocabulary: str | Sequence[str] = "ovsegmentor", nou
     if kind == "ours":
         return EntityParser(EntityVocabulary.load(vocabulary), nouns)
     raise DataError(f"entities.parser must be one of {PARSERS}, got {kind!r}.")
+
+
+def parsed_caption(parser, caption: str) -> dict:
+    """mentions / entities of a caption by ``parser``, and the release's masked ``question`` when the parser is
+    the official one (:class:`~ovseg_lab.data.entities.OfficialEntityParser`)."""
+    if getattr(parser, "kind", None) == "official":
+        question, mentions = parser.parse(caption)
+        extra = {"question": question}
+    else:
+        mentions, extra = parser.mentions(caption), {}
+    return {"mentions": [m.to_list() for m in mentions], "entities": list(dict.fromkeys(m.entity for m in mentions)), **extra}
