@@ -20,7 +20,7 @@ PRETRAINED_FLAGS = ("backbone_pretrained", "pretrained_backbone", "text_pretrain
 # nodes that read files from the hub even for random weights (a tokenizer)
 NEEDS_HUB_FILES = ("ovseg_lab.models.text_encoders.BertTextEncoder",)
 # files a model initialises from at construction (earlier stages' outputs); a checkpoint already carries them
-INIT_FILE_KEYS = ("maskformer_weights", "clip_weights", "init_weights", "init_from")
+INIT_FILE_KEYS = ("maskformer_weights", "clip_weights", "init_weights", "init_from", "pretrained_weights")
 
 
 def compose_config(overrides: list[str], config_name: str = "train") -> DictConfig:

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ovseg_lab.data.caption_shards import from_toy, open_source, write_caption_shards  # noqa: E402
-from ovseg_lab.data.entities import EntityParser, EntityVocabulary  # noqa: E402
+from ovseg_lab.data.entities import EntityParser, EntityVocabulary, OfficialEntityParser  # noqa: E402
 from ovseg_lab.errors import SetupError  # noqa: E402
 
 
@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder for shard-*.tar and manifest.json")
     parser.add_argument("--entities", default=None,
                         help="'ovsegmentor' (the CC4M list, default for --source), a JSON file, or omit with --toy (its class names)")
+    parser.add_argument("--parser", choices=["ours", "official"], default="ours",
+                        help="entity parser: ours, or the OVSegmentor release's with its bugs (docs/fidelity.md); "
+                             "training can also re-parse at read time (data.entity_parser)")
     parser.add_argument("--keep-without-entity", action="store_true", help="keep captions that name no entity (CC12M as is)")
     parser.add_argument("--maxcount", type=int, default=10000, help="samples per shard")
     parser.add_argument("--max-size", type=int, default=None, help="re-encode images whose long side exceeds this (e.g. 512)")
@@ -44,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             vocabulary = EntityVocabulary.load(args.entities or "ovsegmentor")
             samples = open_source(args.source)
-        stats = write_caption_shards(samples, args.out, EntityParser(vocabulary), maxcount=args.maxcount,
+        entity_parser = (OfficialEntityParser.load(args.entities or "ovsegmentor") if args.parser == "official"
+                         else EntityParser(vocabulary))
+        stats = write_caption_shards(samples, args.out, entity_parser, maxcount=args.maxcount,
                                      require_entity=not args.keep_without_entity, max_size=args.max_size,
                                      overwrite=args.overwrite)
     except SetupError as err:

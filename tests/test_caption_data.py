@@ -139,3 +139,36 @@ def test_tsv_source_reads_paths_and_reports_failures(tmp_path):
     bad.write_text("link\tcaption\na.png\tx\n")
     with pytest.raises(DataError, match="image column"):
         list(from_table(bad))
+
+
+def test_official_parser_questions_reach_the_batch():
+    from ovseg_lab.data.captions import collate_captions, parsed_caption
+    from ovseg_lab.data.entities import build_parser
+
+    parser = build_parser("official")
+    items = [{"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "caption": c, "key": str(i), "skipped": 0, "reader": 0,
+              **parsed_caption(parser, c)} for i, c in enumerate(["A dog on a sofa", "Two cats"])]
+    batch = collate_captions(items)
+    assert batch["question"] == ["A [MASK] on a ofa", "Two [MASK]"]
+    assert batch["entities"] == [["dog"], ["cat"]] and batch["mentions"][1] == [[4, 8, "cat"]]
+
+
+def test_shards_written_with_the_official_parser_store_its_questions(tmp_path):
+    import io
+    import json
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from ovseg_lab.data.caption_shards import RawSample, write_caption_shards
+    from ovseg_lab.data.entities import OfficialEntityParser
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png, format="PNG")
+    samples = [RawSample(str(i), c, png.getvalue(), "png") for i, c in enumerate(["A man on a bus", "A bus"])]
+    stats = write_caption_shards(samples, tmp_path, OfficialEntityParser.load(), progress=False)
+    assert stats.kept == 1  # the release's parser never finds "bus" (strip("'s") -> "bu")
+    with tarfile.open(next(tmp_path.glob("shard-*.tar"))) as tar:
+        meta = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+    assert meta[0]["question"] == "A [MASK] on a bu" and meta[0]["entities"] == ["people"]

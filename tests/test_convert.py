@@ -192,3 +192,27 @@ def test_converted_lseg_checkpoint_predicts_through_the_predict_path(tmp_path):
     labels = predict_image(module, np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8),
                            vocabulary_from_names("cat,sofa,wall"))
     assert labels.shape == (50, 70) and labels.max() < 3
+
+
+def test_ovsegmentor_release_layouts_convert_to_the_same_weights():
+    """The release's DINO-initialised pos_embed (N, C) and the random-init one (1, N, C) give the same tensor;
+    1x1 Conv1d projector weights become Linear weights; unused modules are dropped; unknown keys are refused."""
+    from ovseg_lab.convert.ovsegmentor import convert_ovsegmentor_state_dict, ovsegmentor_overrides
+    from ovseg_lab.errors import SetupError
+
+    pos = torch.randn(1, 196, 8)
+    conv = torch.randn(4096, 8, 1)
+    base = {"img_encoder.pos_embed": pos, "img_projector.linear_hidden.0.weight": conv,
+            "multimodal_groupingblock.blocks.0.assign.q_proj.weight": torch.randn(8, 8),
+            "text_encoder.transformer.pooler.dense.weight": torch.randn(8, 8), "logit_scale_mask": torch.zeros(()),
+            "img_encoder_momentum.norm.weight": torch.ones(8),
+            "multimodal_groupingblock.blocks.0.post_attn.attn.qkv.weight": torch.randn(24, 8)}
+    batched = convert_ovsegmentor_state_dict(base)
+    dino = convert_ovsegmentor_state_dict({**base, "img_encoder.pos_embed": pos[0]})
+    assert set(batched) == {"net.image_encoder.pos_embed", "net.image_head.fc1.weight", "net.decoder.self_attn.attn.qkv.weight"}
+    assert torch.equal(batched["net.image_encoder.pos_embed"], dino["net.image_encoder.pos_embed"])
+    assert torch.equal(batched["net.image_head.fc1.weight"], conv[..., 0])
+    with pytest.raises(SetupError, match="Unrecognised OVSegmentor"):
+        convert_ovsegmentor_state_dict({**base, "something.else": torch.zeros(1)})
+    with pytest.raises(SetupError, match="pos_embed is missing"):
+        ovsegmentor_overrides({"text_projector.linear_out.weight": torch.zeros(1)})

@@ -69,3 +69,20 @@ def test_a_synonym_to_an_unknown_entity_is_a_clear_error(tmp_path):
     bad.write_text('{"TOP_CLASSES_1": ["kitten"], "syn_dict": {"kitten": "cat"}, "TOP_UNIQUE_CLASSES": ["dog"]}')
     with pytest.raises(DataError, match="kitten"):
         EntityVocabulary.load(str(bad))
+
+
+def test_official_parser_reproduces_the_release_bugs_and_ours_fixes_them():
+    from ovseg_lab.data.entities import OfficialEntityParser, build_parser
+
+    official, ours = build_parser("official"), build_parser("ours")
+    assert isinstance(official, OfficialEntityParser)
+    caption = "Sheep and sheep near a bus, a glass and two dogs."
+    question, mentions = official.parse(caption)
+    # capital "Sheep" survives strip("'s"), lower-case "sheep" -> "heep", "bus," keeps its comma, glass -> "gla"
+    assert question == "[MASK] and heep near a bus, a gla and two [MASK]"
+    assert [caption[m.start:m.end] for m in mentions] == ["Sheep", "dogs."]
+    assert ours.entities(caption) == ["sheep", "bus", "glass", "dog"]
+    # synonyms after lower-casing ("TV" works through the unique list, "T-shirt" never), irregular plurals
+    assert official.entities("Children watching TV in T-shirts") == ["people", "tv"]
+    with pytest.raises(Exception, match="entities.parser must be one of"):
+        build_parser("spacy")

@@ -15,7 +15,8 @@ from ovseg_lab.data.mask_pairs import PairShards, decode_pair, load_captions, mi
 from ovseg_lab.data.nouns import noun_phrases
 from ovseg_lab.data.toy import SURFACES, THING_COLOURS
 from ovseg_lab.errors import SetupError
-from ovseg_lab.lit.ovseg import CLIPAdaptModule, contrastive_loss, parse_adapt
+from ovseg_lab.layers.contrastive import info_nce
+from ovseg_lab.lit.ovseg import CLIPAdaptModule, parse_adapt
 from ovseg_lab.models.ovseg import OVSeg
 from tests.conftest import ROOT, small_toy_overrides
 from tests.test_ovseg import tiny_clip
@@ -102,13 +103,13 @@ def test_mining_needs_what_each_source_reads(tmp_path):
 def test_contrastive_loss_with_duplicate_nouns():
     image = F.normalize(torch.randn(4, 8), dim=-1)
     text = F.normalize(torch.randn(4, 8), dim=-1)
-    plain = contrastive_loss(image, text, torch.tensor(10.0))
+    plain = info_nce(image, text, torch.tensor(10.0), gather=False)
     logits = 10 * image @ text.t()
     reference = 0.5 * (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(logits.t(), torch.arange(4)))
     torch.testing.assert_close(plain, reference)
     # images 0 and 2 share text 0: both are its positives, no false negative between them
     groups = torch.tensor([0, 1, 0, 2])
-    unique = contrastive_loss(image, text[:3], torch.tensor(10.0), groups)
+    unique = info_nce(image, text[:3], torch.tensor(10.0), groups, gather=False)
     logits = 10 * image @ text[:3].t()
     i2t = F.cross_entropy(logits, groups)
     log_prob = logits.t().log_softmax(1)

@@ -150,11 +150,12 @@ def test_entity_masking_masks_whole_words_and_answers_name_them():
     tokens = [net.text_encoder.tokenizer.convert_ids_to_tokens(row) for row in masked]
     assert tokens[0][:7] == ["[CLS]", "a", "[MASK]", "[MASK]", "on", "a", "[MASK]"]
     assert tokens[2][:7] == ["[CLS]", "a", "[MASK]", "on", "a", "[MASK]", "[SEP]"]  # "bus" is masked
-    assert answers[0] == "a photo of a red circle and a grass."
+    assert answers[0] == "a photo of a red circle and grass"  # the release: template prefix + " and ".join
+    assert tiny_net("all_entities", entity_prompts="ours").masked_questions(batch)[1][0] == "a photo of a red circle and a grass."
     single = tiny_net("single_entity")
     spans, answers = single.masked_questions(batch)
     assert all(len({batch["caption"][i][s:e] for s, e in sp}) == 1 for i, sp in enumerate(spans))
-    nouns = tiny_net("all_nouns").masked_questions(batch)[1]
+    nouns = tiny_net("all_nouns", entity_prompts="ours").masked_questions(batch)[1]
     assert nouns[1] == "a photo of a sky." and nouns[2] == "a photo of a dog and a bus."
 
 
@@ -198,8 +199,13 @@ def test_cross_image_loss_is_zero_when_the_prediction_is_a_permutation_of_the_ta
     predicted = target[:, [1, 2, 0]].clone().requires_grad_(True)
     loss = cross_image_mask_loss(predicted, target, grid, None, 0.6)
     assert loss.item() == pytest.approx(0.0, abs=1e-4)
-    wrong = cross_image_mask_loss(-target, target, grid, None, 0.6)
+    wrong = cross_image_mask_loss(-target, target, grid, None, 0.6, reduction="per_mask")
     assert wrong > 0.25  # complements of the masks overlap the targets only partly
+    # the release's reduction: one Dice per image, summed over images / groups -> grows with the batch; ours does not
+    two = (-target).expand(2, -1, -1), target.expand(2, -1, -1)
+    official_one = cross_image_mask_loss(-target, target, grid, None, 0.6, reduction="official")
+    assert cross_image_mask_loss(*two, grid, None, 0.6, reduction="official") == pytest.approx(2 * official_one.item())
+    assert cross_image_mask_loss(*two, grid, None, 0.6, reduction="per_mask") == pytest.approx(wrong.item())
     # groups not selected receive no gradient
     selected = torch.tensor([[True, False, False]])
     noisy = (target + torch.randn_like(target)).requires_grad_(True)
@@ -211,6 +217,10 @@ def test_related_groups_are_the_most_similar_to_the_entity():
     groups = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [-1.0, 0.0]]])
     entity = torch.tensor([[1.0, 0.1]])
     assert select_related_groups(groups, entity, 0.5).tolist() == [[True, False, True, False]]
+    assert select_related_groups(groups, entity, 0.5, "train_most").tolist() == [[True, False, True, False]]
+    # 0.25: the release detaches the 1 least related group (trains 3); ours trains the 1 most related
+    assert select_related_groups(groups, entity, 0.25, "detach_least").tolist() == [[True, True, True, False]]
+    assert select_related_groups(groups, entity, 0.25, "train_most").tolist() == [[True, False, False, False]]
 
 
 def test_stage_two_cross_image_loss_and_momentum_update():
@@ -238,3 +248,16 @@ def test_multi_label_can_be_added_to_entity_completion():
     assert set(losses) == {"contrastive", "entity", "multi_label", "loss"}
     assert torch.allclose(losses["loss"], losses["contrastive"] + losses["entity"] + losses["multi_label"])
     assert not hasattr(tiny_net("all_entities"), "multi_label_logit_scale")  # off by default (paper configs)
+
+
+def test_bert_offline_error_says_which_files_to_place_where():
+    from pathlib import Path
+
+    from ovseg_lab.errors import SetupError
+
+    files = Path(__file__).resolve().parent / "fixtures" / "bert_base_uncased"  # config + tokenizer, no weights
+    with pytest.raises(SetupError, match=r"config\.json, vocab\.txt and tokenizer_config\.json.*model\.safetensors.*pretrained="):
+        BertTextEncoder(pretrained=str(files))
+    tiny = BertTextEncoder(pretrained=str(files), pretrained_weights=False,
+                           config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 32})
+    assert tiny.width == 16 and tiny.mask_token_id == 103 and tiny.tokenize(["a dog"])["input_ids"].shape[1] == 77

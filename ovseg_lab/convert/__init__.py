@@ -17,6 +17,7 @@ from ovseg_lab.convert.groupvit import (
 )
 from ovseg_lab.convert.lseg import convert_lseg_state_dict, lseg_overrides
 from ovseg_lab.convert.ovseg import convert_ovseg_clip_state_dict
+from ovseg_lab.convert.ovsegmentor import convert_ovsegmentor_state_dict, ovsegmentor_overrides
 
 Converter = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -46,4 +47,8 @@ FORMATS: dict[str, Format] = {
     "ovseg": Format(convert_ovseg_clip_state_dict, ["experiment=ovseg", "clip.mask_prompt_depth=3"], part="net.clip.",
                     usage="python eval.py experiment=ovseg ckpt=<MaskFormer last.ckpt> clip.mask_prompt_depth=3 "
                           "model.net.clip_weights={out}"),
+    # OVSegmentor's MultiLabelContrastive (stage 1 or 2): group ViT sizes and BERT size read off the checkpoint,
+    # BERT's tokenizer from model.net.text_encoder.pretrained (bert-base-uncased)
+    "ovsegmentor": Format(convert_ovsegmentor_state_dict, ["model=ovsegmentor"],
+                          usage="python eval.py ckpt={out} {overrides}", detect=ovsegmentor_overrides),
 }

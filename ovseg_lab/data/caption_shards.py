@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
-from ovseg_lab.data.entities import EntityParser
+from ovseg_lab.data.entities import EntityParser, parsed_caption
 from ovseg_lab.errors import DataError
 from ovseg_lab.utils.io import write_json
 
@@ -200,7 +200,7 @@ def check_image(data: bytes, max_size: int | None = None) -> tuple[bytes, str | 
 def write_caption_shards(
     samples: Iterable[RawSample],
     out_dir: str | Path,
-    parser: EntityParser,
+    parser: EntityParser,  # or OfficialEntityParser (its masked questions are stored too)
     maxcount: int = 10000,
     require_entity: bool = True,
     max_size: int | None = None,
@@ -238,12 +238,11 @@ def write_caption_shards(
                     stats.unreadable += 1
                     stats.examples_unreadable.append(f"{sample.source or sample.key}: {error}")
                     continue
-                mentions = parser.mentions(sample.caption)
-                if require_entity and not mentions:
+                parsed = parsed_caption(parser, sample.caption)
+                if require_entity and not parsed["mentions"]:
                     stats.without_entity += 1
                     continue
-                meta = {"entities": list(dict.fromkeys(m.entity for m in mentions)),
-                        "mentions": [m.to_list() for m in mentions], "source": sample.source}
+                meta = {**parsed, "source": sample.source}
                 ext = "jpg" if max_size and data is not sample.image else sample.extension
                 writer.write({"__key__": f"{stats.kept:09d}", ext: data, "txt": sample.caption,
                               "json": json.dumps(meta).encode()})

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ovseg_lab.data.caption_shards import from_toy, shard_urls, write_caption_shards
 from ovseg_lab.data.datamodule import SegmentationDataModule
-from ovseg_lab.data.entities import EntityParser, EntityVocabulary
+from ovseg_lab.data.entities import EntityParser, EntityVocabulary, build_parser, parsed_caption
 from ovseg_lab.errors import DataError, SetupError
 from ovseg_lab.vocab import Vocabulary
 
@@ -84,6 +84,7 @@ class CaptionStream(IterableDataset):
         pair_images: bool = False,
         pair_buffer: int = 512,
         noun_parser: EntityParser | None = None,
+        entity_parser: Any = None,
     ) -> None:
         super().__init__()
         if not urls:
@@ -97,6 +98,7 @@ class CaptionStream(IterableDataset):
         self.pair_images = pair_images
         self.pair_buffer = pair_buffer
         self.noun_parser = noun_parser
+        self.entity_parser = entity_parser
         self.skipped = 0
         self._new_bad: list[dict[str, str]] = []  # skipped since the last yielded item: {"bad": name, "reason"}
         self._passes = 0
@@ -143,6 +145,11 @@ class CaptionStream(IterableDataset):
                 continue
             item = {"image": image, "caption": caption, "mentions": meta.get("mentions", []),
                     "entities": meta.get("entities", []), "key": raw.get("__key__", "")}
+            if "question" in meta:  # shards written with the official parser (make_caption_shards.py --parser official)
+                item["question"] = meta["question"]
+            if self.entity_parser is not None:  # re-parsed here instead of the shard's stored mentions (and question)
+                item.pop("question", None)
+                item.update(parsed_caption(self.entity_parser, caption))
             if self.noun_parser is not None:
                 item["noun_mentions"] = [m.to_list() for m in self.noun_parser.noun_mentions(caption)]
             yield item
@@ -231,7 +238,7 @@ def noun_prompts(caption: str, nouns: Sequence[str], k: int, templates: Sequence
 def collate_captions(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack images; keep texts and mention lists as lists."""
     out: dict[str, Any] = {"image": torch.stack([b["image"] for b in batch])}
-    for key in ("caption", "mentions", "entities", "key", "noun_mentions", "pair_entity"):
+    for key in ("caption", "mentions", "entities", "key", "noun_mentions", "pair_entity", "question"):
         if key in batch[0]:
             out[key] = [b[key] for b in batch]
     if "pair_image" in batch[0]:
@@ -257,6 +264,11 @@ class CaptionDataModule(SegmentationDataModule):
         image_size, scale, flip: training augmentation (:class:`CaptionTransform`).
         pair_images: pair samples that share an entity (stage 2, cross-image mask consistency).
         nouns: a word list for the "all nouns" masking ablation (None: unavailable).
+        entity_parser: parse every caption when it is read, overriding the shard's stored mentions: ``official``
+            (the release's parser with its bugs, :class:`~ovseg_lab.data.entities.OfficialEntityParser`, also
+            giving the release's masked questions; paper recipes) or ``ours`` over ``entity_source``; None: use
+            the mentions stored in the shards (the toy).
+        entity_source: the entity file the re-parsing reads ("ovsegmentor": the packaged CC4M list).
         entity_vocabulary: what ``toy_shards`` parses ("train": the training class names, or see
             :meth:`EntityVocabulary.load`).
     """
@@ -285,6 +297,8 @@ class CaptionDataModule(SegmentationDataModule):
         shuffle_seed: int = 0,
         max_bad_samples: int | None = 100,
         max_bad_fraction: float | None = 0.01,
+        entity_parser: str | None = None,
+        entity_source: str = "ovsegmentor",
     ) -> None:
         super().__init__(train=train, eval=eval, batch_size=batch_size, eval_batch_size=eval_batch_size,
                          num_workers=num_workers, transform=transform, generate_toy=generate_toy, pin_memory=pin_memory,
@@ -304,6 +318,9 @@ class CaptionDataModule(SegmentationDataModule):
                 raise DataError(f"Noun list {path} (data.nouns) not found.")
             nouns = [w.strip() for w in path.read_text().splitlines() if w.strip()]
         self.nouns = list(nouns) if nouns is not None else None
+        if entity_parser not in (None, "official", "ours"):
+            raise DataError(f"data.entity_parser must be official, ours or null, got {entity_parser!r}.")
+        self.entity_parser, self.entity_source = entity_parser, entity_source
         self.seed = seed
         self._stream: CaptionStream | None = None
 
@@ -371,6 +388,7 @@ class CaptionDataModule(SegmentationDataModule):
             shard_urls(self.shard_location), self.caption_transform, self.steps_per_epoch * self.batch_size,
             rank=rank, world_size=world_size, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
             pair_images=self.pair_images, pair_buffer=self.pair_buffer, noun_parser=noun_parser,
+            entity_parser=build_parser(self.entity_parser, self.entity_source) if self.entity_parser else None,
         )
 
     def train_dataloader(self) -> DataLoader:

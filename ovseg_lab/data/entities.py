@@ -7,7 +7,8 @@ caption, offline: words are lower-cased and lemmatised with simplemma ("buses" -
 wins ("red circle" before "circle"). The released OVSegmentor stripped possessives with ``str.strip("'s")``,
 which eats any leading or trailing ``s`` and ``'`` characters, so "bus", "glass", "sheep", "sofa", "sink",
 "spoon" and "shirt" were never found; here every mention keeps its exact character span in the caption,
-which is what the masking uses.
+which is what the masking uses. :class:`OfficialEntityParser` is the released parser with all its bugs, for the
+paper recipes (``data.entity_parser: official``); the golden test compares it with the release on 36 captions.
 """
 
 from __future__ import annotations
@@ -172,3 +173,117 @@ class EntityParser:
         if self.nouns is None:
             raise DataError("No noun lexicon configured: the 'all_nouns' masking objective needs data.nouns (a word list).")
         return [Mention(w.start, w.end, w.norm) for w in split_words(caption) if w.norm in self.nouns]
+
+
+# ------------------------------------------------------------------------------------------ the release's parser
+# WordNet's noun rules (nltk's morphy, MORPHOLOGICAL_SUBSTITUTIONS["n"]) and the irregular plurals of its
+# noun.exc that end on an entity word; the release lemmatises with nltk's WordNetLemmatizer, whose data cannot be
+# installed offline. Only the answer "is the lemma an entity word, and which" matters, which these reproduce.
+WORDNET_NOUN_RULES = (("s", ""), ("ses", "s"), ("ves", "f"), ("xes", "x"), ("zes", "z"), ("ches", "ch"),
+                      ("shes", "sh"), ("men", "man"), ("ies", "y"))
+WORDNET_NOUN_EXCEPTIONS = {"children": "child", "men": "man", "women": "woman", "mice": "mouse", "kine": "cow"}
+
+
+class OfficialEntityParser:
+    """The released OVSegmentor parser, bugs included (datasets/clip_dataset.py:203-269), for paper recipes.
+
+    Per space-separated word: ``word.strip("'s")`` (strips any leading/trailing ``'`` and lower-case ``s``
+    characters, so "bus" -> "bu", "glass" -> "gla", "sheep" -> "heep", but "Sheep" stays), then only ``.`` is
+    removed, the lower-cased word is lemmatised (WordNet; after the strip, so "buses" -> "buse" is no plural any
+    more), the synonym map is looked up after lower-casing (its keys "TV", "T-shirt", "T-Shirt" never match),
+    and the lemma must be one of the unique entities. The question is the caption with every entity word
+    replaced by "[MASK]" and every other word kept *stripped* ("Bus's" -> "Bu"), apostrophes removed; entities
+    keep their order of mention (the release joins a Python ``set`` of them, in hash order).
+
+    ``parser: ours`` (:class:`EntityParser`) fixes all of this; the toy uses it.
+    """
+
+    kind = "official"
+
+    def __init__(self, words: Sequence[str], synonyms: Mapping[str, str], unique: Sequence[str], name: str = "ovsegmentor") -> None:
+        self.name = name
+        self.words = tuple(words)
+        self.synonyms = dict(synonyms)
+        self.unique = frozenset(unique)
+        # lemmas that can name an entity: the unique names and the synonym keys as the lookup sees them
+        self._targets = self.unique | set(self.synonyms)
+
+    @classmethod
+    def load(cls, source: str = "ovsegmentor") -> "OfficialEntityParser":
+        path = (Path(str(resources.files("ovseg_lab") / "assets" / "vocab" / "ovsegmentor_entities.json"))
+                if source == "ovsegmentor" else Path(source).expanduser())
+        try:
+            data = json.loads(path.read_text())
+            parser = cls(data["TOP_CLASSES_1"], data["syn_dict"], data["TOP_UNIQUE_CLASSES"], name=path.stem)
+            parser.vocabulary = EntityVocabulary.from_ovsegmentor_json(path)  # the same entities, for manifests
+            return parser
+        except FileNotFoundError:
+            raise DataError(f"Entity vocabulary file not found: {path}") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise DataError(f"{path} is not an OVSegmentor entity file (needs TOP_CLASSES_1, syn_dict, "
+                            f"TOP_UNIQUE_CLASSES) as the official parser requires: {err}") from None
+
+    def lemma(self, word: str) -> str:
+        """WordNet noun lemma of a lower-case word, as far as it decides entity membership."""
+        forms = [word, WORDNET_NOUN_EXCEPTIONS[word]] if word in WORDNET_NOUN_EXCEPTIONS else [word] + [
+            word[: -len(old)] + new for old, new in WORDNET_NOUN_RULES if word.endswith(old)]
+        known = [f for f in forms if f in self._targets]
+        return min(known, key=len) if known else word
+
+    def judge(self, word: str) -> str | None:
+        """The entity a (stripped) word names, or None (``judge_noun``, clip_dataset.py:203-214)."""
+        lemma = self.lemma(word.replace(".", "").lower())
+        lemma = self.synonyms.get(lemma, lemma)
+        return lemma if lemma in self.unique else None
+
+    def parse(self, caption: str) -> tuple[str, list[Mention]]:
+        """(question, mentions): the release's masked question and the space-separated words it masked (spans
+        of the whole word in ``caption``, punctuation included)."""
+        question, mentions, position = "", [], 0
+        for raw in caption.split(" "):
+            start = position
+            position += len(raw) + 1
+            word = raw.strip("'s").strip(" ").strip("\n")
+            entity = self.judge(word)
+            if entity is not None:
+                question += "[MASK] "
+                mentions.append(Mention(start, start + len(raw), entity))
+            else:
+                question += word + " "
+        return question.replace("'", "").strip(), mentions
+
+    def mentions(self, caption: str) -> list[Mention]:
+        return self.parse(caption)[1]
+
+    def question(self, caption: str) -> str:
+        return self.parse(caption)[0]
+
+    def entities(self, caption: str) -> list[str]:
+        return list(dict.fromkeys(m.entity for m in self.mentions(caption)))
+
+
+PARSERS = ("official", "ours")
+
+
+def build_parser(kind: str, vocabulary: str | Sequence[str] = "ovsegmentor", nouns: Iterable[str] | None = None):
+    """``official`` (:class:`OfficialEntityParser`, needs an OVSegmentor entity file) or ``ours``
+    (:class:`EntityParser`)."""
+    if kind == "official":
+        if not isinstance(vocabulary, str):
+            raise DataError("entities.parser=official reads an OVSegmentor entity file (TOP_CLASSES_1, syn_dict, "
+                            "TOP_UNIQUE_CLASSES); a list of names needs parser=ours.")
+        return OfficialEntityParser.load(vocabulary)
+    if kind == "ours":
+        return EntityParser(EntityVocabulary.load(vocabulary), nouns)
+    raise DataError(f"entities.parser must be one of {PARSERS}, got {kind!r}.")
+
+
+def parsed_caption(parser, caption: str) -> dict:
+    """mentions / entities of a caption by ``parser``, and the release's masked ``question`` when the parser is
+    the official one (:class:`~ovseg_lab.data.entities.OfficialEntityParser`)."""
+    if getattr(parser, "kind", None) == "official":
+        question, mentions = parser.parse(caption)
+        extra = {"question": question}
+    else:
+        mentions, extra = parser.mentions(caption), {}
+    return {"mentions": [m.to_list() for m in mentions], "entities": list(dict.fromkeys(m.entity for m in mentions)), **extra}

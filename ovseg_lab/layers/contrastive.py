@@ -24,16 +24,28 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
-def info_nce(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE of matching rows: image (B, C), text (B, C), both L2-normalised here.
+def info_nce(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, groups: torch.Tensor | None = None,
+             gather: bool = True) -> torch.Tensor:
+    """Symmetric InfoNCE: image (B, C) against text (T, C), both L2-normalised here.
 
-    Each local row is contrasted against the rows of every rank; its positive sits at ``rank * B + i``.
+    groups None: T == B and row i of each side is the other's positive (duplicates are negatives, as in CLIP and
+    OVSegmentor); with ``gather`` each local row is contrasted against the rows of every rank and its positive
+    sits at ``rank * B + i``. groups (B,): the index of each image's text among T unique texts (OVSeg's noun
+    batches, local only): every image of a text counts as that text's positive.
     """
     image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
-    rank, _ = world()
+    if groups is not None:
+        logits = logit_scale * image @ text.t()
+        image_to_text = F.cross_entropy(logits, groups)
+        positives = F.one_hot(groups, text.shape[0]).t().to(logits.dtype)  # (T, B)
+        log_prob = logits.t().log_softmax(dim=1)
+        text_to_image = -((log_prob * positives).sum(1) / positives.sum(1).clamp(min=1)).mean()
+        return 0.5 * (image_to_text + text_to_image)
+    rank = world()[0] if gather else 0
     labels = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
-    logits_image = logit_scale * image @ gather_with_grad(text).t()
-    logits_text = logit_scale * text @ gather_with_grad(image).t()
+    texts, images = (gather_with_grad(text), gather_with_grad(image)) if gather else (text, image)
+    logits_image = logit_scale * image @ texts.t()
+    logits_text = logit_scale * text @ images.t()
     return 0.5 * (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels))
 
 

@@ -65,26 +65,45 @@ def lr_schedule(
     warmup_factor: float = 0.001,
     power: float = 0.9,
     min_factor: float = 0.0,
+    style: str = "scaled",
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step schedule: linear warm-up from ``warmup_factor``, then cosine / poly decay or constant."""
+    """Per-step schedule: linear warm-up from ``warmup_factor``, then cosine / poly decay (to ``min_factor``) or
+    constant; factors are of each parameter group's base lr.
+
+    style ``scaled`` (ours): the warm-up factor multiplies the decay curve. ``timm``: timm's
+    ``CosineLRScheduler(t_in_epochs=False)`` driven as GroupViT / OVSegmentor drive it (utils/lr_scheduler.py,
+    main_pretrain.py:351-356): a plain linear warm-up from ``warmup_factor`` to 1 over ``warmup_steps``, the cosine
+    counted from step 0 (so it starts below its top), ``min_factor`` from ``total_steps`` on, and ``step_update``
+    called after each optimizer step, so step s uses the value of step max(s - 1, 0).
+    """
     if kind not in ("cosine", "poly", "constant"):
         raise ValueError(f"unknown schedule kind {kind!r}")
+    if style not in ("scaled", "timm"):
+        raise ValueError(f"unknown schedule style {style!r} (scaled or timm)")
     total_steps = max(1, int(total_steps))
 
+    def decay(step: int) -> float:
+        progress = min(1.0, step / total_steps)
+        if kind == "cosine":
+            value = 0.5 * (1 + math.cos(math.pi * progress))
+        elif kind == "poly":
+            value = (1 - progress) ** power
+        else:
+            value = 1.0
+        return min_factor + (1 - min_factor) * value
+
     def factor(step: int) -> float:
+        if style == "timm":
+            t = max(step - 1, 0)
+            if t < warmup_steps:
+                return warmup_factor + t * (1 - warmup_factor) / warmup_steps
+            return decay(t) if t < total_steps else min_factor
         if step < warmup_steps:
             alpha = step / max(1, warmup_steps)
             warm = warmup_factor * (1 - alpha) + alpha
         else:
             warm = 1.0
-        progress = min(1.0, step / total_steps)
-        if kind == "cosine":
-            decay = 0.5 * (1 + math.cos(math.pi * progress))
-        elif kind == "poly":
-            decay = (1 - progress) ** power
-        else:
-            decay = 1.0
-        return warm * (min_factor + (1 - min_factor) * decay)
+        return warm * decay(step)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

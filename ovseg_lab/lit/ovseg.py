@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ovseg_lab.errors import SetupError
 from ovseg_lab.eval.inference import segment
+from ovseg_lab.layers.contrastive import info_nce
 from ovseg_lab.lit.base import OpenVocabModule, to_unit_float
 from ovseg_lab.utils.weights import load_state_from
 from ovseg_lab.utils.io import atomic_path
@@ -85,23 +86,6 @@ def parse_adapt(adapt: str) -> list[str]:
     if bad or len(set(phases)) != len(phases):
         raise SetupError(f"model.adapt='{adapt}': use phases from {ADAPT_KINDS} joined by '_' (each once), e.g. ft_mpt.")
     return phases
-
-
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric InfoNCE between L2-normalised image (B, C) and text (T, C) embeddings.
-
-    groups (B,): index of each image's text. None: T == B and pair i matches text i (duplicates are negatives,
-    as in CLIP). Otherwise texts are unique and every image of a text counts as its positive.
-    """
-    logits = scale * image @ text.t()
-    if groups is None:
-        target = torch.arange(image.shape[0], device=image.device)
-        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
-    image_to_text = F.cross_entropy(logits, groups)
-    positives = F.one_hot(groups, text.shape[0]).t().float()  # (T, B)
-    log_prob = logits.t().log_softmax(dim=1)
-    text_to_image = -((log_prob * positives).sum(1) / positives.sum(1).clamp(min=1)).mean()
-    return 0.5 * (image_to_text + text_to_image)
 
 
 class CLIPAdaptModule(LabelAwareEval):
@@ -233,7 +217,7 @@ class CLIPAdaptModule(LabelAwareEval):
         prompts = [self.train_template.format(t) for t in unique]
         with torch.set_grad_enabled(self.phases[self._phase] == "pretrain"):
             text = F.normalize(clip.encode_text(prompts).float(), dim=-1)
-        loss = contrastive_loss(image, text, clip.model.logit_scale.exp().clamp(max=100), groups)
+        loss = info_nce(image, text, clip.model.logit_scale.exp().clamp(max=100), groups, gather=False)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=crops.shape[0])
         self.log("train/phase", float(self._phase), on_step=True, on_epoch=False, batch_size=crops.shape[0])
         return loss

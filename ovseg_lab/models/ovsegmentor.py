@@ -265,16 +265,23 @@ class ProjectionHead(nn.Module):
 class MultimodalDecoder(nn.Module):
     """Caption tokens read the segment tokens (cross-attention), then attend to each other (one block).
 
-    OVSegmentor's masked-entity decoder: token 0 of the output summarises the masked caption completed by the
-    image. ``use_groups=False`` skips the cross-attention (the "MLM without groups" ablation).
+    OVSegmentor's masked-entity decoder (``MultimodalGroupingBlock``, models/multi_label_contrastive.py:150-186):
+    token 0 of the output summarises the masked caption completed by the image. ``use_groups=False`` skips the
+    cross-attention (the "MLM without groups" ablation). The self-attention block is timm's ``Block`` (the
+    release's ``AttnBlock``: norm1, fused qkv, norm2, mlp, same parameter names).
+
+    padding_mask: mask padding tokens out of the self-attention (ours). The release passes its mask to an
+    attention that ignores it (models/group_vit.py:337-374), so padding tokens are attended to (paper recipes:
+    False).
     """
 
-    def __init__(self, dim: int, num_heads: int = 8) -> None:
+    def __init__(self, dim: int, num_heads: int = 8, padding_mask: bool = False) -> None:
         super().__init__()
+        self.padding_mask = padding_mask
         self.norm_text = nn.LayerNorm(dim)
         self.norm_visual = nn.LayerNorm(dim)
         self.cross = CrossAttnBlock(dim, num_heads, post_norm=True)
-        self.self_attn = CrossAttnBlock(dim, num_heads)
+        self.self_attn = Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=nn.LayerNorm)
         self.norm_out = nn.LayerNorm(dim)
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
@@ -282,7 +289,8 @@ class MultimodalDecoder(nn.Module):
         text = self.norm_text(text)
         if visual is not None:
             text = self.cross(text, self.norm_visual(visual))
-        out = self.self_attn(text, text, key_padding_mask=text_mask == 0) + text
+        attend = (text_mask != 0)[:, None, None, :] if self.padding_mask else None
+        out = self.self_attn(text, attn_mask=attend) + text
         return self.norm_out(out)
 
 
@@ -321,9 +329,27 @@ class OVSegmentor(nn.Module):
         add_multi_label: add the multi-label loss to any other objective (the release's ``multi_label > 0``;
             off in the paper's OVSegmentor configs, on for the toy, whose captions never name a single entity).
         cross_image_weight: weight of the cross-image mask consistency (stage 2: 0.1; 0 = off, no momentum encoder).
-        cross_threshold / group_ratio / momentum / mask_size: its binarisation factor (0.6), fraction of groups
-            trained (0.5: the 4 of 8 most related to the shared entity), EMA (0.99), mask resolution (224).
-        answer_templates: templates of the entity prompts ("a photo of a {}."), filled with "cat and a tree".
+        cross_threshold / group_ratio / momentum / mask_size: its binarisation factor (0.6), share of groups (0.5),
+            EMA (0.99), mask resolution (224).
+        group_ratio_mode: ``detach_least`` (the release, models/multi_label_contrastive.py:675-679: the
+            int(G * ratio) groups LEAST related to the shared entity are detached, the rest trained) or
+            ``train_most`` (ours: the round(G * ratio) MOST related groups are trained). Equal at 0.5.
+        dice_reduction: ``official`` (models/losses.py:103-131: one Dice per image over all its groups' pixels,
+            summed over images, divided by the number of groups, so it grows with the per-GPU batch) or
+            ``per_mask`` (ours: the mean Dice of the matched masks).
+        decoder_padding_mask: mask caption padding in the entity decoder's self-attention (ours); the release's
+            attention ignores the mask it is given (False in paper recipes).
+        projector_statistics: ``official`` projects, as the release does, the momentum branch and every token of
+            every text too (their outputs unused) so the projectors' BatchNorm running statistics see what the
+            release's see (image projector 2 / 4 updates per step in stage 1 / 2, text projector 6 / 8); ``ours``
+            projects only what a loss reads (2 and 2 / 3; the default, as GroupViT's release projects no more).
+        momentum_mode: ``train`` (the release: the momentum encoder is a submodule of the model in train mode, so
+            stochastic depth and Gumbel noise act on it) or ``eval`` (ours: fixed targets).
+        entity_prompts: ``official``: answers are the template's prefix + the entities joined by " and " ("a photo
+            of a cat and dog", datasets/clip_dataset.py:268) and the shared entity's prompt is "A photo of " +
+            entity (clip_dataset.py:184); ``ours``: the whole template filled with "cat and a dog" and
+            ``prompt_template`` for the shared entity.
+        answer_templates: templates of the entity prompts ("a photo of a {}.").
         prompt_template: zero-shot class prompt.
         background_thresholds: vocabulary (benchmark) name -> threshold for its class named "background".
         topk_classes: restrict every image to its top-k classes by image-level similarity (None: off).
@@ -353,6 +379,12 @@ class OVSegmentor(nn.Module):
         group_ratio: float = 0.5,
         momentum: float = 0.99,
         mask_size: int | None = 224,
+        group_ratio_mode: str = "detach_least",
+        dice_reduction: str = "official",
+        decoder_padding_mask: bool = False,
+        projector_statistics: str = "ours",
+        momentum_mode: str = "train",
+        entity_prompts: str = "official",
         answer_templates: str | Sequence[str] = "imagenet80",
         prompt_template: str = "a photo of a {}.",
         logit_scale_init: float = 1 / 0.07,
@@ -369,6 +401,15 @@ class OVSegmentor(nn.Module):
         if objective in MASKING_OBJECTIVES + ("mlm", "mlm_nogroups") and not getattr(text_encoder, "supports_masking", False):
             raise SetupError(f"The '{objective}' objective masks caption tokens and needs the BERT text encoder "
                              f"(model.net.text_encoder), not {type(text_encoder).__name__}.")
+        for name, value, allowed in (("group_ratio_mode", group_ratio_mode, ("detach_least", "train_most")),
+                                     ("dice_reduction", dice_reduction, ("official", "per_mask")),
+                                     ("projector_statistics", projector_statistics, ("official", "ours")),
+                                     ("momentum_mode", momentum_mode, ("train", "eval")),
+                                     ("entity_prompts", entity_prompts, ("official", "ours"))):
+            if value not in allowed:
+                raise SetupError(f"model.net.{name} must be one of {allowed}, got '{value}'.")
+        self.group_ratio_mode, self.dice_reduction = group_ratio_mode, dice_reduction
+        self.projector_statistics, self.momentum_mode, self.entity_prompts = projector_statistics, momentum_mode, entity_prompts
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.image_head = ProjectionHead(image_encoder.width, proj_hidden, embed_dim)
@@ -394,7 +435,7 @@ class OVSegmentor(nn.Module):
             width = min(image_encoder.width, text_encoder.width)
             self.align_visual = nn.Linear(image_encoder.width, width) if image_encoder.width != width else nn.Identity()
             self.align_text = nn.Linear(text_encoder.width, width) if text_encoder.width != width else nn.Identity()
-            self.decoder = MultimodalDecoder(width, decoder_heads if width % decoder_heads == 0 else 1)
+            self.decoder = MultimodalDecoder(width, decoder_heads if width % decoder_heads == 0 else 1, decoder_padding_mask)
             if objective in MASKING_OBJECTIVES:
                 self.answer_head = ProjectionHead(width, proj_hidden, embed_dim)
             else:
@@ -496,17 +537,22 @@ class OVSegmentor(nn.Module):
         """Losses of one batch; ``loss`` is their weighted sum.
 
         batch: image (B, 3, S, S) in [0, 1]; caption [str]; mentions [[[start, end, entity]]]; entities [[str]];
-        optional noun_mentions (all_nouns), pair_image (B, 3, S, S) in [0, 1] / pair_entity [str] / has_pair (B,)
-        (cross-image consistency).
+        optional question [str] (the official parser's masked captions), noun_mentions (all_nouns),
+        pair_image (B, 3, S, S) in [0, 1] / pair_entity [str] / has_pair (B,) (cross-image consistency).
+
+        The projectors run in the release's order (models/multi_label_contrastive.py:613-683: caption, image,
+        question, answer, momentum image, shared entity), which fixes the sequence of BatchNorm updates.
         """
         captions = list(batch["caption"])
+        pooled, tokens, _ = self.text_encoder.encode(captions)
+        text_x = self.text_head(pooled)
+        self._statistics_only(self.text_head, tokens)
         out = self.image_encoder(self.normalize(batch["image"]))
         image_x = self.image_head(out.tokens.mean(dim=1))
         # as in the release, the segment tokens pass the projector too, so that its BatchNorm statistics (used
         # at test time on single segments) cover segments and not only their mean
         group_x = self.image_head(out.tokens)
-        pooled, tokens, attention = self.text_encoder.encode(captions)
-        losses = {"contrastive": info_nce(image_x, self.text_head(pooled), self.scale)}
+        losses = {"contrastive": info_nce(image_x, text_x, self.scale)}
         total = losses["contrastive"]
         if self.objective in MASKING_OBJECTIVES:
             losses["entity"] = self._entity_completion(out.tokens, batch)
@@ -517,24 +563,40 @@ class OVSegmentor(nn.Module):
         elif self.objective in ("mlm", "mlm_nogroups"):
             losses["mlm"] = self._masked_language_modelling(out.tokens, captions)
             total = total + self.mlm_weight * losses["mlm"]
-        if self.add_multi_label:
-            losses["multi_label"] = self._multi_label(image_x, batch["entities"], captions)
-            total = total + self.multi_label_weight * losses["multi_label"]
         if self.cross_image_weight > 0:
             losses["cross_image"] = self._cross_image(out, group_x, batch)
             total = total + self.cross_image_weight * losses["cross_image"]
+        if self.add_multi_label:
+            losses["multi_label"] = self._multi_label(image_x, batch["entities"], captions)
+            total = total + self.multi_label_weight * losses["multi_label"]
         losses["loss"] = total
         return losses
 
+    def _statistics_only(self, head: nn.Module, features: torch.Tensor) -> None:
+        """Run a projector on features whose projection no loss reads, for its BatchNorm running statistics
+        alone, as the release does (``projector_statistics: official``)."""
+        if self.projector_statistics == "official" and self.training:
+            with torch.no_grad():
+                head(features.detach())
+
     def _answer(self, entities: Sequence[str]) -> str:
         template = random.choice(self.answer_templates)
+        if self.entity_prompts == "official":  # datasets/clip_dataset.py:268
+            return template.split("{}")[0] + " and ".join(entities)
         return template.format(" and a ".join(entities))
+
+    def entity_prompt(self, entity: str) -> str:
+        """The prompt of the entity two paired images share (cross-image consistency)."""
+        if self.entity_prompts == "official":  # datasets/clip_dataset.py:184
+            return "A photo of " + entity
+        return self.prompt_template.format(entity)
 
     def masked_questions(self, batch: Mapping[str, Any]) -> tuple[list[list[tuple[int, int]]], list[str]]:
         """Character spans to mask and the answer prompt of every caption, for the masking objective.
 
         all_entities: every entity mention; single_entity: the mentions of one random entity; all_nouns: every
-        noun. A caption with nothing to mask keeps all its words and its answer is the caption itself.
+        noun. A caption with nothing to mask keeps all its words; its answer is the caption itself (ours) or the
+        bare template prefix (``entity_prompts: official``, what the release builds from an empty entity list).
         """
         spans, answers = [], []
         for index, caption in enumerate(batch["caption"]):
@@ -544,18 +606,28 @@ class OVSegmentor(nn.Module):
                 mentions = [m for m in mentions if m[2] == chosen]
             names = list(dict.fromkeys(m[2] for m in mentions))
             spans.append([(int(m[0]), int(m[1])) for m in mentions])
-            answers.append(self._answer(names) if names else caption)
+            answers.append(self._answer(names) if names or self.entity_prompts == "official" else caption)
         return spans, answers
 
     def _entity_completion(self, visual: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         if self.objective == "all_nouns" and "noun_mentions" not in batch:
             raise SetupError("The 'all_nouns' objective needs a noun lexicon in the data config (data.nouns).")
         spans, answers = self.masked_questions(batch)
-        encoded = self.text_encoder.tokenize(batch["caption"], offsets=True)
-        ids = mask_token_ids(encoded["input_ids"], encoded["offset_mapping"], spans, self.text_encoder.mask_token_id)
-        _, question = self.text_encoder(ids, encoded["attention_mask"])
+        if self.objective == "all_entities" and batch.get("question") is not None:
+            # the official parser's questions: every entity word replaced by one "[MASK]" (clip_dataset.py:255-264)
+            encoded = self.text_encoder.tokenize(list(batch["question"]))
+            ids = encoded["input_ids"]
+        else:
+            encoded = self.text_encoder.tokenize(batch["caption"], offsets=True)
+            ids = mask_token_ids(encoded["input_ids"], encoded["offset_mapping"], spans, self.text_encoder.mask_token_id)
+        question_cls, question = self.text_encoder(ids, encoded["attention_mask"])
+        self._statistics_only(self.text_head, question_cls)
+        self._statistics_only(self.text_head, question)
+        answer_cls, answer_tokens, _ = self.text_encoder.encode(answers)
+        answer_x = self.text_head(answer_cls)
+        self._statistics_only(self.text_head, answer_tokens)
         decoded = self.decoder(self.align_text(question), encoded["attention_mask"], self.align_visual(visual))
-        return info_nce(self.answer_head(decoded[:, 0]), self.encode_text(answers), self.scale)
+        return info_nce(self.answer_head(decoded[:, 0]), answer_x, self.scale)
 
     def multi_label_prompts(self, entities: Sequence[Sequence[str]], captions: Sequence[str]) -> tuple[list[str], torch.Tensor]:
         """``num_prompts`` prompt strings per caption (flat, caption-major) and their validity (B, K) (see
@@ -618,9 +690,12 @@ class OVSegmentor(nn.Module):
         has_pair = batch["has_pair"].to(out.tokens.device)
         if not has_pair.any():
             return out.tokens.sum() * 0.0
-        self.momentum_encoder.eval()  # fixed targets: no Gumbel noise, no drop path
+        # the release's momentum encoder follows the model's mode (train: drop path, Gumbel noise); ours is fixed
+        self.momentum_encoder.train(self.training and self.momentum_mode == "train")
         with torch.no_grad():
             partner = self.momentum_encoder(self.normalize(batch["pair_image"][has_pair]))
+            self._statistics_only(self.image_head, partner.tokens.mean(dim=1))
+            self._statistics_only(self.image_head, partner.tokens)
         online, target = out.assignments[-1], partner.assignments[-1]
         keys = target.k
         scale = keys.shape[-1] ** -0.5
@@ -628,6 +703,9 @@ class OVSegmentor(nn.Module):
         target_logits = target.q @ keys.transpose(1, 2) * scale  # B's own groups (B', G, L)
         with torch.no_grad():
             entities = [e for e, p in zip(batch["pair_entity"], has_pair.tolist()) if p]
-            entity_text = self.encode_text([self.prompt_template.format(e) for e in entities])
-        selected = select_related_groups(group_x[has_pair], entity_text, self.group_ratio)
-        return cross_image_mask_loss(predicted, target_logits, partner.grid, self.mask_size, self.cross_threshold, selected)
+            entity_cls, entity_tokens, _ = self.text_encoder.encode([self.entity_prompt(e) for e in entities])
+            entity_text = self.text_head(entity_cls)
+            self._statistics_only(self.text_head, entity_tokens)
+        selected = select_related_groups(group_x[has_pair], entity_text, self.group_ratio, self.group_ratio_mode)
+        return cross_image_mask_loss(predicted, target_logits, partner.grid, self.mask_size, self.cross_threshold, selected,
+                                     reduction=self.dice_reduction)

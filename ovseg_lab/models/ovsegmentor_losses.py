@@ -16,11 +16,23 @@ from ovseg_lab.layers.losses import soft_dice_loss
 from ovseg_lab.layers.matcher import hungarian_match, pairwise_l2_cost
 
 
-def select_related_groups(group_embeddings: torch.Tensor, entity_embedding: torch.Tensor, ratio: float) -> torch.Tensor:
-    """(B, G) bool: the ``round(G * ratio)`` groups of each image whose projected embedding (B, G, D) scores
-    highest against its shared entity's prompt embedding (B, D) (OVSegmentor: 4 of 8)."""
+def select_related_groups(group_embeddings: torch.Tensor, entity_embedding: torch.Tensor, ratio: float,
+                          mode: str = "detach_least") -> torch.Tensor:
+    """(B, G) bool: the groups whose mask predictions are trained, from how each group's projected embedding
+    (B, G, D) scores against its image's shared-entity prompt embedding (B, D).
+
+    ``detach_least`` (the release, models/multi_label_contrastive.py:675-679): the ``int(G * ratio)`` lowest
+    scoring groups are detached (``topk(largest=False)``), every other group is trained (0.25: 6 of 8 trained).
+    ``train_most`` (ours): the ``round(G * ratio)`` highest scoring groups are trained (0.25: 2 of 8).
+    """
     logits = (group_embeddings.detach() @ entity_embedding.detach().unsqueeze(-1)).squeeze(-1)
-    keep = max(1, min(logits.shape[1], int(round(logits.shape[1] * ratio))))
+    groups = logits.shape[1]
+    if mode == "detach_least":
+        detached = logits.topk(int(groups * ratio), dim=1, largest=False).indices
+        return torch.ones_like(logits, dtype=torch.bool).scatter_(1, detached, False)
+    if mode != "train_most":
+        raise ValueError(f"group ratio mode must be 'detach_least' or 'train_most', got {mode!r}")
+    keep = max(1, min(groups, int(round(groups * ratio))))
     top = logits.topk(keep, dim=1).indices
     return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, top, True)
 
@@ -51,13 +63,16 @@ def cross_image_mask_loss(
     mask_size: int | None,
     threshold: float,
     selected: torch.Tensor | None = None,
+    reduction: str = "official",
 ) -> torch.Tensor:
     """Dice loss between matched masks.
 
     predicted: (B, G, h*w) logits of image A's groups on image B's tokens (gradient to A's encoder);
     target: (B, G, h*w) logits of B's own groups (momentum encoder, no gradient); grid: (h, w);
     mask_size: resolution the masks are compared at (bilinear, OVSegmentor: 224); selected: (B, G) groups whose
-    predictions receive gradients (the others are detached).
+    predictions receive gradients (the others are detached); reduction: ``official`` (models/losses.py:103-131:
+    one Dice per image over the pixels of all its groups, summed over images and divided by the number of
+    groups, so the loss grows with the per-GPU batch) or ``per_mask`` (ours: the mean Dice of single masks).
     """
     batch, groups = predicted.shape[:2]
     if selected is not None:
@@ -72,4 +87,9 @@ def cross_image_mask_loss(
     target = torch.gather(target, 1, order[..., None].expand_as(target))
     target = target.sigmoid()
     binary = (target >= threshold * target.max(dim=-1, keepdim=True).values).to(predicted.dtype)
-    return soft_dice_loss(_min_max(predicted).flatten(0, 1), binary.flatten(0, 1))
+    predicted = _min_max(predicted)
+    if reduction == "official":
+        return soft_dice_loss(predicted.flatten(1), binary.flatten(1), num_masks=groups)
+    if reduction != "per_mask":
+        raise ValueError(f"Dice reduction must be 'official' or 'per_mask', got {reduction!r}")
+    return soft_dice_loss(predicted.flatten(0, 1), binary.flatten(0, 1))

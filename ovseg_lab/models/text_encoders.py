@@ -18,9 +18,12 @@ from ovseg_lab.errors import SetupError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 BERT_OFFLINE_HINT = (
-    "run once with internet so transformers caches it, point model.net.text_encoder.pretrained at a local folder "
-    "holding config.json, the weights and vocab.txt, or set model.net.text_encoder.pretrained=null with a "
-    "model.net.text_encoder.config for random weights (numbers will be meaningless)"
+    "without internet, place bert-base-uncased's config.json, vocab.txt and tokenizer_config.json (plus "
+    "model.safetensors or pytorch_model.bin, unless the weights come from a checkpoint) in one folder, e.g. "
+    "checkpoints/bert-base-uncased/, and set model.net.text_encoder.pretrained=checkpoints/bert-base-uncased; or "
+    "run once with internet so transformers caches it in ~/.cache/huggingface/hub; or set "
+    "model.net.text_encoder.pretrained=null with model.net.text_encoder.vocab_words for a tiny random tower "
+    "(numbers will be meaningless)"
 )
 
 
@@ -51,11 +54,16 @@ class BertTextEncoder(nn.Module):
 
     Args:
         pretrained: a transformers hub name or local folder ("bert-base-uncased"); None for random init.
-        config: ``BertConfig`` fields for random init (tiny test/toy towers); ``vocab_size`` is set from the
-            tokenizer when ``vocab_words`` is given.
+        pretrained_weights: load the pretrained weights (False/None: only its config and tokenizer, random
+            weights; a checkpoint or converted release supplies them).
+        config: ``BertConfig`` fields for random init (tiny test/toy towers), applied over the pretrained config
+            when the weights are not loaded; ``vocab_size`` is set from the tokenizer when ``vocab_words`` is given.
         vocab_words: whole words of a small offline tokenizer (see :func:`word_level_tokenizer`); only with
             ``pretrained=None``.
         max_length: caption tokens kept (77 in OVSegmentor).
+        padding: ``max_length`` pads every text to ``max_length`` tokens, as the release does for captions,
+            questions, answers and entity prompts (main_pretrain.py:233-242; the padding tokens reach the
+            entity decoder and the projector's BatchNorm statistics); ``longest`` pads to the batch's longest text.
     """
 
     supports_masking = True
@@ -66,15 +74,26 @@ class BertTextEncoder(nn.Module):
         config: Mapping[str, Any] | None = None,
         vocab_words: Sequence[str] | None = None,
         max_length: int = 77,
+        padding: str = "max_length",
+        pretrained_weights: bool | None = True,
     ) -> None:
         super().__init__()
-        from transformers import AutoTokenizer, BertConfig, BertModel
+        from transformers import AutoConfig, AutoTokenizer, BertConfig, BertModel
 
+        if padding not in ("max_length", "longest"):
+            raise SetupError(f"text_encoder.padding must be 'max_length' or 'longest', got '{padding}'.")
         self.max_length = max_length
+        self.padding = padding
         if pretrained:
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(pretrained)
-                self.bert = BertModel.from_pretrained(pretrained, add_pooling_layer=False)
+                if pretrained_weights:
+                    self.bert = BertModel.from_pretrained(pretrained, add_pooling_layer=False)
+                else:
+                    bert_config = AutoConfig.from_pretrained(pretrained)
+                    for key, value in dict(config or {}).items():
+                        setattr(bert_config, key, value)
+                    self.bert = BertModel(bert_config, add_pooling_layer=False)
             except (OSError, ValueError) as err:
                 raise SetupError(
                     f"Could not load the BERT text encoder '{pretrained}' ({type(err).__name__}: "
@@ -105,7 +124,7 @@ class BertTextEncoder(nn.Module):
 
     def tokenize(self, texts: Sequence[str], offsets: bool = False) -> dict[str, Any]:
         """input_ids / attention_mask (B, L) on the tower's device (+ offset_mapping (B, L, 2) on the CPU)."""
-        encoded = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+        encoded = self.tokenizer(list(texts), padding=self.padding, truncation=True, max_length=self.max_length,
                                  return_tensors="pt", return_offsets_mapping=offsets)
         out = {"input_ids": encoded["input_ids"].to(self.device), "attention_mask": encoded["attention_mask"].to(self.device)}
         if offsets:

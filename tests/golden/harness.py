@@ -144,10 +144,11 @@ def openai_clip_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def convert_and_evaluate(fmt: str, checkpoint: dict[str, Any], tmp_path: Path, data_dir: Path, expect: list[str],
-                         eval_overrides: tuple[str, ...] = ()) -> Path:
+                         eval_overrides: tuple[str, ...] = (), convert_overrides: tuple[str, ...] = ()) -> Path:
     """An official checkpoint (``checkpoint``, written to a file as released) -> ``scripts/convert_checkpoint.py
     --format fmt`` with the format's own defaults -> the ``eval.py`` line it prints (which must hold ``expect``), on
-    one toy image under ``data_dir``. Returns the eval run folder, whose metrics.json is checked."""
+    one toy image under ``data_dir``. ``convert_overrides`` go after ``--`` (files the model needs, e.g. a tokenizer
+    folder). Returns the eval run folder, whose metrics.json is checked."""
     import subprocess
     import sys
 
@@ -156,7 +157,8 @@ def convert_and_evaluate(fmt: str, checkpoint: dict[str, Any], tmp_path: Path, d
     torch.save(checkpoint, official)
     converted = tmp_path / f"converted_{fmt}.ckpt"
     proc = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", "--format", fmt, "--input", str(official),
-                           "--output", str(converted)], cwd=root, capture_output=True, text=True, timeout=900)
+                           "--output", str(converted), *(["--", *convert_overrides] if convert_overrides else [])],
+                          cwd=root, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     official.unlink()
     hint = next(line for line in proc.stdout.splitlines() if line.startswith("use it with: "))
