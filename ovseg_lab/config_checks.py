@@ -9,16 +9,16 @@ combinations that exist for one tower or model but not another. Those are gather
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from ovseg_lab.config import CLIP_TARGET, clip_nodes, nodes_with_target  # noqa: F401  (re-exported)
 from ovseg_lab.errors import SetupError
 
 PRECISIONS = ("64-true", "64", 64, "32-true", "32", 32, "16-true", "bf16-true", "16-mixed", "16", 16,
               "bf16-mixed", "bf16", "transformer-engine", "transformer-engine-float16")
 NONFINITE_POLICIES = ("raise", "skip")
-CLIP_TARGET = "ovseg_lab.clip.CLIPBackbone"
 
 
 def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
@@ -46,28 +46,6 @@ def _spec(problems: list[str], build: Callable[[], Any]) -> None:
         problems.append(str(err).rstrip("."))
     except (TypeError, ValueError) as err:
         problems.append(f"{type(err).__name__}: {err}")
-
-
-def nodes_with_target(node: Any, target: str) -> Iterator[DictConfig]:
-    """Every config node (in dicts and lists, at any depth) whose ``_target_`` is ``target``; an outer match hides
-    its children. Values that cannot be resolved here (e.g. ``${stage:...}``) are skipped."""
-    if isinstance(node, DictConfig):
-        if node.get("_target_") == target:
-            yield node
-            return
-        for key in node:
-            try:
-                child = node[key]
-            except Exception:
-                continue
-            yield from nodes_with_target(child, target)
-    elif isinstance(node, ListConfig):
-        for item in node:
-            yield from nodes_with_target(item, target)
-
-
-def _clip_nodes(node: Any) -> Iterator[DictConfig]:
-    return nodes_with_target(node, CLIP_TARGET)
 
 
 def _visual_layers(clip: DictConfig) -> int | None:
@@ -208,7 +186,7 @@ def _crop_problems(cfg: DictConfig, model_choice: str | None) -> list[str]:
         return [f"data.transform.crop_size={crop} must be a positive integer (or a pair)"]
     if model_choice == "lseg":
         return []
-    patches = [p for p in (_patch_size(c) for c in _clip_nodes(_get(cfg, "model"))) if p]
+    patches = [p for p in (_patch_size(c) for c in clip_nodes(_get(cfg, "model"))) if p]
     if patches and min(sizes) < max(patches):
         return [f"data.transform.crop_size={crop} is below the {max(patches)} px patch of the model's CLIP image "
                 f"tower (the smallest crop it can segment)"]
@@ -257,7 +235,7 @@ def config_problems(cfg: DictConfig, stage: str = "fit") -> list[str]:
 
     from ovseg_lab.clip.finetune import FinetuneSpec
 
-    for clip in _clip_nodes(_get(cfg, "model")):
+    for clip in clip_nodes(_get(cfg, "model")):
         finetune = clip.get("finetune")
         if finetune is None:
             continue

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from ovseg_lab.cli import guarded
 from ovseg_lab.errors import SetupError, user_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -519,18 +520,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        gr = import_gradio()
-        sam_options = json.loads(args.sam_config.read_text()) if args.sam_config else None
-        toy = args.toy_overrides.split() if args.toy_overrides else TOY_TRAIN_OVERRIDES
-        app = DemoApp(args.checkpoint, args.device, args.sam_model, sam_options, output_dir=args.output_dir,
-                      toy_overrides=toy)
-        demo = build_ui(app)
-    except SetupError as err:
-        print(f"ERROR: {err}", file=sys.stderr)
-        return 2
+    import_gradio()
+    sam_options = json.loads(args.sam_config.read_text()) if args.sam_config else None
+    toy = args.toy_overrides.split() if args.toy_overrides else TOY_TRAIN_OVERRIDES
+    app = DemoApp(args.checkpoint, args.device, args.sam_model, sam_options, output_dir=args.output_dir,
+                  toy_overrides=toy)
+    demo = build_ui(app)
     print(f"ovseg-lab demo: {len(app.models)} model(s) on {app.device}; http://{args.host}:{args.port}", flush=True)
     demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, show_error=True,
                                                    allowed_paths=[str(EXAMPLES_DIR)], inbrowser=False,

@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ovseg_lab.checkpoints import check_fits, load_weights, read_checkpoint  # noqa: F401  (re-exported)
+from ovseg_lab.config import resolved_yaml, without_init_files, without_pretrained_weights
 from ovseg_lab.config_checks import check_config
 from ovseg_lab.errors import RunFolderBusy, SetupError, user_error
-from ovseg_lab.preflight import check_run, resolved_yaml
+from ovseg_lab.preflight import check_run
 from ovseg_lab.speed import apply_speed
 from ovseg_lab.utils.io import disk_full_message, is_disk_full, write_json, write_text
 
@@ -128,7 +129,7 @@ def train(cfg: DictConfig) -> dict[str, dict]:
 
     # the checkpoint, and whether this config may continue it, before any pipeline stage spends minutes
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
-    checkpoint = read_checkpoint(ckpt_path) if ckpt_path else None
+    checkpoint = read_checkpoint(ckpt_path, key="ckpt_path") if ckpt_path else None
     if checkpoint is not None:
         check_resume_config(checkpoint, cfg, ckpt_path, bool(cfg.get("resume_force", False)))
     if cfg.get("pipeline"):  # runs this one reads from (e.g. OVSeg's toy chain), each in its own folder
@@ -159,61 +160,16 @@ def train(cfg: DictConfig) -> dict[str, dict]:
     return model.eval_results
 
 
-def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
-    """torch.load(weights_only=True) with user-facing errors."""
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise SetupError(f"Checkpoint not found: {path} (ckpt=...).")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt file, pickled objects, truncated write
-        raise SetupError(f"Cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
-    if not isinstance(checkpoint, dict):
-        raise SetupError(f"Checkpoint {path} holds no state_dict.")
-    return checkpoint
-
-
-def check_fits(model: Any, checkpoint: dict[str, Any], where: str) -> dict[str, Any]:
-    """The checkpoint's state_dict, after checking it has exactly the model's keys and shapes (SetupError)."""
-    state = checkpoint.get("state_dict", checkpoint)
-    if not isinstance(state, dict):
-        raise SetupError(f"{where} holds no state_dict.")
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [k for k in own if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        trained_with = checkpoint.get("ovseg_net_class", "an unknown model")
-        shapes = [f"{k}: {tuple(state[k].shape)} in the checkpoint vs {tuple(own[k].shape)} here" for k in mismatched[:3]]
-        net = getattr(model, "net", model)
-        raise SetupError(
-            f"{where} does not fit the configured model {type(net).__module__}.{type(net).__qualname__} "
-            f"(it was trained with {trained_with}): {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(mismatched)} with other shapes "
-            f"(e.g. {shapes}). Pass the same model/clip/experiment overrides used for training "
-            "(a different shape often means another vocabulary size or CLIP variant)."
-        )
-    return state
-
-
-def load_weights(model: Any, source: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """Load a checkpoint's weights (path or already-read dict) into ``model``, with a clear message on mismatch."""
-    checkpoint = source if isinstance(source, dict) else read_checkpoint(source)
-    where = "the checkpoint" if isinstance(source, dict) else f"Checkpoint {source}"
-    model.load_state_dict(check_fits(model, checkpoint, where))
-    return checkpoint
-
-
 def evaluate(cfg: DictConfig) -> dict[str, dict]:
     """Evaluate a checkpoint (``ckpt=...``) on every configured benchmark and write metrics.json."""
     check_config(cfg, "validate")
     if not cfg.get("ckpt") and not cfg.get("allow_untrained", False):
         raise SetupError("eval.py needs a checkpoint: pass ckpt=/path/to/last.ckpt (or allow_untrained=true).")
-    if cfg.get("ckpt"):
+    # read before anything is built: an unreadable file is one paragraph, not minutes later
+    checkpoint = read_checkpoint(cfg.ckpt, key="ckpt") if cfg.get("ckpt") else None
+    if checkpoint is not None:
         # The checkpoint carries every weight (load_weights refuses one that lacks a key): neither earlier stages'
         # files nor pretrained downloads (OpenAI's CLIP for a converted CAT-Seg) are needed, offline included.
-        from ovseg_lab.build import without_init_files, without_pretrained_weights
-
         for key in ("model", "clip"):
             without_init_files(cfg.get(key))
             without_pretrained_weights(cfg.get(key))
@@ -223,8 +179,9 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     datamodule, model, loggers, trainer = _build(cfg, "validate")
     if cfg.get("save_predictions", False):
         model.save_predictions_dir = str(run_dir / "predictions")
-    if cfg.get("ckpt"):
-        load_weights(model, cfg.ckpt)
+    if checkpoint is not None:
+        load_weights(model, checkpoint, f"Checkpoint {cfg.ckpt} (ckpt)")
+        del checkpoint
     try:
         trainer.validate(model, datamodule=datamodule, verbose=False)
         if trainer.is_global_zero:

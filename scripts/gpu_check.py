@@ -8,21 +8,8 @@ per-image region classification time; one JSON (last stdout line, and --output).
 See ovseg_lab/tools/gpu_check.py and docs/performance.md.
 """
 
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def main() -> int:
-    import ovseg_lab.resolvers  # noqa: F401
-    from ovseg_lab.tools.gpu_check import main as run
-
-    run()
-    return 0
-
+# Thin wrapper: the command is ovseg_lab/cli/gpu_check.py (installed as `ovseg-gpu-check`).
+from ovseg_lab.cli.gpu_check import main  # noqa: F401
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

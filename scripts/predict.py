@@ -14,84 +14,8 @@ classes include "background", as on PASCAL VOC). Official checkpoints: convert t
 scripts/convert_checkpoint.py.
 """
 
-from __future__ import annotations
-
-import argparse
-import sys
-from dataclasses import replace
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ovseg_lab.errors import SetupError  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("--image", required=True, type=Path, help="an image file or a folder of images")
-    parser.add_argument("--classes", default=None, help='comma-separated class names, e.g. "cat,sofa,wall"')
-    parser.add_argument("--vocab", default=None, help="vocabulary file (JSON list / one name per line) or packaged name")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="output folder (default: <the checkpoint's run>/predict/<timestamp>/)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--inference", choices=["whole", "slide"], default=None, help="override the protocol")
-    parser.add_argument("--background-threshold", type=float, default=None,
-                        help='OVSegmentor / GroupViT: "background" wins where no class scores above this (VOC: 0.95)')
-    args = parser.parse_args(argv)
-    try:
-        from ovseg_lab.build import model_from_checkpoint
-        from ovseg_lab.predict import list_images, predict_paths, resolve_vocabulary, set_background_threshold
-
-        vocabulary = resolve_vocabulary(args.classes, args.vocab)
-        output = output_folder(args.output, args.checkpoint)
-        device = checked_device(args.device)
-        images = list_images(args.image)
-        module, _ = model_from_checkpoint(args.checkpoint)
-        module.to(device)
-        set_background_threshold(module, vocabulary, args.background_threshold)
-        inference = replace(module.inference_cfg, mode=args.inference) if args.inference else None
-        report = predict_paths(module, images, vocabulary, output, inference)
-    except SetupError as err:
-        print(f"ERROR: {err}", file=sys.stderr)
-        return 2
-    for result in report.results:
-        top = ", ".join(f"{name} {info['fraction'] * 100:.1f}%" for name, info in list(result.areas.items())[:5])
-        print(f"{result.overlay_path}: {top}")
-    if report.failures:
-        listing = "\n".join(f"  - {path}: {reason}" for path, reason in report.failures)
-        print(f"ERROR: {len(report.failures)} of {len(images)} image(s) failed and were skipped:\n{listing}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def output_folder(output: Path | None, checkpoint: Path) -> Path:
-    """--output, or a folder of its own next to the checkpoint's run; a file there is a clear error."""
-    import time
-
-    from ovseg_lab.run_folder import record_dir
-
-    if output is None:
-        output = Path(record_dir(str(checkpoint), "predict", "outputs", time.strftime("%Y-%m-%d_%H-%M-%S")))
-    if output.exists() and not output.is_dir():
-        raise SetupError(f"--output {output} is a file; give a folder (created if missing) for the per-image outputs.")
-    return output
-
-
-def checked_device(name: str):
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise SetupError(f"--device {name}: {err} (use cpu, cuda or cuda:N).") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SetupError(f"--device {name}: no CUDA GPU is available here (torch {torch.__version__}, "
-                         f"CUDA build {torch.version.cuda or 'none'}); use --device cpu.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise SetupError(f"--device {name}: there are {torch.cuda.device_count()} GPU(s) here (cuda:0 ...).")
-    return device
-
+# Thin wrapper: the command is ovseg_lab/cli/predict.py (installed as `ovseg-predict`).
+from ovseg_lab.cli.predict import main, output_folder, checked_device  # noqa: F401
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -7,7 +7,6 @@ base class's zero-shot segmentation of every benchmark. Stage 2 starts from a st
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -36,19 +35,11 @@ class CaptionPretrainModule(OpenVocabModule):
 
     def load_stage(self, path: str) -> None:
         """Load a previous stage's net weights (weights_only); keys it lacks must be momentum-encoder keys."""
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise SetupError(f"Stage checkpoint not found: {file} (model.init_from).")
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-        state = checkpoint.get("state_dict", checkpoint)
-        net_state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")} or state
-        missing, unexpected = self.net.load_state_dict(net_state, strict=False)
-        missing = [k for k in missing if not k.startswith("momentum_encoder.")]
-        if missing or unexpected:
-            raise SetupError(
-                f"Checkpoint {file} does not fit this model: {len(missing)} missing keys (e.g. {missing[:3]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). Use the same model/experiment as stage 1."
-            )
+        from ovseg_lab.checkpoints import load_into, read_weights
+
+        net_state = read_weights(path, ("net.", ""), "stage checkpoint", "model.init_from")
+        load_into(self.net, net_state, f"{path} (model.init_from)", "Stage-1",
+                  " Use the same model/experiment as stage 1.", ignore_missing=lambda k: k.startswith("momentum_encoder."))
         if not any(k.startswith("momentum_encoder.") for k in net_state):
             self.net.reset_momentum()
 

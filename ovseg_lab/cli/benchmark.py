@@ -1,0 +1,29 @@
+"""Latency, throughput and peak memory of a method with random weights; the last stdout line is JSON.
+
+    python scripts/benchmark.py --method catseg --clip vitb16 --num-classes 171 --image-size 384 --device cpu --mode infer
+    python scripts/benchmark.py --method catseg --sweep classes --classes-list 150,847 --device cpu
+    python scripts/benchmark.py --method catseg --protocol eval --image-size 640 --num-classes 847 \
+        model.net.class_chunk=128 --device cuda --precision bf16 --output bench.json
+
+See ovseg_lab/tools/benchmark.py and docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+from ovseg_lab.cli import guarded
+
+
+@guarded
+def main() -> int:
+    import ovseg_lab.resolvers  # noqa: F401
+    from ovseg_lab.tools.benchmark import main as run
+
+    run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
