@@ -22,8 +22,16 @@ from ovseg_lab.config import (
 )
 
 __all__ = [
-    "CONF_DIR", "INIT_FILE_KEYS", "NEEDS_HUB_FILES", "PRETRAINED_FLAGS", "build_net", "compose_config",
-    "match_optional_parameters", "model_from_checkpoint", "resolved_model_config", "without_init_files",
+    "CONF_DIR",
+    "INIT_FILE_KEYS",
+    "NEEDS_HUB_FILES",
+    "PRETRAINED_FLAGS",
+    "build_net",
+    "compose_config",
+    "match_optional_parameters",
+    "model_from_checkpoint",
+    "resolved_model_config",
+    "without_init_files",
     "without_pretrained_weights",
 ]
 

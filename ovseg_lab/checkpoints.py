@@ -19,8 +19,9 @@ Writing checkpoints (atomically) is :mod:`ovseg_lab.lit.checkpoint_io`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,17 +42,26 @@ def unreadable_message(path: Path, err: BaseException, what: str = "checkpoint",
     reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
     detail = f"{type(err).__name__}: {reason.rstrip('.')}" if reason else type(err).__name__
     if "weights only load failed" in str(err).lower() or "weights_only" in reason:
-        cause = ("It holds Python objects other than tensors and plain containers, which ovseg-lab refuses to "
-                 "unpickle (checkpoints load with torch.load(weights_only=True)); re-save its state dict alone.")
+        cause = (
+            "It holds Python objects other than tensors and plain containers, which ovseg-lab refuses to "
+            "unpickle (checkpoints load with torch.load(weights_only=True)); re-save its state dict alone."
+        )
     else:
-        cause = ("The file is truncated or corrupt (a run killed while saving, a full disk, an interrupted copy or "
-                 "download): copy or convert it again, or point at another checkpoint (for a run, ckpt_path= one "
-                 "of its other checkpoints).")
+        cause = (
+            "The file is truncated or corrupt (a run killed while saving, a full disk, an interrupted copy or "
+            "download): copy or convert it again, or point at another checkpoint (for a run, ckpt_path= one "
+            "of its other checkpoints)."
+        )
     return f"Cannot read the {what} {_where(path, key)}: {detail}. {cause}"
 
 
-def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint", key: str | None = None,
-                    map_location: Any = "cpu", torchscript_ok: bool = False) -> dict[str, Any]:
+def read_checkpoint(
+    path: str | os.PathLike,
+    what: str = "checkpoint",
+    key: str | None = None,
+    map_location: Any = "cpu",
+    torchscript_ok: bool = False,
+) -> dict[str, Any]:
     """The dict a checkpoint file holds, read with ``weights_only=True``.
 
     ``what`` / ``key`` name the file in errors ("stage checkpoint", "model.init_from"). ``torchscript_ok``:
@@ -94,14 +104,19 @@ def state_dict_of(checkpoint: Mapping[str, Any], source: str) -> dict[str, torch
 def pick_prefix(state: Mapping[str, torch.Tensor], prefixes: Sequence[str], source: str) -> dict[str, torch.Tensor]:
     """The keys under the first prefix that has any, with the prefix stripped (``""`` keeps everything)."""
     for prefix in prefixes:
-        picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        picked = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if picked:
             return picked
     raise SetupError(f"{source} has no weights under {list(prefixes)} (keys look like {list(state)[:3]}).")
 
 
-def read_weights(path: str | os.PathLike, prefixes: Sequence[str] = ("",), what: str = "weights file",
-                 key: str | None = None, torchscript_ok: bool = False) -> dict[str, torch.Tensor]:
+def read_weights(
+    path: str | os.PathLike,
+    prefixes: Sequence[str] = ("",),
+    what: str = "weights file",
+    key: str | None = None,
+    torchscript_ok: bool = False,
+) -> dict[str, torch.Tensor]:
     """The state dict of a file (plain, Lightning or detectron2 checkpoint), keys picked by ``prefixes``."""
     source = _where(_expand(path), key)
     checkpoint = read_checkpoint(path, what, key, torchscript_ok=torchscript_ok)
@@ -117,21 +132,36 @@ def differences(own: Mapping[str, Any], state: Mapping[str, Any]) -> tuple[list[
     """(missing, unexpected, other-shape) keys of ``state`` against a module's ``own`` state dict."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    mismatched = [k for k in own if k in state and hasattr(state[k], "shape")
-                  and tuple(state[k].shape) != tuple(own[k].shape)]
+    mismatched = [
+        k for k in own if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     return missing, unexpected, mismatched
 
 
-def describe_differences(own: Mapping[str, Any], state: Mapping[str, Any], missing: list[str],
-                         unexpected: list[str], mismatched: list[str], examples: int = 3) -> str:
-    """"N missing keys (e.g. ...), N unexpected (e.g. ...), N with other shapes (e.g. key: (a) here vs (b))"."""
+def describe_differences(
+    own: Mapping[str, Any],
+    state: Mapping[str, Any],
+    missing: list[str],
+    unexpected: list[str],
+    mismatched: list[str],
+    examples: int = 3,
+) -> str:
+    """ "N missing keys (e.g. ...), N unexpected (e.g. ...), N with other shapes (e.g. key: (a) here vs (b))"."""
     shapes = [f"{k}: {tuple(state[k].shape)} in the file vs {tuple(own[k].shape)} here" for k in mismatched[:examples]]
-    return (f"{len(missing)} missing keys (e.g. {missing[:examples]}), {len(unexpected)} unexpected "
-            f"(e.g. {unexpected[:examples]}), {len(mismatched)} with other shapes (e.g. {shapes})")
+    return (
+        f"{len(missing)} missing keys (e.g. {missing[:examples]}), {len(unexpected)} unexpected "
+        f"(e.g. {unexpected[:examples]}), {len(mismatched)} with other shapes (e.g. {shapes})"
+    )
 
 
-def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, what: str, hint: str = "",
-              ignore_missing: Callable[[str], bool] | None = None) -> None:
+def load_into(
+    module: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: str,
+    what: str,
+    hint: str = "",
+    ignore_missing: Callable[[str], bool] | None = None,
+) -> None:
     """``module.load_state_dict(state)`` when every key and shape fits; otherwise one message naming the file
     (``source``), what it was for (``what``) and a few keys of each kind of mismatch, then ``hint``.
     ``ignore_missing(key)``: keys the module may keep as initialised (e.g. a momentum encoder)."""
@@ -140,8 +170,10 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str,
     if ignore_missing is not None:
         missing = [k for k in missing if not ignore_missing(k)]
     if missing or unexpected or mismatched:
-        raise SetupError(f"{what} weights {source} do not fit the configured model: "
-                         f"{describe_differences(own, state, missing, unexpected, mismatched)}.{hint}")
+        raise SetupError(
+            f"{what} weights {source} do not fit the configured model: "
+            f"{describe_differences(own, state, missing, unexpected, mismatched)}.{hint}"
+        )
     module.load_state_dict(state, strict=ignore_missing is None)
 
 
@@ -217,8 +249,9 @@ def model_from_checkpoint(path: str | os.PathLike, key: str = "--checkpoint"):
     return module, cfg
 
 
-def net_from_checkpoint(path: str | os.PathLike, what: str, key: str,
-                        edit: Callable[[Any], None] | None = None) -> nn.Module:
+def net_from_checkpoint(
+    path: str | os.PathLike, what: str, key: str, edit: Callable[[Any], None] | None = None
+) -> nn.Module:
     """The network (``model.net``) of a training checkpoint, rebuilt from its stored config with the files it
     initialised from switched off (the checkpoint holds those weights), then loaded with its ``net.`` weights.
     ``edit(net_cfg)`` may change inference-only values before the build (e.g. a mask threshold)."""

@@ -7,8 +7,10 @@ the installed copy in a wheel), so editable and ordinary ``pip install .`` insta
 from __future__ import annotations
 
 import copy
+import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
@@ -21,8 +23,9 @@ NEEDS_HUB_FILES = ("ovseg_lab.models.text_encoders.BertTextEncoder",)
 INIT_FILE_KEYS = ("maskformer_weights", "clip_weights", "init_weights", "init_from")
 
 
-def compose_config(overrides: list[str], config_name: str = "train", *, with_hydra: bool = False,
-                   reuse_hydra: bool = False) -> DictConfig:
+def compose_config(
+    overrides: list[str], config_name: str = "train", *, with_hydra: bool = False, reuse_hydra: bool = False
+) -> DictConfig:
     """The config the entry point ``config_name`` would run with these overrides.
 
     ``with_hydra``: keep the ``hydra`` node (``${hydra:...}`` interpolations, run directories). ``reuse_hydra``:
@@ -113,3 +116,54 @@ def resolved_model_config(cfg: DictConfig) -> DictConfig:
 def resolved_yaml(cfg: DictConfig) -> str:
     """The composed config with every interpolation resolved (``config_resolved.yaml``, checkpoints)."""
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+# Groups composed into every run (conf/train.yaml, conf/eval.yaml) that only some models read: the CLIP tower, its
+# finetune strategy, CAT-Seg's cost aggregation. A model reads a group when the config interpolates it (``${clip}``,
+# ``${clip.image_size}``), directly or through another group it reads (``clip.finetune: ${finetune}``).
+METHOD_GROUPS = ("clip", "finetune", "aggregation")
+_REFERENCE = re.compile(r"\$\{(?:oc\.select:)?([A-Za-z_]\w*)")
+
+
+def _references(node: Any) -> set[str]:
+    """Top-level keys that the interpolations anywhere under ``node`` name."""
+    found: set[str] = set()
+    if isinstance(node, (DictConfig, ListConfig)):
+        keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+        for key in keys:
+            child = node._get_node(key)
+            raw = child._value() if child is not None else None
+            if isinstance(raw, str):
+                found |= set(_REFERENCE.findall(raw))
+            else:
+                found |= _references(child)
+    return found
+
+
+def unused_groups(cfg: DictConfig) -> list[str]:
+    """The :data:`METHOD_GROUPS` in ``cfg`` that nothing outside them reads (e.g. ``clip`` for OVSegmentor)."""
+    present = [g for g in METHOD_GROUPS if g in cfg]
+    read: set[str] = set()
+    for key in cfg:
+        if key not in present and key != "hydra":
+            read |= _references(cfg._get_node(key))
+    inherited = OmegaConf.select(cfg, "pipeline.inherit", default=None) or []
+    read |= {str(k).split(".", 1)[0] for k in inherited}  # values a pipeline hands its stages
+    todo = [g for g in present if g in read]
+    while todo:
+        for ref in _references(cfg._get_node(todo.pop())):
+            if ref in present and ref not in read:
+                read.add(ref)
+                todo.append(ref)
+    return [g for g in present if g not in read]
+
+
+def drop_unused_groups(cfg: DictConfig) -> list[str]:
+    """In place: remove the groups nothing reads, so config_resolved.yaml, the loggers and the checkpoint record only
+    what the run builds. Returns their names."""
+    unused = unused_groups(cfg)
+    if unused:
+        with open_dict(cfg):
+            for group in unused:
+                cfg.pop(group)
+    return unused

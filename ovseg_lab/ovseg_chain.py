@@ -15,9 +15,10 @@ a model and writes run folders; the pair shards' reading side (datasets, DataMod
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +44,9 @@ class MiningOptions:
 
     def check(self, has_maskformer: bool, captions: Any, labels: Any) -> None:
         if self.masks not in ("proposals", "gt") or self.nouns not in ("captions", "gt"):
-            raise SetupError(f"masks must be proposals|gt and nouns captions|gt (got masks={self.masks}, nouns={self.nouns}).")
+            raise SetupError(
+                f"masks must be proposals|gt and nouns captions|gt (got masks={self.masks}, nouns={self.nouns})."
+            )
         if (self.masks == "gt" or self.nouns == "gt") and (labels is None or self.vocabulary is None):
             raise SetupError("Ground-truth masks or names need labels= (a label folder) and vocabulary=.")
         if self.nouns == "captions" and captions is None:
@@ -64,13 +67,19 @@ class MiningStats:
 
     def report(self, options: MiningOptions) -> dict[str, Any]:
         counts = {k: getattr(self, k) for k in ("images", "pairs", "nouns", "checked", "matched", "no_mask")}
-        return {**counts, "match_rate": round(self.matched / self.checked, 4) if self.checked else None,
-                "masks": options.masks, "nouns_from": options.nouns,
-                "captions_per_image": options.captions_per_image, "noun_mode": options.noun_mode}
+        return {
+            **counts,
+            "match_rate": round(self.matched / self.checked, 4) if self.checked else None,
+            "masks": options.masks,
+            "nouns_from": options.nouns,
+            "captions_per_image": options.captions_per_image,
+            "noun_mode": options.noun_mode,
+        }
 
 
-def _images_to_mine(images: str | Path, by_stem: dict[str, list[str]], nouns: str, max_images: int | None,
-                    captions: Any) -> list[Path]:
+def _images_to_mine(
+    images: str | Path, by_stem: dict[str, list[str]], nouns: str, max_images: int | None, captions: Any
+) -> list[Path]:
     image_dir = Path(images)
     if not image_dir.is_dir():
         raise DataError(f"Image folder not found: {image_dir}.")
@@ -84,7 +93,9 @@ def _images_to_mine(images: str | Path, by_stem: dict[str, list[str]], nouns: st
     return files
 
 
-def _read_chunk(chunk: Sequence[Path], labels: str | Path | None) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+def _read_chunk(
+    chunk: Sequence[Path], labels: str | Path | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
     """uint8 pictures (3, H, W) and int64 label maps (H, W) (None without ``labels``)."""
     pictures = [torch.from_numpy(read_image(f)).permute(2, 0, 1) for f in chunk]
     label_maps: list[torch.Tensor | None] = []
@@ -92,15 +103,19 @@ def _read_chunk(chunk: Sequence[Path], labels: str | Path | None) -> tuple[list[
         if labels is None:
             label_maps.append(None)
             continue
-        path = next((Path(labels) / f"{f.stem}{ext}" for ext in LABEL_EXTENSIONS
-                     if (Path(labels) / f"{f.stem}{ext}").exists()), None)
+        path = next(
+            (Path(labels) / f"{f.stem}{ext}" for ext in LABEL_EXTENSIONS if (Path(labels) / f"{f.stem}{ext}").exists()),
+            None,
+        )
         if path is None:
             raise DataError(f"No label for {f} in {labels}.")
         label_maps.append(torch.from_numpy(read_label(path).astype(np.int64)))
     return pictures, label_maps
 
 
-def _nouns_of(stem: str, label: torch.Tensor | None, by_stem: dict[str, list[str]], options: MiningOptions) -> list[str]:
+def _nouns_of(
+    stem: str, label: torch.Tensor | None, by_stem: dict[str, list[str]], options: MiningOptions
+) -> list[str]:
     """The names an image is mined for: ground-truth classes present, or its captions' nouns (deduplicated)."""
     if options.nouns == "gt":
         return [options.vocabulary[c] for c in label.unique().tolist() if c != options.ignore_index]
@@ -158,8 +173,9 @@ def _text_features(net, names: list[list[str]], cache: dict[str, torch.Tensor]) 
             cache[name] = feature
 
 
-def _choose_masks(net, image_features: torch.Tensor, text: torch.Tensor, options: MiningOptions,
-                  count: int) -> tuple[list[int], list[float]]:
+def _choose_masks(
+    net, image_features: torch.Tensor, text: torch.Tensor, options: MiningOptions, count: int
+) -> tuple[list[int], list[float]]:
     """For each noun, the mask CLIP scores highest for it (softmax over the masks) and that score."""
     if options.masks == "gt" and options.nouns == "gt":  # each segment with its own name
         return list(range(count)), [1.0] * count
@@ -168,8 +184,20 @@ def _choose_masks(net, image_features: torch.Tensor, text: torch.Tensor, options
     return choice.tolist(), scores.tolist()
 
 
-def _write_image_pairs(writer, net, stem: str, label, binary, names: list[str], crops, crop_masks, valid,
-                       image_features, options: MiningOptions, stats: MiningStats) -> None:
+def _write_image_pairs(
+    writer,
+    net,
+    stem: str,
+    label,
+    binary,
+    names: list[str],
+    crops,
+    crop_masks,
+    valid,
+    image_features,
+    options: MiningOptions,
+    stats: MiningStats,
+) -> None:
     """One image's pairs into the shard writer; the match statistics when its labels are known."""
     stats.images += 1
     stats.nouns += len(names)
@@ -195,8 +223,9 @@ def _write_image_pairs(writer, net, stem: str, label, binary, names: list[str], 
         stats.pairs += 1
 
 
-def _mine_chunk(net, writer, chunk: Sequence[Path], by_stem, labels, options: MiningOptions, stats: MiningStats,
-                device: str) -> None:
+def _mine_chunk(
+    net, writer, chunk: Sequence[Path], by_stem, labels, options: MiningOptions, stats: MiningStats, device: str
+) -> None:
     """Masks, nouns, CLIP features of every crop (one batch) and the chosen pairs of a chunk of images."""
     from ovseg_lab.models.ovseg import masked_region_crops
 
@@ -204,18 +233,23 @@ def _mine_chunk(net, writer, chunk: Sequence[Path], by_stem, labels, options: Mi
     proposal_sets = _proposals(net, pictures, label_maps, options, device)
     names = [_nouns_of(f.stem, label, by_stem, options) for f, label in zip(chunk, label_maps)]
     clip = net.clip
-    pieces = [masked_region_crops(clip.normalize(p.to(device).float()[None] / 255)[0], b.to(device), clip.image_size)
-              for p, b in zip(pictures, proposal_sets)]
+    pieces = [
+        masked_region_crops(clip.normalize(p.to(device).float()[None] / 255)[0], b.to(device), clip.image_size)
+        for p, b in zip(pictures, proposal_sets)
+    ]
     all_crops = torch.cat([p[0] for p in pieces])
     features = net.region.region_features(all_crops, torch.cat([p[1] for p in pieces])) if all_crops.shape[0] else None
     _text_features(net, names, stats.text_cache)
     offset = 0
-    for f, label, binary, image_names, (crops, crop_masks, valid) in zip(chunk, label_maps, proposal_sets, names, pieces):
+    for f, label, binary, image_names, (crops, crop_masks, valid) in zip(
+        chunk, label_maps, proposal_sets, names, pieces
+    ):
         count = crops.shape[0]
         image_features = features[offset : offset + count] if count else None
         offset += count
-        _write_image_pairs(writer, net, f.stem, label, binary, image_names, crops, crop_masks, valid, image_features,
-                           options, stats)
+        _write_image_pairs(
+            writer, net, f.stem, label, binary, image_names, crops, crop_masks, valid, image_features, options, stats
+        )
 
 
 @torch.no_grad()
@@ -286,6 +320,7 @@ def build_mining_net(cfg) -> Any:
     from ovseg_lab.models.ovseg import MASK_PROMPT_HINT, OVSeg
 
     if cfg.get("proposals_ckpt"):
+
         def inference_only(net_cfg) -> None:
             net_cfg.analysis = None
             if cfg.get("mask_threshold") is not None:
@@ -321,14 +356,29 @@ def mine_from_config(cfg) -> dict[str, Any]:
     net = build_mining_net(cfg)
     vocabulary = list(load_vocabulary(cfg.vocabulary).classes) if cfg.get("vocabulary") else None
     report = mine_pairs(
-        net, images=cfg.images, out=cfg.out, captions=cfg.get("captions"), labels=cfg.get("labels"),
-        vocabulary=vocabulary, masks=cfg.masks, nouns=cfg.nouns, captions_per_image=cfg.captions_per_image,
-        noun_mode=cfg.noun_mode, min_objectness=cfg.min_objectness, max_images=cfg.get("max_images"),
-        shard_size=cfg.shard_size, device=cfg.device,
+        net,
+        images=cfg.images,
+        out=cfg.out,
+        captions=cfg.get("captions"),
+        labels=cfg.get("labels"),
+        vocabulary=vocabulary,
+        masks=cfg.masks,
+        nouns=cfg.nouns,
+        captions_per_image=cfg.captions_per_image,
+        noun_mode=cfg.noun_mode,
+        min_objectness=cfg.min_objectness,
+        max_images=cfg.get("max_images"),
+        shard_size=cfg.shard_size,
+        device=cfg.device,
     )
     write_json(run_dir / "mining_report.json", report)
     rate = report["match_rate"]
-    print(f"mined {report['pairs']} pairs from {report['images']} images"
-          + (f"; noun = ground-truth class of the chosen mask in {100 * rate:.1f}% of {report['checked']}"
-             if rate is not None else ""))
+    print(
+        f"mined {report['pairs']} pairs from {report['images']} images"
+        + (
+            f"; noun = ground-truth class of the chosen mask in {100 * rate:.1f}% of {report['checked']}"
+            if rate is not None
+            else ""
+        )
+    )
     return report

@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ovseg_lab.checkpoints import check_fits, load_weights, read_checkpoint  # noqa: F401  (re-exported)
-from ovseg_lab.config import resolved_yaml, without_init_files, without_pretrained_weights
+from ovseg_lab.config import drop_unused_groups, resolved_yaml, without_init_files, without_pretrained_weights
 from ovseg_lab.config_checks import check_config
 from ovseg_lab.errors import RunFolderBusy, SetupError, user_error
 from ovseg_lab.preflight import check_run
@@ -42,6 +42,21 @@ def instantiate_list(cfg: DictConfig | None, **ours: Any) -> list[Any]:
         return []
     return [instantiate(node, **(ours if str(node._target_).startswith("ovseg_lab.") else {}))
             for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def run_callbacks(cfg: DictConfig, has_logger: bool) -> list[Any]:
+    """The ``callbacks`` group's callbacks, plus the bad-sample report every run has (it enforces data.max_bad_*);
+    without a logger an LR monitor has nowhere to write and is left out."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from ovseg_lab.lit.bad_sample_report import BadSampleReport
+
+    callbacks = instantiate_list(cfg.get("callbacks"))
+    if not has_logger:
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if not any(isinstance(c, BadSampleReport) for c in callbacks):
+        callbacks.append(BadSampleReport())
+    return callbacks
 
 
 def format_table(results: dict[str, dict], title: str) -> str:
@@ -107,11 +122,7 @@ def _build(cfg: DictConfig, stage: str, resume_step: int | None = None):
     apply_speed(model, cfg.get("speed"))
     model.run_config_yaml = resolved_yaml(cfg)
     loggers = instantiate_list(cfg.get("logger"), resume_step=resume_step)
-    callbacks = instantiate_list(cfg.get("callbacks"))
-    if not loggers:  # an LR monitor has nowhere to write without a logger (logger=none)
-        from lightning.pytorch.callbacks import LearningRateMonitor
-
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    callbacks = run_callbacks(cfg, has_logger=bool(loggers))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     container = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
@@ -122,6 +133,7 @@ def _build(cfg: DictConfig, stage: str, resume_step: int | None = None):
 def train(cfg: DictConfig) -> dict[str, dict]:
     """Fit, then evaluate every benchmark once more with the final weights and write metrics.json."""
     check_config(cfg, "fit")  # values, combinations, launch mode: before pipeline stages, data or weights
+    drop_unused_groups(cfg)  # config_resolved.yaml records only what this run builds (no CLIP for OVSegmentor)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -163,6 +175,7 @@ def train(cfg: DictConfig) -> dict[str, dict]:
 def evaluate(cfg: DictConfig) -> dict[str, dict]:
     """Evaluate a checkpoint (``ckpt=...``) on every configured benchmark and write metrics.json."""
     check_config(cfg, "validate")
+    drop_unused_groups(cfg)
     if not cfg.get("ckpt") and not cfg.get("allow_untrained", False):
         raise SetupError("eval.py needs a checkpoint: pass ckpt=/path/to/last.ckpt (or allow_untrained=true).")
     # read before anything is built: an unreadable file is one paragraph, not minutes later

@@ -9,9 +9,19 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ovseg_lab"
 # what ovseg_lab/data may never reach: code that runs models, trains, or writes run folders
-ABOVE_DATA = ("ovseg_lab.models", "ovseg_lab.lit", "ovseg_lab.runner", "ovseg_lab.build", "ovseg_lab.cli",
-              "ovseg_lab.ovseg_chain", "ovseg_lab.pipeline", "ovseg_lab.tools", "ovseg_lab.clip", "ovseg_lab.demo",
-              "ovseg_lab.checkpoints")
+ABOVE_DATA = (
+    "ovseg_lab.models",
+    "ovseg_lab.lit",
+    "ovseg_lab.runner",
+    "ovseg_lab.build",
+    "ovseg_lab.cli",
+    "ovseg_lab.ovseg_chain",
+    "ovseg_lab.pipeline",
+    "ovseg_lab.tools",
+    "ovseg_lab.clip",
+    "ovseg_lab.demo",
+    "ovseg_lab.checkpoints",
+)
 
 
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
@@ -108,6 +118,9 @@ def test_no_import_cycle():
 
 def test_data_imports_nothing_above_it():
     graph = import_graph()
-    breaches = {name: sorted(m for m in reachable(graph, name) if m.startswith(ABOVE_DATA))
-                for name in graph if name.startswith("ovseg_lab.data")}
+    breaches = {
+        name: sorted(m for m in reachable(graph, name) if m.startswith(ABOVE_DATA))
+        for name in graph
+        if name.startswith("ovseg_lab.data")
+    }
     assert {k: v for k, v in breaches.items() if v} == {}

@@ -46,8 +46,11 @@ def _guarded_cli(fn, *args) -> str:
 def resume(path, tmp_path):
     from ovseg_lab.runner import main_guard, train
 
-    cfg = compose("train", ["experiment=quickstart", "model=costvolume", "logger=none", f"ckpt_path={path}"],
-                  run_dir=tmp_path / "run")
+    cfg = compose(
+        "train",
+        ["experiment=quickstart", "model=costvolume", "logger=none", f"ckpt_path={path}"],
+        run_dir=tmp_path / "run",
+    )
     return _guarded_cli(main_guard, train, _task(cfg))
 
 
@@ -55,8 +58,9 @@ def evaluate(path, tmp_path):
     from ovseg_lab.runner import evaluate as run_eval
     from ovseg_lab.runner import main_guard
 
-    cfg = compose("eval", ["experiment=quickstart", "model=costvolume", "logger=none", f"ckpt={path}"],
-                  run_dir=tmp_path / "run")
+    cfg = compose(
+        "eval", ["experiment=quickstart", "model=costvolume", "logger=none", f"ckpt={path}"], run_dir=tmp_path / "run"
+    )
     return _guarded_cli(main_guard, run_eval, _task(cfg))
 
 
@@ -74,8 +78,9 @@ def predict(path, tmp_path):
 
     image = tmp_path / "photo.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
-    return _guarded_cli(main, ["--checkpoint", str(path), "--image", str(image), "--classes", "a,b",
-                               "--output", str(tmp_path / "out")])
+    return _guarded_cli(
+        main, ["--checkpoint", str(path), "--image", str(image), "--classes", "a,b", "--output", str(tmp_path / "out")]
+    )
 
 
 def convert(path, tmp_path):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ovseg_lab.errors import SetupError, user_error
 
@@ -45,4 +46,3 @@ def guarded(main: Callable[..., int | None]) -> Callable[..., int]:
             return 2
 
     return wrapper
-

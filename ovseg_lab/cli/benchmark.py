@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 
-
 from ovseg_lab.cli import guarded
 
 

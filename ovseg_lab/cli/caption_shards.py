@@ -15,7 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-
 from ovseg_lab.cli import guarded
 from ovseg_lab.data.caption_shards import from_toy, open_source, write_caption_shards
 from ovseg_lab.data.entities import EntityParser, EntityVocabulary
@@ -28,11 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--source", help="img2dataset output folder, or a .tsv / .parquet table of (url|path, caption)")
     source.add_argument("--toy", help="a toy benchmark split folder (data/toy/toy_seen): its train captions")
     parser.add_argument("--out", required=True, help="output folder for shard-*.tar and manifest.json")
-    parser.add_argument("--entities", default=None,
-                        help="'ovsegmentor' (the CC4M list, default for --source), a JSON file, or omit with --toy (its class names)")
-    parser.add_argument("--keep-without-entity", action="store_true", help="keep captions that name no entity (CC12M as is)")
+    parser.add_argument(
+        "--entities",
+        default=None,
+        help="'ovsegmentor' (the CC4M list, default for --source), a JSON file, or omit with --toy (its class names)",
+    )
+    parser.add_argument(
+        "--keep-without-entity", action="store_true", help="keep captions that name no entity (CC12M as is)"
+    )
     parser.add_argument("--maxcount", type=int, default=10000, help="samples per shard")
-    parser.add_argument("--max-size", type=int, default=None, help="re-encode images whose long side exceeds this (e.g. 512)")
+    parser.add_argument(
+        "--max-size", type=int, default=None, help="re-encode images whose long side exceeds this (e.g. 512)"
+    )
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     if args.toy:
@@ -43,9 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         vocabulary = EntityVocabulary.load(args.entities or "ovsegmentor")
         samples = open_source(args.source)
-    stats = write_caption_shards(samples, args.out, EntityParser(vocabulary), maxcount=args.maxcount,
-                                 require_entity=not args.keep_without_entity, max_size=args.max_size,
-                                 overwrite=args.overwrite)
+    stats = write_caption_shards(
+        samples,
+        args.out,
+        EntityParser(vocabulary),
+        maxcount=args.maxcount,
+        require_entity=not args.keep_without_entity,
+        max_size=args.max_size,
+        overwrite=args.overwrite,
+    )
     print(json.dumps(stats.as_dict(), indent=2))
     return 0
 

@@ -19,11 +19,10 @@ import argparse
 import sys
 from pathlib import Path
 
-
 import torch
 
-from ovseg_lab.convert import FORMATS
 from ovseg_lab.cli import guarded
+from ovseg_lab.convert import FORMATS
 from ovseg_lab.convert.common import check_against, lightning_checkpoint, load_official
 from ovseg_lab.errors import SetupError
 from ovseg_lab.utils.io import atomic_path
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides: list[str] = []
     if "--" in argv:
         split = argv.index("--")
-        argv, overrides = argv[:split], argv[split + 1:]
+        argv, overrides = argv[:split], argv[split + 1 :]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", required=True, choices=sorted(FORMATS))
     parser.add_argument("--input", required=True, type=Path, help="official checkpoint file")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
 from ovseg_lab.cli import guarded
 from ovseg_lab.tables import build_table, render, sweep_table_names
 from ovseg_lab.utils.io import write_text

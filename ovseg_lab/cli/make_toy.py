@@ -11,7 +11,6 @@ import argparse
 import json
 from pathlib import Path
 
-
 from ovseg_lab.cli import guarded
 from ovseg_lab.data.toy import ToyConfig, generate_toy
 
@@ -30,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     out = generate_toy(args.out, cfg, force=args.force)
     manifest = json.loads((Path(out) / "manifest.json").read_text())
     for split, info in manifest["summary"].items():
-        print(f"{split:<18} {info['images']:>5} images  {info['classes']:>3} classes ({info['classes_present']} present)")
+        print(
+            f"{split:<18} {info['images']:>5} images  {info['classes']:>3} classes ({info['classes_present']} present)"
+        )
     print(f"toy benchmark at {out} (fingerprint {manifest['fingerprint']})")
     return 0
 

@@ -21,7 +21,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-
 from ovseg_lab.cli import guarded
 from ovseg_lab.errors import SetupError
 
@@ -32,13 +31,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, type=Path)
     parser.add_argument("--image", required=True, type=Path, help="an image file or a folder of images")
     parser.add_argument("--classes", default=None, help='comma-separated class names, e.g. "cat,sofa,wall"')
-    parser.add_argument("--vocab", default=None, help="vocabulary file (JSON list / one name per line) or packaged name")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="output folder (default: <the checkpoint's run>/predict/<timestamp>/)")
+    parser.add_argument(
+        "--vocab", default=None, help="vocabulary file (JSON list / one name per line) or packaged name"
+    )
+    parser.add_argument(
+        "--output", type=Path, default=None, help="output folder (default: <the checkpoint's run>/predict/<timestamp>/)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--inference", choices=["whole", "slide"], default=None, help="override the protocol")
-    parser.add_argument("--background-threshold", type=float, default=None,
-                        help='OVSegmentor / GroupViT: "background" wins where no class scores above this (VOC: 0.95)')
+    parser.add_argument(
+        "--background-threshold",
+        type=float,
+        default=None,
+        help='OVSegmentor / GroupViT: "background" wins where no class scores above this (VOC: 0.95)',
+    )
     args = parser.parse_args(argv)
     from ovseg_lab.checkpoints import model_from_checkpoint
     from ovseg_lab.predict import list_images, predict_paths, resolve_vocabulary, set_background_threshold
@@ -57,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{result.overlay_path}: {top}")
     if report.failures:
         listing = "\n".join(f"  - {path}: {reason}" for path, reason in report.failures)
-        print(f"ERROR: {len(report.failures)} of {len(images)} image(s) failed and were skipped:\n{listing}", file=sys.stderr)
+        print(
+            f"ERROR: {len(report.failures)} of {len(images)} image(s) failed and were skipped:\n{listing}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -83,8 +92,10 @@ def checked_device(name: str):
     except RuntimeError as err:
         raise SetupError(f"--device {name}: {err} (use cpu, cuda or cuda:N).") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SetupError(f"--device {name}: no CUDA GPU is available here (torch {torch.__version__}, "
-                         f"CUDA build {torch.version.cuda or 'none'}); use --device cpu.")
+        raise SetupError(
+            f"--device {name}: no CUDA GPU is available here (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda or 'none'}); use --device cpu."
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise SetupError(f"--device {name}: there are {torch.cuda.device_count()} GPU(s) here (cuda:0 ...).")
     return device

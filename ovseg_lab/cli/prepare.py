@@ -25,9 +25,8 @@ import shlex
 import sys
 from pathlib import Path
 
-
-from ovseg_lab.data.prepare import ALIASES, PREPARERS, prepare_benchmark
 from ovseg_lab.cli import guarded
+from ovseg_lab.data.prepare import ALIASES, PREPARERS, prepare_benchmark
 
 
 @guarded
@@ -35,15 +34,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(PREPARERS) + sorted(ALIASES), help="benchmark to prepare")
     parser.add_argument("--raw", required=True, help="the unpacked official download (see the table above)")
-    parser.add_argument("--out", default=os.environ.get("OVSEG_DATA_DIR", "data"),
-                        help="data folder that receives OUT/<benchmark>/ (default: $OVSEG_DATA_DIR or data)")
-    parser.add_argument("--splits", nargs="+", choices=("train", "val"),
-                        help="splits to prepare (default: val; coco_stuff: train val)")
+    parser.add_argument(
+        "--out",
+        default=os.environ.get("OVSEG_DATA_DIR", "data"),
+        help="data folder that receives OUT/<benchmark>/ (default: $OVSEG_DATA_DIR or data)",
+    )
+    parser.add_argument(
+        "--splits", nargs="+", choices=("train", "val"), help="splits to prepare (default: val; coco_stuff: train val)"
+    )
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="worker processes")
-    parser.add_argument("--images", default="auto", choices=("auto", "hardlink", "symlink", "copy"),
-                        help="how unchanged images reach OUT (auto: hard link if possible, else copy)")
-    parser.add_argument("--source", default="auto",
-                        help="coco_object: auto|stuffthingmaps|instances; pc59: auto|json|mat")
+    parser.add_argument(
+        "--images",
+        default="auto",
+        choices=("auto", "hardlink", "symlink", "copy"),
+        help="how unchanged images reach OUT (auto: hard link if possible, else copy)",
+    )
+    parser.add_argument(
+        "--source", default="auto", help="coco_object: auto|stuffthingmaps|instances; pc59: auto|json|mat"
+    )
     parser.add_argument("--force", action="store_true", help="rewrite files that already exist")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images of each split (a quick look)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -51,8 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "scripts/prepare_datasets.py", *(sys.argv[1:] if argv is None else argv)])
     try:
         summaries = prepare_benchmark(
-            args.name, args.raw, args.out, splits=args.splits, workers=args.workers, force=args.force,
-            image_mode=args.images, source=args.source, progress=not args.no_progress, limit=args.limit,
+            args.name,
+            args.raw,
+            args.out,
+            splits=args.splits,
+            workers=args.workers,
+            force=args.force,
+            image_mode=args.images,
+            source=args.source,
+            progress=not args.no_progress,
+            limit=args.limit,
             command=command,
         )
     except KeyboardInterrupt as err:  # PrepareInterrupted says which split; a Ctrl-C elsewhere (listing) as well

@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from ovseg_lab.cli import guarded
 from ovseg_lab.config import CONF_DIR
 from ovseg_lab.utils.io import write_text
@@ -31,10 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in argv:
-        extra = argv[argv.index("--") + 1:]
+        extra = argv[argv.index("--") + 1 :]
         argv = argv[: argv.index("--")]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiments", nargs="*", help="toy experiments to run (default: every conf/experiment/*_toy.yaml)")
+    parser.add_argument(
+        "experiments", nargs="*", help="toy experiments to run (default: every conf/experiment/*_toy.yaml)"
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs") / "tables_toy")
     args = parser.parse_args(argv)
     known = toy_experiments()
@@ -48,15 +49,27 @@ def main(argv: list[str] | None = None) -> int:
         sweep = args.out / experiment
         print(f"[{i}/{len(chosen)}] {experiment} -> {sweep}", flush=True)
         start = time.time()
-        run = subprocess.run([sys.executable, "-m", "ovseg_lab.cli.train", "-m", f"experiment={experiment}",
-                              f"hydra.sweep.dir={sweep}", *extra])
-        table = subprocess.run([sys.executable, "-m", "ovseg_lab.cli.make_table", str(sweep)],
-                               capture_output=True, text=True)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ovseg_lab.cli.train",
+                "-m",
+                f"experiment={experiment}",
+                f"hydra.sweep.dir={sweep}",
+                *extra,
+            ]
+        )
+        table = subprocess.run(
+            [sys.executable, "-m", "ovseg_lab.cli.make_table", str(sweep)], capture_output=True, text=True
+        )
         minutes = (time.time() - start) / 60
         if run.returncode != 0 or table.returncode != 0:
             failed.append(experiment)
             print(f"  sweep exit {run.returncode}, table exit {table.returncode}: {table.stderr.strip()}", flush=True)
-        sections.append(f"## {experiment} ({minutes:.1f} min)\n\n" + (table.stdout or f"(no table: {table.stderr.strip()})\n"))
+        sections.append(
+            f"## {experiment} ({minutes:.1f} min)\n\n" + (table.stdout or f"(no table: {table.stderr.strip()})\n")
+        )
         write_text(args.out / "tables.md", "# Paper tables, toy mode\n\n" + "\n".join(sections))
     print(f"tables: {args.out / 'tables.md'}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ovseg_lab.data.benchmark import IMAGE_EXTENSIONS, read_image
 from ovseg_lab.data.datamodule import SegmentationDataModule
+from ovseg_lab.data.shards import shard_urls as find_shards
 from ovseg_lab.errors import DataError, SetupError
 
 
@@ -37,7 +38,7 @@ def load_captions(path: str | Path) -> dict[str, list[str]]:
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix == ".jsonl":
-            for number, line in enumerate(text.splitlines(), 1):
+            for line in text.splitlines():
                 if line.strip():
                     row = json.loads(line)
                     captions[str(row["stem"])].append(str(row["caption"]))
@@ -72,14 +73,7 @@ def pair_sample(key: str, crop: np.ndarray, mask: np.ndarray, noun: str, meta: M
 
 def shard_urls(shards: str | Path | Sequence[str]) -> list[str]:
     """A folder of .tar shards, a glob, or a list -> sorted shard paths; a clear error when there are none."""
-    if isinstance(shards, (list, tuple)):
-        urls = [str(s) for s in shards]
-    else:
-        path = Path(str(shards))
-        urls = sorted(str(p) for p in (path.glob("*.tar") if path.is_dir() else path.parent.glob(path.name)))
-    if not urls:
-        raise DataError(f"No mask-pair shards (*.tar) at {shards}; mine them with scripts/mine_mask_pairs.py.")
-    return urls
+    return find_shards(shards, "mask-pair shards (*.tar)", "Mine them with scripts/mine_mask_pairs.py.")
 
 
 def decode_pair(sample: Mapping[str, Any]) -> dict[str, Any]:

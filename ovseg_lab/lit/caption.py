@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import torch
-
-from ovseg_lab.errors import SetupError
 from ovseg_lab.lit.base import OpenVocabModule, to_unit_float
-from ovseg_lab.lit.dense import NonFiniteLossError
+from ovseg_lab.lit.nonfinite import NonFiniteLossPolicy
 
 
-class CaptionPretrainModule(OpenVocabModule):
+class CaptionPretrainModule(NonFiniteLossPolicy, OpenVocabModule):
     """Args (beyond :class:`OpenVocabModule`):
     init_from: a checkpoint (stage 1) whose net weights start this run; the momentum encoder, absent from a
         stage-1 checkpoint, starts as a copy of the loaded image encoder.
@@ -25,10 +22,7 @@ class CaptionPretrainModule(OpenVocabModule):
 
     def __init__(self, *args, init_from: str | None = None, nonfinite_loss: str = "raise", **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if nonfinite_loss not in ("raise", "skip"):
-            raise SetupError(f"nonfinite_loss must be 'raise' or 'skip', got '{nonfinite_loss}'.")
-        self.nonfinite_loss = nonfinite_loss
-        self.skipped_batches = 0
+        self._init_nonfinite(nonfinite_loss)
         self._unreadable: dict[int, int] = {}
         if init_from:
             self.load_stage(init_from)
@@ -57,12 +51,7 @@ class CaptionPretrainModule(OpenVocabModule):
             self._unreadable[reader] = max(self._unreadable.get(reader, 0), int(count))
         losses = self.net.training_losses(batch)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
-            message = f"Non-finite training loss ({loss.item()}) at global step {self.global_step}, batch {batch_idx} (keys {list(batch.get('key', []))[:8]})."
-            if self.nonfinite_loss == "raise":
-                raise NonFiniteLossError(message + " Set model.nonfinite_loss=skip to drop such batches instead.")
-            self.skipped_batches += 1
-            self.print(message + " Skipped.")
+        if not self.loss_is_finite(loss, batch_idx, f"keys {list(batch.get('key', []))[:8]}"):
             return None
         size = batch["image"].shape[0]
         for name, value in losses.items():

@@ -21,11 +21,10 @@ from torch import nn
 
 from ovseg_lab.clip import CLIPBackbone
 from ovseg_lab.errors import SetupError
+from ovseg_lab.layers.normalize import IMAGENET_MEAN, IMAGENET_STD
 from ovseg_lab.utils.weights import load_into, load_state_from
 from ovseg_lab.vocab import Vocabulary
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MASK_PROMPT_HINT = " Mask prompts need the same clip.mask_prompt_depth and image size."
 CLASSIFY_MODES = ("ensemble", "maskformer", "clip")
 ANALYSIS_MODES = (None, "gt_masks", "oracle_labels")
