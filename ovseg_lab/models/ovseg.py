@@ -172,7 +172,10 @@ class SAMProposals(nn.Module):
         from transformers import SamConfig, SamImageProcessor, SamModel
 
         if config is not None:
-            config = dict(config)
+            from omegaconf import OmegaConf
+
+            # from a Hydra config (model.net.sam.config) the nested sub-configs arrive as DictConfig: SamConfig wants dicts
+            config = OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else dict(config)
             self.model = SamModel(SamConfig(**config))
             size = int(config.get("vision_config", {}).get("image_size", 1024))
             self.processor = SamImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
