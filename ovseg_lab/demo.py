@@ -50,7 +50,7 @@ METHOD_NAMES = {"CATSeg": "CAT-Seg", "CostVolumeBaseline": "cost-volume baseline
 # the notebook's short toy run: CAT-Seg, 150 steps of CLIP pre-training then 200 steps (1-2 minutes on a CPU)
 TOY_TRAIN_OVERRIDES = ("experiment=quickstart", "model=catseg", "logger=csv", "trainer.max_steps=200",
                        "trainer.val_check_interval=200", "callbacks.model_checkpoint.every_n_train_steps=200",
-                       "catseg_toy.pretrain_steps=150")
+                       "pipeline.params.pretrain_steps=150")
 GRADIO_MISSING = ('The web demo needs Gradio, an optional extra: pip install "ovseg_lab[demo]" '
                   '(or pip install gradio). The rest of ovseg-lab does not need it.')
 # small images (the 64x64 toy) are drawn at the size of their box, not at their pixel size (the files stay as written)

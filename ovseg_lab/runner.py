@@ -59,6 +59,17 @@ def run_callbacks(cfg: DictConfig, has_logger: bool) -> list[Any]:
     return callbacks
 
 
+# trainer.val_check_interval=never: no evaluation during fit; train() still evaluates the final weights once
+NEVER_VALIDATE = "never"
+
+
+def trainer_options(cfg: DictConfig) -> dict[str, Any]:
+    """Trainer arguments our config spells differently from Lightning (``val_check_interval: never``)."""
+    if OmegaConf.select(cfg, "trainer.val_check_interval") == NEVER_VALIDATE:
+        return {"val_check_interval": sys.maxsize}  # with check_val_every_n_epoch=null: a step count never reached
+    return {}
+
+
 def format_table(results: dict[str, dict], title: str) -> str:
     """A plain-text table of the per-benchmark scores (also readable in CI logs)."""
     header = f"{'benchmark':<14}{'classes':>8}{'mIoU':>8}{'pAcc':>8}{'fwIoU':>8}"
@@ -123,7 +134,7 @@ def _build(cfg: DictConfig, stage: str, resume_step: int | None = None):
     model.run_config_yaml = resolved_yaml(cfg)
     loggers = instantiate_list(cfg.get("logger"), resume_step=resume_step)
     callbacks = run_callbacks(cfg, has_logger=bool(loggers))
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **trainer_options(cfg))
     container = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(container)

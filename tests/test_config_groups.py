@@ -136,3 +136,14 @@ def test_conf_is_found_through_the_package():
 
     assert PACKAGE_CONF == Path(ovseg_lab.__file__).resolve().parent / "conf"
     assert (PACKAGE_CONF / "train.yaml").is_file() and (PACKAGE_CONF / "model" / "catseg.yaml").is_file()
+
+
+def test_never_is_an_explicit_validation_interval():
+    from ovseg_lab.runner import trainer_options
+
+    never = compose("train", ["experiment=quickstart", "trainer.val_check_interval=never"])
+    assert trainer_options(never)["val_check_interval"] > 10**15
+    assert trainer_options(compose("train", ["experiment=quickstart"])) == {}
+    stage = next(iter(compose("train", ["experiment=quickstart"]).pipeline.stages.values()))
+    assert "trainer.val_check_interval=never" in stage.overrides  # the chain stages evaluate once, after training
+    assert stage._get_node("overrides")[4]._value() == "trainer.max_steps=${pipeline.params.pretrain_steps}"

@@ -348,7 +348,7 @@ def test_train_toy_button_trains_and_loads_a_model(toy_data_dir, tmp_path):
 
     overrides = [o for o in TOY_TRAIN_OVERRIDES if "steps" not in o and "val_check" not in o]
     overrides += ["trainer.max_steps=4", "trainer.val_check_interval=4", "callbacks.model_checkpoint.every_n_train_steps=4",
-                  "catseg_toy.pretrain_steps=4", *small_toy_overrides(toy_data_dir)]
+                  "pipeline.params.pretrain_steps=4", *small_toy_overrides(toy_data_dir)]
     app = DemoApp([], device="cpu", root=tmp_path, output_dir=tmp_path / "requests", toy_overrides=overrides)
     lines = list(app.train_toy(poll_s=0.5))
     assert lines[-1].startswith("Loaded") and len(app.models) == 1
