@@ -146,4 +146,4 @@ def test_never_is_an_explicit_validation_interval():
     assert trainer_options(compose("train", ["experiment=quickstart"])) == {}
     stage = next(iter(compose("train", ["experiment=quickstart"]).pipeline.stages.values()))
     assert "trainer.val_check_interval=never" in stage.overrides  # the chain stages evaluate once, after training
-    assert stage._get_node("overrides")[4]._value() == "trainer.max_steps=${pipeline.params.pretrain_steps}"
+    assert stage.overrides._get_node(4)._value() == "trainer.max_steps=${pipeline.params.pretrain_steps}"
