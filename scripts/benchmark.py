@@ -8,8 +8,8 @@
 See ovseg_lab/tools/benchmark.py and docs/performance.md.
 """
 
-# Thin wrapper: the command is ovseg_lab/cli/benchmark.py (installed as `ovseg-benchmark`).
-from ovseg_lab.cli.benchmark import main  # noqa: F401
+# Thin wrapper: installed as `ovseg-benchmark` (ovseg_lab/cli/__init__.py).
+from ovseg_lab.cli import benchmark as main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -8,8 +8,8 @@ per-image region classification time; one JSON (last stdout line, and --output).
 See ovseg_lab/tools/gpu_check.py and docs/performance.md.
 """
 
-# Thin wrapper: the command is ovseg_lab/cli/gpu_check.py (installed as `ovseg-gpu-check`).
-from ovseg_lab.cli.gpu_check import main  # noqa: F401
+# Thin wrapper: installed as `ovseg-gpu-check` (ovseg_lab/cli/__init__.py).
+from ovseg_lab.cli import gpu_check as main
 
 if __name__ == "__main__":
     raise SystemExit(main())

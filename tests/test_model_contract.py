@@ -13,22 +13,20 @@ from hydra.utils import instantiate
 
 from ovseg_lab.config import resolved_model_config, without_init_files
 from ovseg_lab.vocab import Vocabulary
-from tests.conftest import CONF_DIR, compose
+from tests.conftest import CONF_DIR, TINY_SAM_CONFIG, compose
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 NAMES = ["red circle", "striped grass", "plain sky"]
 PERMUTATION = [2, 0, 1]
 TINY_SAM = {
-    "_target_": "ovseg_lab.models.ovseg.SAMProposals", "model_name": None, "points_per_side": 2, "points_per_batch": 4, "pred_iou_thresh": -1e9,
-    "stability_score_thresh": 0.0, "box_nms_thresh": 1.0,
-    "config": {
-        "vision_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 64,
-                          "patch_size": 8, "output_channels": 16, "window_size": 4, "global_attn_indexes": [1],
-                          "mlp_dim": 64, "num_pos_feats": 8},
-        "prompt_encoder_config": {"hidden_size": 16, "image_size": 64, "patch_size": 8, "mask_input_channels": 4},
-        "mask_decoder_config": {"hidden_size": 16, "mlp_dim": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                                "iou_head_hidden_dim": 16},
-    },
+    "_target_": "ovseg_lab.models.ovseg.SAMProposals",
+    "model_name": None,
+    "points_per_side": 2,
+    "points_per_batch": 4,
+    "pred_iou_thresh": -1e9,
+    "stability_score_thresh": 0.0,
+    "box_nms_thresh": 1.0,
+    "config": TINY_SAM_CONFIG,
 }
 # per model: what makes its quickstart config tiny and offline where the quickstart alone does not
 EXTRA = {"ovseg_sam": ["clip=tiny"]}

@@ -46,3 +46,24 @@ def guarded(main: Callable[..., int | None]) -> Callable[..., int]:
             return 2
 
     return wrapper
+
+
+def _tool(module: str) -> Callable[[], int]:
+    """A command running ``<module>.main()`` (it parses sys.argv itself) under the guard."""
+
+    @guarded
+    def main() -> int:
+        import importlib
+
+        import ovseg_lab.resolvers  # noqa: F401
+
+        importlib.import_module(module).main()
+        return 0
+
+    main.__name__ = main.__qualname__ = module.rpartition(".")[2]
+    return main
+
+
+# ovseg-benchmark, ovseg-gpu-check (scripts/benchmark.py, scripts/gpu_check.py): the tools print their JSON themselves
+benchmark = _tool("ovseg_lab.tools.benchmark")
+gpu_check = _tool("ovseg_lab.tools.gpu_check")
