@@ -16,6 +16,9 @@ from ovseg_lab.vocab import Vocabulary
 from tests.conftest import CONF_DIR, TINY_SAM_CONFIG, compose
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+# the two heaviest builds (~6-7 CPU s each) run in the slow suite; their equivariance is also in test_catseg / test_ovseg
+HEAVY = ("catseg", "ovseg")
+CASES = [pytest.param(m, marks=pytest.mark.slow) if m in HEAVY else m for m in MODELS]
 NAMES = ["red circle", "striped grass", "plain sky"]
 PERMUTATION = [2, 0, 1]
 TINY_SAM = {
@@ -53,7 +56,7 @@ def logits(net: torch.nn.Module, images: torch.Tensor, names: list[str]) -> torc
         return net(images, Vocabulary("contract", tuple(names)), **kwargs)
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", CASES)
 def test_net_contract(model, tmp_path):
     from ovseg_lab.checkpoints import load_into, read_weights
 
