@@ -1,21 +1,7 @@
-"""Train a model: `python train.py experiment=quickstart`, or with paper defaults `python train.py`.
+"""Train a model: `python train.py experiment=quickstart` (or `ovseg-train ...` once installed); with paper
+defaults `python train.py`. Thin on purpose: the command is ovseg_lab/cli/train.py."""
 
-Thin on purpose: compose the config, hand it to ovseg_lab.runner.train (fit, final evaluation, metrics.json).
-"""
-
-import hydra
-from omegaconf import DictConfig
-
-import ovseg_lab.resolvers  # noqa: F401  (registers ${auto_precision:})
-from ovseg_lab.runner import main_guard, train
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    results = main_guard(train, cfg)
-    # A scalar for Hydra sweepers that optimise: mean mIoU over the evaluation benchmarks.
-    return sum(r["mIoU"] for r in results.values()) / len(results) if results else None
-
+from ovseg_lab.cli.train import main
 
 if __name__ == "__main__":
     main()

@@ -9,16 +9,16 @@ combinations that exist for one tower or model but not another. Those are gather
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from ovseg_lab.config import CLIP_TARGET, clip_nodes, nodes_with_target  # noqa: F401  (re-exported)
 from ovseg_lab.errors import SetupError
 
 PRECISIONS = ("64-true", "64", 64, "32-true", "32", 32, "16-true", "bf16-true", "16-mixed", "16", 16,
               "bf16-mixed", "bf16", "transformer-engine", "transformer-engine-float16")
-NONFINITE_POLICIES = ("raise", "skip")
-CLIP_TARGET = "ovseg_lab.clip.CLIPBackbone"
+NONFINITE_POLICIES = ("raise", "skip")  # model.nonfinite_loss (ovseg_lab.lit.nonfinite)
 
 
 def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
@@ -46,28 +46,6 @@ def _spec(problems: list[str], build: Callable[[], Any]) -> None:
         problems.append(str(err).rstrip("."))
     except (TypeError, ValueError) as err:
         problems.append(f"{type(err).__name__}: {err}")
-
-
-def nodes_with_target(node: Any, target: str) -> Iterator[DictConfig]:
-    """Every config node (in dicts and lists, at any depth) whose ``_target_`` is ``target``; an outer match hides
-    its children. Values that cannot be resolved here (e.g. ``${stage:...}``) are skipped."""
-    if isinstance(node, DictConfig):
-        if node.get("_target_") == target:
-            yield node
-            return
-        for key in node:
-            try:
-                child = node[key]
-            except Exception:
-                continue
-            yield from nodes_with_target(child, target)
-    elif isinstance(node, ListConfig):
-        for item in node:
-            yield from nodes_with_target(item, target)
-
-
-def _clip_nodes(node: Any) -> Iterator[DictConfig]:
-    return nodes_with_target(node, CLIP_TARGET)
 
 
 def _visual_layers(clip: DictConfig) -> int | None:
@@ -108,10 +86,13 @@ def _launch_problem(cfg: DictConfig) -> str | None:
 
 
 # Config groups read only by some models (model choice -> reads it). Chosen on the command line for another model, a
-# group would be recorded in the run's config and change nothing: a sweep over it gives identical rows. LSeg keeps
-# its text tower frozen and OVSeg never trains CLIP (both freeze it after the finetune strategy is applied);
-# OVSegmentor and GroupViT have no CLIP tower of the clip group; only CAT-Seg has a cost aggregation.
+# group would change nothing: a sweep over it gives identical rows. LSeg keeps its text tower frozen and OVSeg never
+# trains CLIP (both freeze it after the finetune strategy is applied); OVSegmentor and GroupViT have no CLIP tower of
+# the clip group (their own ViT / BERT); only CAT-Seg has a cost aggregation. (A group no model node interpolates is
+# also left out of the recorded config: ovseg_lab.config.drop_unused_groups; tests/test_house.py keeps the two
+# consistent.)
 GROUP_READERS = {
+    "clip": ("catseg", "costvolume", "lseg", "ovseg", "ovseg_clip_adapt", "ovseg_sam"),
     "finetune": ("catseg", "costvolume", "ovseg_clip_adapt"),
     "aggregation": ("catseg",),
 }
@@ -130,7 +111,7 @@ def _unread_group_problems(cfg: DictConfig) -> list[str]:
         given = [o for o in overrides if o.split("=", 1)[0] == group or o.startswith(group + ".")]
         if given and model is not None and model not in readers:
             problems.append(f"{given[0]}: model={model} does not read the {group} group (read by model="
-                            f"{'|'.join(readers)}); the run would record it and train the same thing without it")
+                            f"{'|'.join(readers)}); it would change nothing (a sweep over it gives identical rows)")
     return problems
 
 
@@ -239,7 +220,7 @@ def config_problems(cfg: DictConfig, stage: str = "fit") -> list[str]:
 
     from ovseg_lab.clip.finetune import FinetuneSpec
 
-    for clip in _clip_nodes(_get(cfg, "model")):
+    for clip in clip_nodes(_get(cfg, "model")):
         finetune = clip.get("finetune")
         if finetune is None:
             continue

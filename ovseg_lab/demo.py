@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from ovseg_lab.cli import guarded
 from ovseg_lab.errors import SetupError, user_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ METHOD_NAMES = {"CATSeg": "CAT-Seg", "CostVolumeBaseline": "cost-volume baseline
 # the notebook's short toy run: CAT-Seg, 150 steps of CLIP pre-training then 200 steps (1-2 minutes on a CPU)
 TOY_TRAIN_OVERRIDES = ("experiment=quickstart", "model=catseg", "logger=csv", "trainer.max_steps=200",
                        "trainer.val_check_interval=200", "callbacks.model_checkpoint.every_n_train_steps=200",
-                       "catseg_toy.pretrain_steps=150")
+                       "pipeline.params.pretrain_steps=150")
 GRADIO_MISSING = ('The web demo needs Gradio, an optional extra: pip install "ovseg_lab[demo]" '
                   '(or pip install gradio). The rest of ovseg-lab does not need it.')
 # small images (the 64x64 toy) are drawn at the size of their box, not at their pixel size (the files stay as written)
@@ -519,18 +520,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        gr = import_gradio()
-        sam_options = json.loads(args.sam_config.read_text()) if args.sam_config else None
-        toy = args.toy_overrides.split() if args.toy_overrides else TOY_TRAIN_OVERRIDES
-        app = DemoApp(args.checkpoint, args.device, args.sam_model, sam_options, output_dir=args.output_dir,
-                      toy_overrides=toy)
-        demo = build_ui(app)
-    except SetupError as err:
-        print(f"ERROR: {err}", file=sys.stderr)
-        return 2
+    import_gradio()
+    sam_options = json.loads(args.sam_config.read_text()) if args.sam_config else None
+    toy = args.toy_overrides.split() if args.toy_overrides else TOY_TRAIN_OVERRIDES
+    app = DemoApp(args.checkpoint, args.device, args.sam_model, sam_options, output_dir=args.output_dir,
+                  toy_overrides=toy)
+    demo = build_ui(app)
     print(f"ovseg-lab demo: {len(app.models)} model(s) on {app.device}; http://{args.host}:{args.port}", flush=True)
     demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, show_error=True,
                                                    allowed_paths=[str(EXAMPLES_DIR)], inbrowser=False,

@@ -33,7 +33,6 @@ from ovseg_lab.errors import SetupError
 from ovseg_lab.run_folder import RunLock
 from ovseg_lab.utils.io import write_json
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 _SAFE = re.compile(r"[\w./:+\-~@]*")
 
 
@@ -102,17 +101,9 @@ def stage_dir(name: str, *, _root_: DictConfig) -> str:
 
 
 def _compose(config_name: str, overrides: list[str], out_dir: Path | None) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from ovseg_lab.config import compose_config
 
-    def _do() -> DictConfig:
-        return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-
-    if GlobalHydra.instance().is_initialized():
-        cfg = _do()
-    else:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = _do()
+    cfg = compose_config(overrides, config_name, with_hydra=True, reuse_hydra=True)
     with open_dict(cfg):
         if out_dir is not None:
             cfg.hydra.runtime.output_dir = str(out_dir)

@@ -10,9 +10,9 @@ import os
 import socket
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ovseg_lab.config_checks import CLIP_TARGET, nodes_with_target
+from ovseg_lab.config import CLIP_TARGET, nodes_with_target, resolved_yaml  # noqa: F401  (resolved_yaml re-exported)
 from ovseg_lab.errors import SetupError
 
 QUICKSTART_HINT = "To try ovseg-lab offline in a few minutes, run `make quickstart` (= `python train.py experiment=quickstart`)."
@@ -102,6 +102,3 @@ def check_run(cfg: DictConfig, datamodule: Any, stage: str = "fit") -> None:
             f"Dataset preparation is described in data/README.md. {QUICKSTART_HINT}"
         )
 
-
-def resolved_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)

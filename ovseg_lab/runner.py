@@ -12,12 +12,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ovseg_lab.checkpoints import check_fits, load_weights, read_checkpoint  # noqa: F401  (re-exported)
+from ovseg_lab.config import (
+    drop_unused_groups,
+    resolved_model_config,
+    resolved_yaml,
+    without_init_files,
+    without_pretrained_weights,
+)
 from ovseg_lab.config_checks import check_config
 from ovseg_lab.errors import RunFolderBusy, SetupError, user_error
-from ovseg_lab.preflight import check_run, resolved_yaml
+from ovseg_lab.preflight import check_run
 from ovseg_lab.speed import apply_speed
 from ovseg_lab.utils.io import disk_full_message, is_disk_full, write_json, write_text
 
@@ -41,6 +48,32 @@ def instantiate_list(cfg: DictConfig | None, **ours: Any) -> list[Any]:
         return []
     return [instantiate(node, **(ours if str(node._target_).startswith("ovseg_lab.") else {}))
             for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def run_callbacks(cfg: DictConfig, has_logger: bool) -> list[Any]:
+    """The ``callbacks`` group's callbacks, plus the bad-sample report every run has (it enforces data.max_bad_*);
+    without a logger an LR monitor has nowhere to write and is left out."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from ovseg_lab.lit.bad_sample_report import BadSampleReport
+
+    callbacks = instantiate_list(cfg.get("callbacks"))
+    if not has_logger:
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if not any(isinstance(c, BadSampleReport) for c in callbacks):
+        callbacks.append(BadSampleReport())
+    return callbacks
+
+
+# trainer.val_check_interval=never: no evaluation during fit; train() still evaluates the final weights once
+NEVER_VALIDATE = "never"
+
+
+def trainer_options(cfg: DictConfig) -> dict[str, Any]:
+    """Trainer arguments our config spells differently from Lightning (``val_check_interval: never``)."""
+    if OmegaConf.select(cfg, "trainer.val_check_interval") == NEVER_VALIDATE:
+        return {"val_check_interval": sys.maxsize}  # with check_val_every_n_epoch=null: a step count never reached
+    return {}
 
 
 def format_table(results: dict[str, dict], title: str) -> str:
@@ -106,12 +139,8 @@ def _build(cfg: DictConfig, stage: str, resume_step: int | None = None):
     apply_speed(model, cfg.get("speed"))
     model.run_config_yaml = resolved_yaml(cfg)
     loggers = instantiate_list(cfg.get("logger"), resume_step=resume_step)
-    callbacks = instantiate_list(cfg.get("callbacks"))
-    if not loggers:  # an LR monitor has nowhere to write without a logger (logger=none)
-        from lightning.pytorch.callbacks import LearningRateMonitor
-
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    callbacks = run_callbacks(cfg, has_logger=bool(loggers))
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **trainer_options(cfg))
     container = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(container)
@@ -121,6 +150,7 @@ def _build(cfg: DictConfig, stage: str, resume_step: int | None = None):
 def train(cfg: DictConfig) -> dict[str, dict]:
     """Fit, then evaluate every benchmark once more with the final weights and write metrics.json."""
     check_config(cfg, "fit")  # values, combinations, launch mode: before pipeline stages, data or weights
+    drop_unused_groups(cfg)  # config_resolved.yaml records only what this run builds (no CLIP for OVSegmentor)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -128,7 +158,7 @@ def train(cfg: DictConfig) -> dict[str, dict]:
 
     # the checkpoint, and whether this config may continue it, before any pipeline stage spends minutes
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
-    checkpoint = read_checkpoint(ckpt_path) if ckpt_path else None
+    checkpoint = read_checkpoint(ckpt_path, key="ckpt_path") if ckpt_path else None
     if checkpoint is not None:
         check_resume_config(checkpoint, cfg, ckpt_path, bool(cfg.get("resume_force", False)))
     if cfg.get("pipeline"):  # runs this one reads from (e.g. OVSeg's toy chain), each in its own folder
@@ -159,51 +189,6 @@ def train(cfg: DictConfig) -> dict[str, dict]:
     return model.eval_results
 
 
-def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
-    """torch.load(weights_only=True) with user-facing errors."""
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise SetupError(f"Checkpoint not found: {path} (ckpt=...).")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt file, pickled objects, truncated write
-        raise SetupError(f"Cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
-    if not isinstance(checkpoint, dict):
-        raise SetupError(f"Checkpoint {path} holds no state_dict.")
-    return checkpoint
-
-
-def check_fits(model: Any, checkpoint: dict[str, Any], where: str) -> dict[str, Any]:
-    """The checkpoint's state_dict, after checking it has exactly the model's keys and shapes (SetupError)."""
-    state = checkpoint.get("state_dict", checkpoint)
-    if not isinstance(state, dict):
-        raise SetupError(f"{where} holds no state_dict.")
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [k for k in own if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        trained_with = checkpoint.get("ovseg_net_class", "an unknown model")
-        shapes = [f"{k}: {tuple(state[k].shape)} in the checkpoint vs {tuple(own[k].shape)} here" for k in mismatched[:3]]
-        net = getattr(model, "net", model)
-        raise SetupError(
-            f"{where} does not fit the configured model {type(net).__module__}.{type(net).__qualname__} "
-            f"(it was trained with {trained_with}): {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(mismatched)} with other shapes "
-            f"(e.g. {shapes}). Pass the same model/clip/experiment overrides used for training "
-            "(a different shape often means another vocabulary size or CLIP variant)."
-        )
-    return state
-
-
-def load_weights(model: Any, source: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """Load a checkpoint's weights (path or already-read dict) into ``model``, with a clear message on mismatch."""
-    checkpoint = source if isinstance(source, dict) else read_checkpoint(source)
-    where = "the checkpoint" if isinstance(source, dict) else f"Checkpoint {source}"
-    model.load_state_dict(check_fits(model, checkpoint, where))
-    return checkpoint
-
-
 def _model_fitting_checkpoint(cfg: DictConfig, model: Any, checkpoint: dict[str, Any]) -> tuple[Any, DictConfig]:
     """(model, cfg): the composed model if the checkpoint fits it; else the model of the checkpoint's own stored
     config (``ovseg_config``), with this run's evaluation protocol (``model.inference``), data and trainer.
@@ -214,7 +199,6 @@ def _model_fitting_checkpoint(cfg: DictConfig, model: Any, checkpoint: dict[str,
     """
     from hydra.utils import instantiate
 
-    from ovseg_lab.build import resolved_model_config, without_init_files
 
     where = f"Checkpoint {cfg.ckpt}"
     try:
@@ -253,13 +237,14 @@ def _model_fitting_checkpoint(cfg: DictConfig, model: Any, checkpoint: dict[str,
 def evaluate(cfg: DictConfig) -> dict[str, dict]:
     """Evaluate a checkpoint (``ckpt=...``) on every configured benchmark and write metrics.json."""
     check_config(cfg, "validate")
+    drop_unused_groups(cfg)
     if not cfg.get("ckpt") and not cfg.get("allow_untrained", False):
         raise SetupError("eval.py needs a checkpoint: pass ckpt=/path/to/last.ckpt (or allow_untrained=true).")
-    if cfg.get("ckpt"):
+    # read before anything is built: an unreadable file is one paragraph, not minutes later
+    checkpoint = read_checkpoint(cfg.ckpt, key="ckpt") if cfg.get("ckpt") else None
+    if checkpoint is not None:
         # The checkpoint carries every weight (load_weights refuses one that lacks a key): neither earlier stages'
         # files nor pretrained downloads (OpenAI's CLIP for a converted CAT-Seg) are needed, offline included.
-        from ovseg_lab.build import without_init_files, without_pretrained_weights
-
         for key in ("model", "clip"):
             without_init_files(cfg.get(key))
             without_pretrained_weights(cfg.get(key))
@@ -267,8 +252,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config_resolved.yaml", resolved_yaml(cfg))
     datamodule, model, loggers, trainer = _build(cfg, "validate")
-    if cfg.get("ckpt"):
-        checkpoint = read_checkpoint(cfg.ckpt)
+    if checkpoint is not None:
         composed = model
         model, cfg = _model_fitting_checkpoint(cfg, model, checkpoint)
         if model is not composed:  # the record names the model that was evaluated
@@ -276,7 +260,8 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
             write_text(run_dir / "config_resolved.yaml", resolved_yaml(cfg))
             for logger in loggers:
                 logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        load_weights(model, checkpoint)
+        load_weights(model, checkpoint, f"Checkpoint {cfg.ckpt} (ckpt)")
+        del checkpoint
     if cfg.get("save_predictions", False):
         model.save_predictions_dir = str(run_dir / "predictions")
     try:

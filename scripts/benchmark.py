@@ -8,27 +8,8 @@
 See ovseg_lab/tools/benchmark.py and docs/performance.md.
 """
 
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ovseg_lab.errors import SetupError  # noqa: E402
-
-
-def main() -> int:
-    import ovseg_lab.resolvers  # noqa: F401
-    from ovseg_lab.tools.benchmark import main as run
-
-    try:
-        run()
-    except SetupError as err:
-        print(f"\nERROR: {err}\n", file=sys.stderr)
-        return 2
-    return 0
-
+# Thin wrapper: installed as `ovseg-benchmark` (ovseg_lab/cli/__init__.py).
+from ovseg_lab.cli import benchmark as main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,86 +1,9 @@
 """Convert an official checkpoint into an ovseg-lab checkpoint that eval.py / predict.py can load.
 
-    python scripts/convert_checkpoint.py --format catseg --input model_final_vitb.pth \
-        --output checkpoints/catseg_vitb16.ckpt        (ViT-B/16 or ViT-L/14: read off the checkpoint)
-    python eval.py ckpt=checkpoints/catseg_vitb16.ckpt model=catseg experiment=catseg_vitb16_coco   (the line it prints)
-    python scripts/convert_checkpoint.py --format lseg --input demo_e200.ckpt --output checkpoints/lseg_vitl16.ckpt
-    python scripts/convert_checkpoint.py --format ovseg --input ovseg_clip_l_9a1909.pth --output checkpoints/ovseg_clip.pt
-        (OVSeg's adapted CLIP, also read from the full ovseg_swinbase_vitL14_ft_mpt.pth: use it as
-        model.net.clip_weights of model=ovseg)
+Usage and options: `python scripts/convert_checkpoint.py --help` (the text of ovseg_lab/cli/convert.py)."""
 
-Everything after ``--`` are Hydra overrides describing the model the checkpoint belongs to (the same ones you
-pass to eval.py). The converted weights are checked key by key and shape by shape against that model (built
-with random weights, nothing downloaded); a mismatch is refused with the offending keys named.
-"""
-
-from __future__ import annotations
-
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-
-from ovseg_lab.convert import FORMATS  # noqa: E402
-from ovseg_lab.convert.common import check_against, lightning_checkpoint, load_official  # noqa: E402
-from ovseg_lab.errors import SetupError  # noqa: E402
-from ovseg_lab.utils.io import atomic_path  # noqa: E402
-
-
-def convert(fmt: str, source: Path, target: Path, overrides: list[str]) -> tuple[Path, list[str]]:
-    """Write the converted checkpoint; returns it with the overrides of the model it was checked against."""
-    from omegaconf import OmegaConf
-
-    from ovseg_lab.build import build_net, compose_config
-
-    if fmt not in FORMATS:
-        raise SetupError(f"Unknown --format {fmt!r}; choose one of {sorted(FORMATS)}.")
-    spec = FORMATS[fmt]
-    official = load_official(source)
-    defaults = spec.overrides + (spec.detect(official) if spec.detect else [])
-    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    # the user's overrides replace the format's defaults of the same key (e.g. experiment=...)
-    overrides = [o for o in defaults if o.split("=", 1)[0] not in given] + overrides
-    converted = spec.converter(official)
-    net = build_net(overrides)
-    expected = {f"net.{k}": v for k, v in net.state_dict().items()}
-    if spec.part:  # one sub-module: checked against that part of the configured model only
-        expected = {k: v for k, v in expected.items() if k.startswith(spec.part)}
-    check_against(converted, expected, str(source))
-    net_class = f"{type(net).__module__}.{type(net).__qualname__}"
-    config_yaml = None
-    if not spec.part:
-        cfg = compose_config(overrides)
-        # the model node, resolved: what build.model_from_checkpoint needs to rebuild the network
-        config_yaml = OmegaConf.to_yaml({"model": OmegaConf.to_container(cfg.model, resolve=True)})
-    with atomic_path(target) as tmp:
-        torch.save(lightning_checkpoint(converted, net_class, config_yaml), tmp)
-    return target, overrides
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides: list[str] = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, overrides = argv[:split], argv[split + 1:]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--format", required=True, choices=sorted(FORMATS))
-    parser.add_argument("--input", required=True, type=Path, help="official checkpoint file")
-    parser.add_argument("--output", required=True, type=Path, help="ovseg-lab checkpoint to write")
-    args = parser.parse_args(argv)
-    try:
-        out, used = convert(args.format, args.input, args.output, overrides)
-    except SetupError as err:
-        print(f"ERROR: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    if FORMATS[args.format].usage:
-        print("use it with: " + FORMATS[args.format].usage.format(out=out, overrides=" ".join(used)))
-    return 0
-
+# Thin wrapper: the command is ovseg_lab/cli/convert.py (installed as `ovseg-convert`).
+from ovseg_lab.cli.convert import convert, main  # noqa: F401
 
 if __name__ == "__main__":
     raise SystemExit(main())

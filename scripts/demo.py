@@ -7,14 +7,8 @@ Needs the optional extra: pip install -e ".[demo]". Without a checkpoint the pag
 the quickstart checkpoint or to train the 200-step toy CAT-Seg. Details: ovseg_lab/demo.py, README ("Web demo").
 """
 
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ovseg_lab.demo import main  # noqa: E402
+# Thin wrapper: the command is ovseg_lab/demo.py (installed as `ovseg-demo`).
+from ovseg_lab.demo import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -8,21 +8,8 @@ per-image region classification time; one JSON (last stdout line, and --output).
 See ovseg_lab/tools/gpu_check.py and docs/performance.md.
 """
 
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def main() -> int:
-    import ovseg_lab.resolvers  # noqa: F401
-    from ovseg_lab.tools.gpu_check import main as run
-
-    run()
-    return 0
-
+# Thin wrapper: installed as `ovseg-gpu-check` (ovseg_lab/cli/__init__.py).
+from ovseg_lab.cli import gpu_check as main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,45 +1,9 @@
 """Turn a Hydra sweep folder into its paper table, our numbers beside the paper's.
 
-    python train.py -m experiment=catseg_table6_toy
-    python scripts/make_table.py outputs/multirun/catseg_table6_toy/<date_time> [--format md|tex|csv] [--table NAME]
+Usage and options: `python scripts/make_table.py --help` (the text of ovseg_lab/cli/make_table.py)."""
 
-Writes table.md / table.tex / table.csv next to the sweep's job folders and prints the chosen format (a sweep
-that fills several paper tables, listed in its experiment's ``paper_tables``, writes table_<name>.<fmt> for each).
-Missing or failed jobs are marked in their row instead of stopping the table.
-"""
-
-from __future__ import annotations
-
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ovseg_lab.errors import SetupError  # noqa: E402
-from ovseg_lab.tables import build_table, render, sweep_table_names  # noqa: E402
-from ovseg_lab.utils.io import write_text  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("--format", default="md", choices=["md", "tex", "csv"], help="format printed (all are written)")
-    parser.add_argument("--table", default=None, help="paper table name (default: from the sweep's experiment)")
-    args = parser.parse_args(argv)
-    try:
-        names = sweep_table_names(args.sweep_dir, args.table)
-        tables = [(name, build_table(args.sweep_dir, name, shared_sweep=len(names) > 1)) for name in names]
-    except SetupError as err:
-        print(f"ERROR: {err}", file=sys.stderr)
-        return 2
-    for name, table in tables:
-        stem = "table" if len(tables) == 1 else f"table_{name}"
-        for fmt in ("md", "tex", "csv"):
-            write_text(args.sweep_dir / f"{stem}.{fmt}", render(table, fmt))
-        print(render(table, args.format), end="\n" if len(tables) > 1 else "")
-    return 0
-
+# Thin wrapper: the command is ovseg_lab/cli/make_table.py (installed as `ovseg-table`).
+from ovseg_lab.cli.make_table import main  # noqa: F401
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,39 +1,9 @@
 """Generate the toy open-vocabulary benchmark (deterministic from --seed).
 
-    python scripts/make_toy.py --out data/toy [--seed 0] [--num-train 1200] [--num-val 120] [--force]
+Usage and options: `python scripts/make_toy.py --help` (the text of ovseg_lab/cli/make_toy.py)."""
 
-The quickstart generates it on first use; this script is for other sizes/seeds. See ovseg_lab/data/toy.py.
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ovseg_lab.data.toy import ToyConfig, generate_toy  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="data/toy", help="output folder (default: data/toy)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--num-train", type=int, default=1200)
-    parser.add_argument("--num-val", type=int, default=120)
-    parser.add_argument("--force", action="store_true", help="regenerate even if an identical set exists")
-    args = parser.parse_args(argv)
-    cfg = ToyConfig(seed=args.seed, image_size=args.image_size, num_train=args.num_train, num_val=args.num_val)
-    out = generate_toy(args.out, cfg, force=args.force)
-    manifest = json.loads((Path(out) / "manifest.json").read_text())
-    for split, info in manifest["summary"].items():
-        print(f"{split:<18} {info['images']:>5} images  {info['classes']:>3} classes ({info['classes_present']} present)")
-    print(f"toy benchmark at {out} (fingerprint {manifest['fingerprint']})")
-    return 0
-
+# Thin wrapper: the command is ovseg_lab/cli/make_toy.py (installed as `ovseg-make-toy`).
+from ovseg_lab.cli.make_toy import main  # noqa: F401
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -16,6 +16,15 @@ import ovseg_lab.resolvers  # noqa: E402,F401
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 SMALL_TOY = {"num_train": 64, "num_val": 16, "seed": 0, "image_size": 64}
+# transformers.SamConfig arguments of a tiny random-init Segment Anything (64x64 input): OVSeg's SAM proposals offline
+TINY_SAM_CONFIG = {
+    "vision_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 64,
+                      "patch_size": 8, "output_channels": 16, "window_size": 4, "global_attn_indexes": [1],
+                      "mlp_dim": 64, "num_pos_feats": 8},
+    "prompt_encoder_config": {"hidden_size": 16, "image_size": 64, "patch_size": 8, "mask_input_channels": 4},
+    "mask_decoder_config": {"hidden_size": 16, "mlp_dim": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                            "iou_head_hidden_dim": 16},
+}
 
 
 @pytest.fixture(scope="session")

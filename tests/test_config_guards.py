@@ -24,6 +24,7 @@ from tests.conftest import ROOT, compose, small_toy_overrides
     (["model=lseg", "finetune=qv"], "finetune=qv: model=lseg does not read the finetune group"),
     (["model=ovseg", "aggregation=feature"], "aggregation=feature: model=ovseg does not read the aggregation group"),
     (["model=costvolume", "aggregation.input=feature"], "model=costvolume does not read the aggregation group"),
+    (["model=ovsegmentor", "clip=vitl14"], "clip=vitl14: model=ovsegmentor does not read the clip group"),
 ])
 def test_new_config_checks_name_the_key(overrides, message):
     cfg = compose("train", ["experiment=quickstart", *overrides])

@@ -21,19 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY_SAM_CONFIG
 
 CLASSES = "red circle, striped grass, plain sky, blue square"
 REQUESTED = [c.strip() for c in CLASSES.split(",")]
 TINY_SAM = {
-    "config": {
-        "vision_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 64,
-                          "patch_size": 8, "output_channels": 16, "window_size": 4, "global_attn_indexes": [1],
-                          "mlp_dim": 64, "num_pos_feats": 8},
-        "prompt_encoder_config": {"hidden_size": 16, "image_size": 64, "patch_size": 8, "mask_input_channels": 4},
-        "mask_decoder_config": {"hidden_size": 16, "mlp_dim": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                                "iou_head_hidden_dim": 16},
-    },
+    "config": TINY_SAM_CONFIG,
     "points_per_side": 3, "points_per_batch": 9, "pred_iou_thresh": -1e9, "stability_score_thresh": 0.0,
     "box_nms_thresh": 1.0,
 }
@@ -348,7 +341,7 @@ def test_train_toy_button_trains_and_loads_a_model(toy_data_dir, tmp_path):
 
     overrides = [o for o in TOY_TRAIN_OVERRIDES if "steps" not in o and "val_check" not in o]
     overrides += ["trainer.max_steps=4", "trainer.val_check_interval=4", "callbacks.model_checkpoint.every_n_train_steps=4",
-                  "catseg_toy.pretrain_steps=4", *small_toy_overrides(toy_data_dir)]
+                  "pipeline.params.pretrain_steps=4", *small_toy_overrides(toy_data_dir)]
     app = DemoApp([], device="cpu", root=tmp_path, output_dir=tmp_path / "requests", toy_overrides=overrides)
     lines = list(app.train_toy(poll_s=0.5))
     assert lines[-1].startswith("Loaded") and len(app.models) == 1

@@ -60,7 +60,7 @@ def test_toy_experiment_runs_one_step(experiment, toy_data_dir, tmp_path):
     if experiment.startswith("ovseg_"):  # the toy OVSeg chain: every stage for a step or two
         overrides += ["ovseg.pretrain_steps=2", "ovseg.maskformer_steps=2", "ovseg.adapt_steps=2"]
     if experiment.startswith("catseg_") or experiment == "quickstart":  # the toy CAT-Seg chain: 2 CLIP pre-training steps
-        overrides += ["catseg_toy.pretrain_steps=2"]
+        overrides += ["pipeline.params.pretrain_steps=2"]
     cfg = compose("train", overrides, tmp_path)
     with open_dict(cfg):  # a Hydra task function never sees the hydra node
         del cfg["hydra"]

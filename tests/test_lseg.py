@@ -164,7 +164,7 @@ def test_decoder_trains_at_ten_times_the_base_learning_rate(tiny_clip):
 
 # ---------------------------------------------------------------------------------------------- encoders
 def test_every_real_encoder_has_a_tiny_counterpart_of_its_family():
-    for name, spec in ENCODERS.items():
+    for spec in ENCODERS.values():
         if spec.tiny is not None:
             assert ENCODERS[spec.tiny].kind == spec.kind and spec.tiny in ENCODERS
     assert ENCODERS["vit_large_16_384"].hooks == (5, 11, 17, 23)

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovseg_lab.data.mask_pairs import PairShards, decode_pair, load_captions, mine_pairs, shard_urls
+from ovseg_lab.data.mask_pairs import PairShards, decode_pair, load_captions, shard_urls
+from ovseg_lab.ovseg_chain import mine_pairs
 from ovseg_lab.data.nouns import noun_phrases
 from ovseg_lab.data.toy import SURFACES, THING_COLOURS
 from ovseg_lab.errors import SetupError

@@ -18,7 +18,7 @@ def test_quickstart_reduced_runs_the_catseg_chain(toy_data_dir, tmp_path):
     (the checkpoint carries every weight)."""
     run_dir = tmp_path / "qs"
     cmd = [sys.executable, "train.py", "experiment=quickstart", "logger=csv", "trainer.max_steps=8",
-           "trainer.val_check_interval=4", "catseg_toy.pretrain_steps=4", f"hydra.run.dir={run_dir}",
+           "trainer.val_check_interval=4", "pipeline.params.pretrain_steps=4", f"hydra.run.dir={run_dir}",
            *small_toy_overrides(toy_data_dir)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

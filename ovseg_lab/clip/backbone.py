@@ -20,7 +20,7 @@ from ovseg_lab.clip.finetune import FinetuneSpec, apply_finetune
 from ovseg_lab.clip.loading import build_open_clip
 from ovseg_lab.clip.prompts import SYNONYM_MODES, class_synonyms, resolve_templates
 from ovseg_lab.errors import SetupError
-from ovseg_lab.utils.weights import load_into, load_state_from
+from ovseg_lab.checkpoints import load_into, load_state_from
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

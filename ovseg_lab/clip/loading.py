@@ -51,18 +51,11 @@ def pretrained_cached(model_name: str, pretrained: str | None) -> bool | None:
 
 
 def _load_local_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except RuntimeError:
-        # OpenAI's original .pt files are TorchScript archives; open_clip knows how to read those.
-        import open_clip
+    """A local CLIP file: our state dicts, Lightning checkpoints, or OpenAI's TorchScript ``.pt`` archives."""
+    from ovseg_lab.checkpoints import read_weights
 
-        return open_clip.load_state_dict(str(path))
-    if isinstance(obj, Mapping) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise SetupError(f"CLIP checkpoint {path} does not hold a state dict.")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    state = read_weights(path, ("",), "CLIP checkpoint", "clip.pretrained", torchscript_ok=True)
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def build_open_clip(

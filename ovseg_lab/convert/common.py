@@ -7,48 +7,23 @@ from typing import Any, Mapping
 
 import torch
 
+from ovseg_lab.checkpoints import describe_differences, differences, read_checkpoint, state_dict_of
 from ovseg_lab.errors import SetupError
 
 
 def load_official(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from an official checkpoint file (weights only; detectron2 {"model": ...} unwrapped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SetupError(f"Checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise SetupError(
-            f"Cannot read {path} with torch.load(weights_only=True): {type(err).__name__}: {err}. "
-            "Checkpoints that pickle arbitrary objects are refused; re-save the state dict alone."
-        ) from None
-    for key in ("model", "state_dict"):
-        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-            obj = obj[key]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise SetupError(f"{path} does not hold a state dict of tensors.")
-    return dict(obj)
+    return state_dict_of(read_checkpoint(path, "official checkpoint", "--input"), str(path))
 
 
 def check_against(converted: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str) -> None:
     """Refuse a conversion whose keys or shapes differ from the target model's state dict."""
-    missing = sorted(set(expected) - set(converted))
-    unexpected = sorted(set(converted) - set(expected))
-    mismatched = sorted(k for k in set(converted) & set(expected) if converted[k].shape != expected[k].shape)
+    missing, unexpected, mismatched = differences(expected, converted)
     if missing or unexpected or mismatched:
-        details = []
-        if missing:
-            details.append(f"{len(missing)} missing (e.g. {missing[:4]})")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:4]})")
-        if mismatched:
-            details.append(
-                f"{len(mismatched)} with other shapes (e.g. {mismatched[0]}: {tuple(converted[mismatched[0]].shape)} "
-                f"vs {tuple(expected[mismatched[0]].shape)})"
-            )
         raise SetupError(
-            f"{source} does not match the configured model: " + "; ".join(details)
-            + ". Check the clip/model overrides (e.g. clip=vitl14 for a ViT-L checkpoint)."
+            f"{source} does not match the configured model: "
+            f"{describe_differences(expected, converted, sorted(missing), sorted(unexpected), sorted(mismatched), 4)}. "
+            "Check the clip/model overrides (e.g. clip=vitl14 for a ViT-L checkpoint)."
         )
 
 

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator
 from PIL import Image
 
 from ovseg_lab.data.entities import EntityParser, parsed_caption
+from ovseg_lab.data.shards import shard_urls as find_shards
 from ovseg_lab.errors import DataError
 from ovseg_lab.utils.io import write_json
 
@@ -95,8 +96,8 @@ def from_img2dataset(folder: str | Path) -> Iterator[RawSample]:
         for tar in tars:
             errors: list[str] = []
 
-            def keep_going(exn: Exception) -> bool:
-                errors.append(f"{tar}: {exn}")
+            def keep_going(exn: Exception) -> bool:  # called within this iteration only
+                errors.append(f"{tar}: {exn}")  # noqa: B023
                 return True
 
             for sample in wds.tarfile_samples([{"url": str(tar)}], handler=keep_going):
@@ -270,18 +271,4 @@ def write_caption_shards(
 
 def shard_urls(location: str | Path | list) -> list[str]:
     """Shard paths from a folder with manifest.json, a brace pattern ("cc12m/{000000..001242}.tar") or a list."""
-    if isinstance(location, (list, tuple)):
-        return [str(u) for u in location]
-    text = str(location)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        manifest = path / "manifest.json"
-        names = json.loads(manifest.read_text())["shards"] if manifest.is_file() else sorted(p.name for p in path.glob("*.tar"))
-        urls = [str(path / n) for n in names]
-    else:
-        import braceexpand
-
-        urls = list(braceexpand.braceexpand(text))
-    if not urls:
-        raise DataError(f"No caption shards at {location}.")
-    return urls
+    return find_shards(location, "caption shards", "Write them with scripts/make_caption_shards.py.")

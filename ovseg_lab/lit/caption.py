@@ -7,17 +7,13 @@ base class's zero-shot segmentation of every benchmark. Stage 2 starts from a st
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-
-from ovseg_lab.errors import SetupError
 from ovseg_lab.lit.base import OpenVocabModule, to_unit_float
-from ovseg_lab.lit.dense import NonFiniteLossError
+from ovseg_lab.lit.nonfinite import NonFiniteLossPolicy
 
 
-class CaptionPretrainModule(OpenVocabModule):
+class CaptionPretrainModule(NonFiniteLossPolicy, OpenVocabModule):
     """Args (beyond :class:`OpenVocabModule`):
     init_from: a checkpoint (stage 1) whose net weights start this run; the momentum encoder, absent from a
         stage-1 checkpoint, starts as a copy of the loaded image encoder.
@@ -26,29 +22,18 @@ class CaptionPretrainModule(OpenVocabModule):
 
     def __init__(self, *args, init_from: str | None = None, nonfinite_loss: str = "raise", **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if nonfinite_loss not in ("raise", "skip"):
-            raise SetupError(f"nonfinite_loss must be 'raise' or 'skip', got '{nonfinite_loss}'.")
-        self.nonfinite_loss = nonfinite_loss
-        self.skipped_batches = 0
+        self._init_nonfinite(nonfinite_loss)
         self._unreadable: dict[int, int] = {}
         if init_from:
             self.load_stage(init_from)
 
     def load_stage(self, path: str) -> None:
         """Load a previous stage's net weights (weights_only); keys it lacks must be momentum-encoder keys."""
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise SetupError(f"Stage checkpoint not found: {file} (model.init_from).")
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-        state = checkpoint.get("state_dict", checkpoint)
-        net_state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")} or state
-        missing, unexpected = self.net.load_state_dict(net_state, strict=False)
-        missing = [k for k in missing if not k.startswith("momentum_encoder.")]
-        if missing or unexpected:
-            raise SetupError(
-                f"Checkpoint {file} does not fit this model: {len(missing)} missing keys (e.g. {missing[:3]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). Use the same model/experiment as stage 1."
-            )
+        from ovseg_lab.checkpoints import load_into, read_weights
+
+        net_state = read_weights(path, ("net.", ""), "stage checkpoint", "model.init_from")
+        load_into(self.net, net_state, f"{path} (model.init_from)", "Stage-1",
+                  " Use the same model/experiment as stage 1.", ignore_missing=lambda k: k.startswith("momentum_encoder."))
         if not any(k.startswith("momentum_encoder.") for k in net_state):
             self.net.reset_momentum()
 
@@ -66,12 +51,7 @@ class CaptionPretrainModule(OpenVocabModule):
             self._unreadable[reader] = max(self._unreadable.get(reader, 0), int(count))
         losses = self.net.training_losses(batch)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
-            message = f"Non-finite training loss ({loss.item()}) at global step {self.global_step}, batch {batch_idx} (keys {list(batch.get('key', []))[:8]})."
-            if self.nonfinite_loss == "raise":
-                raise NonFiniteLossError(message + " Set model.nonfinite_loss=skip to drop such batches instead.")
-            self.skipped_batches += 1
-            self.print(message + " Skipped.")
+        if not self.loss_is_finite(loss, batch_idx, f"keys {list(batch.get('key', []))[:8]}"):
             return None
         size = batch["image"].shape[0]
         for name, value in losses.items():

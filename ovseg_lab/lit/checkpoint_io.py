@@ -66,14 +66,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Callable | Any = lambda storage, loc: storage,
                         weights_only: bool | None = True) -> dict[str, Any]:
-        path = Path(path)
-        if not path.is_file():
-            raise SetupError(f"Checkpoint not found: {path}.")
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as err:  # truncated by a non-atomic writer, or pickled objects refused by weights_only
-            raise SetupError(
-                f"Cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
-                "It is truncated, or holds Python objects other than tensors and plain containers "
-                "(ovseg-lab checkpoints load with weights_only=True)."
-            ) from None
+        from ovseg_lab.checkpoints import read_checkpoint
+
+        return read_checkpoint(path, key="ckpt_path", map_location=map_location)

@@ -6,15 +6,13 @@ from typing import Any, Mapping
 
 import torch
 
-from ovseg_lab.errors import SetupError
 from ovseg_lab.lit.base import OpenVocabModule, to_unit_float
+from ovseg_lab.lit.nonfinite import NonFiniteLossError, NonFiniteLossPolicy
+
+__all__ = ["DenseSupervisedModule", "NonFiniteLossError"]
 
 
-class NonFiniteLossError(SetupError):
-    """The loss became NaN or inf; the message names the batch."""
-
-
-class DenseSupervisedModule(OpenVocabModule):
+class DenseSupervisedModule(NonFiniteLossPolicy, OpenVocabModule):
     """``loss = net.loss(net(images, train_vocabulary), labels)``.
 
     nonfinite_loss: ``raise`` stops the run naming the batch's images; ``skip`` drops the batch (no update).
@@ -22,10 +20,7 @@ class DenseSupervisedModule(OpenVocabModule):
 
     def __init__(self, *args, nonfinite_loss: str = "raise", **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if nonfinite_loss not in ("raise", "skip"):
-            raise SetupError(f"nonfinite_loss must be 'raise' or 'skip', got '{nonfinite_loss}'.")
-        self.nonfinite_loss = nonfinite_loss
-        self.skipped_batches = 0
+        self._init_nonfinite(nonfinite_loss)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int):
         if not len(batch["image"]):  # every sample of the batch was unreadable (reported by the DataModule)
@@ -34,16 +29,7 @@ class DenseSupervisedModule(OpenVocabModule):
         labels = batch["label"]
         logits = self.training_logits(batch, images)
         loss = self.net.loss(logits, labels)
-        if not torch.isfinite(loss):
-            stems = list(batch.get("stem", []))
-            message = (
-                f"Non-finite training loss ({loss.item()}) at global step {self.global_step}, batch {batch_idx} "
-                f"(images {stems[:8]})."
-            )
-            if self.nonfinite_loss == "raise":
-                raise NonFiniteLossError(message + " Set model.nonfinite_loss=skip to drop such batches instead.")
-            self.skipped_batches += 1
-            self.print(message + " Skipped.")
+        if not self.loss_is_finite(loss, batch_idx, f"images {list(batch.get('stem', []))[:8]}"):
             return None
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=images.shape[0])
         return loss

@@ -21,6 +21,7 @@ from ovseg_lab.errors import SetupError
 from ovseg_lab.eval.inference import segment
 from ovseg_lab.layers.contrastive import info_nce
 from ovseg_lab.lit.base import OpenVocabModule, to_unit_float
+from ovseg_lab.lit.nonfinite import NonFiniteLossPolicy
 from ovseg_lab.utils.weights import load_state_from
 from ovseg_lab.utils.io import atomic_path
 
@@ -47,14 +48,15 @@ class LabelAwareEval(OpenVocabModule):
             self.metrics[bench.name].update(pred, label)
 
 
-class MaskFormerModule(LabelAwareEval):
+class MaskFormerModule(NonFiniteLossPolicy, LabelAwareEval):
     """Stage 1: ``loss = SetCriterion(MaskFormer(images, text features of the training vocabulary), labels)``.
 
     The CLIP towers stay frozen (OVSeg trains MaskFormer against fixed CLIP text embeddings).
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, nonfinite_loss: str = "raise", **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self._init_nonfinite(nonfinite_loss)
         self.net.clip.requires_grad_(False)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int):
@@ -68,8 +70,8 @@ class MaskFormerModule(LabelAwareEval):
         self.net.clip.eval()
         outputs = self.net.maskformer_outputs(images, self.train_vocabulary.classes)
         losses = self.net.loss(outputs, labels)
-        if not torch.isfinite(losses["loss"]):
-            raise SetupError(f"Non-finite MaskFormer loss at step {self.global_step} (images {list(batch.get('stem', []))[:8]}).")
+        if not self.loss_is_finite(losses["loss"], batch_idx, f"images {list(batch.get('stem', []))[:8]}"):
+            return None
         batch_size = images.shape[0]
         self.log("train/loss", losses["loss"], prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
         for key in ("loss_ce", "loss_mask", "loss_dice"):

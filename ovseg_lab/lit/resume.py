@@ -113,6 +113,7 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
 # half a different experiment than the one recorded in the folder.
 RESUME_MAY_CHANGE = ("ckpt_path", "resume_force", "paths", "trainer.max_steps", "trainer.max_epochs",
                      "trainer.log_every_n_steps", "logger", "callbacks.progress_bar", "callbacks.lr_monitor",
+                     "callbacks.bad_sample_report",  # in the callbacks group before it became part of every run
                      "data.num_workers", "data.pin_memory", "callbacks.model_checkpoint.every_n_train_steps",
                      "callbacks.model_checkpoint.train_time_interval")
 
@@ -141,6 +142,8 @@ def config_differences(stored_yaml: str, cfg: Any) -> list[str]:
     import yaml
     from omegaconf import OmegaConf, open_dict
 
+    from ovseg_lab.config import METHOD_GROUPS
+
     stored = _flatten(yaml.safe_load(stored_yaml) or {})
     probe = copy.deepcopy(cfg)
     with open_dict(probe):
@@ -149,9 +152,11 @@ def config_differences(stored_yaml: str, cfg: Any) -> list[str]:
                 OmegaConf.update(probe, key, value, merge=False, force_add=True)
     current = _flatten(yaml.safe_load(OmegaConf.to_yaml(probe, resolve=True)) or {})
     missing = object()
+    # groups this model does not read are no longer recorded (config.drop_unused_groups); older checkpoints have them
+    unread = tuple(f"{group}." for group in METHOD_GROUPS if group not in cfg)
     return [f"{key}: {stored.get(key, '(absent)')!r} -> {current.get(key, '(absent)')!r}"
             for key in sorted(set(stored) | set(current))
-            if not _allowed(key) and stored.get(key, missing) != current.get(key, missing)]
+            if not _allowed(key) and not key.startswith(unread) and stored.get(key, missing) != current.get(key, missing)]
 
 
 def check_resume_config(checkpoint: dict[str, Any], cfg: Any, ckpt_path: str, force: bool) -> None:

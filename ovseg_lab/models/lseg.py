@@ -28,13 +28,12 @@ from ovseg_lab.clip import CLIPBackbone
 from ovseg_lab.errors import SetupError
 from ovseg_lab.layers.dpt import DPTFusion, Reassemble
 from ovseg_lab.layers.losses import per_pixel_cross_entropy
+from ovseg_lab.layers.normalize import IMAGENET_MEAN, IMAGENET_STD
 from ovseg_lab.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
 HALF = (0.5, 0.5, 0.5)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,10 @@ from torch import nn
 
 from ovseg_lab.clip import CLIPBackbone
 from ovseg_lab.errors import SetupError
+from ovseg_lab.layers.normalize import IMAGENET_MEAN, IMAGENET_STD
 from ovseg_lab.utils.weights import load_into, load_state_from
 from ovseg_lab.vocab import Vocabulary
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MASK_PROMPT_HINT = " Mask prompts need the same clip.mask_prompt_depth and image size."
 CLASSIFY_MODES = ("ensemble", "maskformer", "clip")
 ANALYSIS_MODES = (None, "gt_masks", "oracle_labels")
@@ -173,7 +172,10 @@ class SAMProposals(nn.Module):
         from transformers import SamConfig, SamImageProcessor, SamModel
 
         if config is not None:
-            config = dict(config)
+            from omegaconf import OmegaConf
+
+            # from a Hydra config (model.net.sam.config) the nested sub-configs arrive as DictConfig: SamConfig wants dicts
+            config = OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else dict(config)
             self.model = SamModel(SamConfig(**config))
             size = int(config.get("vision_config", {}).get("image_size", 1024))
             self.processor = SamImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})

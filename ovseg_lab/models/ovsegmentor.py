@@ -36,11 +36,10 @@ from ovseg_lab.data.captions import NOUN_PADDINGS, noun_prompts
 from ovseg_lab.errors import SetupError
 from ovseg_lab.layers.contrastive import info_nce, multi_label_info_nce
 from ovseg_lab.layers.grouping import Assignment, CrossAttnBlock, GroupingBlock, TokenMixer
+from ovseg_lab.layers.normalize import IMAGENET_MEAN, IMAGENET_STD
 from ovseg_lab.models.ovsegmentor_losses import cross_image_mask_loss, select_related_groups
 from ovseg_lab.vocab import Vocabulary
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 OBJECTIVES = ("none", "all_entities", "single_entity", "all_nouns", "multi_label", "mlm", "mlm_nogroups")
 MASKING_OBJECTIVES = ("all_entities", "single_entity", "all_nouns")
 BACKGROUND = "background"

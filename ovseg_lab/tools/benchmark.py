@@ -219,7 +219,10 @@ def make_step(module, names: list[str], images: torch.Tensor, mode: str, protoco
 
 # ---------------------------------------------------------------------------------------------- one point
 @dataclass
-class BenchmarkSpec:
+class TimingSpec:
+    """One measured point of scripts/benchmark.py: a method at a vocabulary size, image size, batch and precision
+    (not a dataset: that is ovseg_lab.data.benchmark.BenchmarkSpec)."""
+
     method: str = "catseg"
     clip: str | None = "vitb16"
     num_classes: int = 171
@@ -263,7 +266,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def measure(spec: BenchmarkSpec, module=None, cfg=None) -> dict[str, Any]:
+def measure(spec: TimingSpec, module=None, cfg=None) -> dict[str, Any]:
     """Build (unless given) and time one configuration; returns the JSON-ready result."""
     from omegaconf import OmegaConf
 
@@ -368,7 +371,7 @@ def growth_summary(points: list[dict], key: str, low: int, high: int) -> dict[st
     return summary
 
 
-def sweep_classes(spec: BenchmarkSpec, counts: list[int]) -> dict[str, Any]:
+def sweep_classes(spec: TimingSpec, counts: list[int]) -> dict[str, Any]:
     """One model, one timing per vocabulary size."""
     from ovseg_lab.speed import apply_speed
 
@@ -379,18 +382,18 @@ def sweep_classes(spec: BenchmarkSpec, counts: list[int]) -> dict[str, Any]:
     module.to(torch.device(spec.device))
     points = []
     for count in counts:
-        point_spec = BenchmarkSpec(**{**spec.__dict__, "num_classes": count})
+        point_spec = TimingSpec(**{**spec.__dict__, "num_classes": count})
         points.append(measure(point_spec, module, cfg))
     low, high = (150, 847) if {150, 847} <= set(counts) else (min(counts), max(counts))
     return {"sweep": "classes", "points": points, "growth": growth_summary(points, "num_classes", low, high)}
 
 
-def sweep_sizes(spec: BenchmarkSpec, sizes: list[int]) -> dict[str, Any]:
+def sweep_sizes(spec: TimingSpec, sizes: list[int]) -> dict[str, Any]:
     """One timing per image size; with ``--protocol net`` the CLIP input size follows the image size."""
     points = []
     for size in sizes:
         net_size = size if spec.protocol == "net" and spec.clip else spec.net_size
-        points.append(measure(BenchmarkSpec(**{**spec.__dict__, "image_size": size, "net_size": net_size})))
+        points.append(measure(TimingSpec(**{**spec.__dict__, "image_size": size, "net_size": net_size})))
     for p in points:
         p["pixels"] = p["image_size"] ** 2
     return {"sweep": "size", "points": points,
@@ -457,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.resolution = 12 if args.tiny else 24
         result = compare(args)
         return emit(result, args.output)
-    spec = BenchmarkSpec(
+    spec = TimingSpec(
         method=args.method, clip=None if args.clip in ("none", "") else args.clip, num_classes=args.num_classes,
         image_size=args.image_size, net_size=args.net_size, batch_size=args.batch_size, device=args.device,
         precision=args.precision, mode=args.mode, protocol=args.protocol, warmup=args.warmup, repeats=args.repeats,

@@ -231,8 +231,9 @@ def compare(args) -> dict[str, Any]:
                                           resolution=args.resolution)
     ours = build_ours(checkpoint, args.setting, aggregator)
     x = make_inputs(args.setting, args.num_classes, args.resolution)
-    calls = {"ours": lambda: run_ours(ours, x, args.truncate, args.class_chunk),
-             "official": lambda: run_official(official, x)}
+    # models bound as defaults: `del official, ours, calls` below frees them with the lambdas
+    calls = {"ours": lambda model=ours: run_ours(model, x, args.truncate, args.class_chunk),
+             "official": lambda model=official: run_official(model, x)}
     log(f"compare T={args.num_classes} truncate={args.truncate} setting={args.setting} "
         f"resolution={args.resolution} chunk={args.class_chunk}: warm-up (load {load_average()})")
     outputs = {name: fn() for name, fn in calls.items()}

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from ovseg_lab.tools.benchmark import BenchmarkSpec, build_module, emit, environment, log, measure
+from ovseg_lab.tools.benchmark import TimingSpec, build_module, emit, environment, log, measure
 
 FINETUNES = ("freeze", "prompt", "full", "qv")
 FULL = {
@@ -77,7 +77,7 @@ def train_section(cfg: dict, device: str, precision: str, extra: list[str], budg
             name = f"train/{clip}/{finetune}"
             if not budget.allows(name, 20):
                 continue
-            spec = BenchmarkSpec(method="catseg", clip=clip, num_classes=cfg["classes"], image_size=size,
+            spec = TimingSpec(method="catseg", clip=clip, num_classes=cfg["classes"], image_size=size,
                                  batch_size=cfg["batch"], device=device, precision=precision, mode="train",
                                  warmup=cfg["warmup"], repeats=cfg["repeats"],
                                  overrides=[f"finetune={finetune}", "speed.attention=sdpa", *extra])
@@ -116,7 +116,7 @@ def eval_section(cfg: dict, device: str, precision: str, extra: list[str], budge
                 net.truncate_classes = truncate
                 if tiny:
                     net.pad_len = TINY_TRUNCATE
-                spec = BenchmarkSpec(method="catseg", clip=clip, num_classes=classes, image_size=cfg["image"],
+                spec = TimingSpec(method="catseg", clip=clip, num_classes=classes, image_size=cfg["image"],
                                      device=device, precision=precision, mode="infer", protocol="eval",
                                      warmup=cfg["warmup"], repeats=cfg["repeats"])
                 try:
@@ -153,7 +153,7 @@ def ovseg_section(cfg: dict, device: str, precision: str, extra: list[str], budg
     masks = (torch.nn.functional.interpolate(fields, size=(size, size), mode="bilinear")[0] > 0.7).to(dev)
     names = benchmark_vocabulary(cfg["classes"])
 
-    def call() -> Any:
+    def call(net=net) -> Any:  # bound here: `del net` below then frees it (with the function)
         with torch.no_grad(), autocast_context(dev, precision):
             text = net.region.text_features(names)
             return net.region_probs(images, [masks], text)
@@ -170,7 +170,7 @@ def ovseg_section(cfg: dict, device: str, precision: str, extra: list[str], budg
               "valid_regions": int(valid.sum()), "classes": cfg["classes"], "image_size": size,
               "seconds_per_image": round(statistics.median(times), 4), "times_s": [round(t, 4) for t in times],
               "region_batch": getattr(net.region, "batch_size", None)}
-    del module, net
+    del module, net, call
     _free(dev)
     return result
 

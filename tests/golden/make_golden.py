@@ -29,7 +29,7 @@ def official_commit(root: Path, given: str | None) -> str:
         return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        raise SystemExit(f"{root} is not a git checkout: pass --commit <the official commit it was extracted from>")
+        raise SystemExit(f"{root} is not a git checkout: pass --commit <the official commit it was extracted from>") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,69 @@
+"""Command-line entry points (``[project.scripts]`` in pyproject.toml: ovseg-train, ovseg-eval, ovseg-predict, ...).
+
+``scripts/*.py``, ``train.py`` and ``eval.py`` are thin wrappers around these modules. Every command shares one error
+guard: a :class:`~ovseg_lab.errors.SetupError` (also one wrapped by Hydra's ``instantiate``) or a full disk becomes
+one paragraph on stderr and exit status 2, never a traceback. Hydra commands (train, eval, mine) add the run-folder
+lock and sweep handling of :func:`ovseg_lab.runner.main_guard`.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ovseg_lab.errors import SetupError, user_error
+
+
+def as_user_error(err: BaseException) -> SetupError | None:
+    """The user-facing error behind ``err``: a (wrapped) SetupError, or a full disk as one; None for a bug."""
+    from ovseg_lab.utils.io import disk_full_message, is_disk_full
+
+    setup = user_error(err)
+    if setup is None and is_disk_full(err):
+        setup = SetupError(disk_full_message(getattr(err, "filename", None) or "the output folder"))
+    return setup
+
+
+def report(err: SetupError) -> None:
+    """The one-paragraph form every command prints."""
+    print(f"\nERROR: {err}\n", file=sys.stderr)
+
+
+def guarded(main: Callable[..., int | None]) -> Callable[..., int]:
+    """Decorator for a command's ``main(argv=None) -> exit status``: user-facing errors -> :func:`report`, status 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        try:
+            return int(main(*args, **kwargs) or 0)
+        except Exception as err:
+            setup = as_user_error(err)
+            if setup is None:
+                raise
+            report(setup)
+            return 2
+
+    return wrapper
+
+
+def _tool(module: str) -> Callable[[], int]:
+    """A command running ``<module>.main()`` (it parses sys.argv itself) under the guard."""
+
+    @guarded
+    def main() -> int:
+        import importlib
+
+        import ovseg_lab.resolvers  # noqa: F401
+
+        importlib.import_module(module).main()
+        return 0
+
+    main.__name__ = main.__qualname__ = module.rpartition(".")[2]
+    return main
+
+
+# ovseg-benchmark, ovseg-gpu-check (scripts/benchmark.py, scripts/gpu_check.py): the tools print their JSON themselves
+benchmark = _tool("ovseg_lab.tools.benchmark")
+gpu_check = _tool("ovseg_lab.tools.gpu_check")
