@@ -330,6 +330,18 @@ def test_compare_revision_runs_both_heads_on_the_toy(capsys):
         main(["--compare-revision", "no-such-revision", "--repeats", "1"])
 
 
+def test_head_train_memory_counts_what_chunks_save(capsys):
+    """--head-train-memory: checkpointed class chunks keep a fraction of the activation bytes; bad input is named."""
+    from ovseg_lab.tools.benchmark import main
+
+    result = main(["--head-train-memory", "none,4", "--revision-size", "toy", "--num-classes", "12"])
+    whole, chunked = result["points"]
+    assert (whole["train_class_chunk"], chunked["train_class_chunk"]) == (None, 4)
+    assert 0 < chunked["kept_mib"] < 0.5 * whole["kept_mib"] and "kept for the backward pass" in capsys.readouterr().err
+    with pytest.raises(SetupError, match="'zero'"):
+        main(["--head-train-memory", "none,zero"])
+
+
 def test_gpu_check_runs_tiny_on_cpu(tmp_path, capsys):
     """scripts/gpu_check.py --tiny: every section (training per fine-tuning strategy, sliding-window evaluation with
     and without truncation, OVSeg region classification) under CPU bf16 autocast, one JSON."""
