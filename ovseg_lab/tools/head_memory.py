@@ -1,7 +1,7 @@
 """What a CAT-Seg head training step keeps for the backward pass, with and without ``train_class_chunk``.
 
-    python scripts/benchmark.py --head-train-memory none,32 --num-classes 171              # released ViT-B head
-    python scripts/benchmark.py --head-train-memory none,4 --revision-size toy --num-classes 36
+    python scripts/benchmark.py --head-train-memory none,32 --revision-size vitb --num-classes 171   # released ViT-B
+    python scripts/benchmark.py --head-train-memory none,4 --num-classes 36                          # the toy head
 
 Builds ``CATSegHead`` at the sizes of :data:`ovseg_lab.tools.compare_revision.SIZES` (random weights, one seeded
 input batch with ``--num-classes`` classes), and for each chunk runs one training forward (class pooling 2; a
