@@ -268,3 +268,70 @@ def test_vitl_counts_match_table6(finetune):
     assert counts["head"] == 5_782_753
     tolerance = 0.011 if finetune == "qv_img" else 0.01
     assert abs(counts["total"] / 1e6 - TABLE6[finetune]) <= tolerance * TABLE6[finetune]
+
+
+# ---------------------------------------------------------------------------- in-place evaluation path
+@pytest.mark.parametrize("pool", [1, 2])
+@pytest.mark.parametrize("elements,decoder_pixels", [
+    (100 * 16, 3 * 64),  # 1 class slice (Swin), 14 pixels (class aggregation), 3 classes (decoder) per step
+    (500 * 16, 7 * 64),  # one whole image (7 classes x 8x8 = 448 tokens) per step
+])
+def test_head_in_place_chunked_path_equals_autograd_path(pool, elements, decoder_pixels, monkeypatch):
+    """Without autograd the head works in place on its pixel-major tensor, a few classes / pixels / images per
+    step; with autograd the same computation runs out of place in one step. Same logits (fp32 sums reordered
+    only), any chunking."""
+    import ovseg_lab.models.catseg as catseg
+
+    torch.manual_seed(0)
+    head = CATSegHead(32, 48, hidden_dim=16, num_heads=2, window_size=4, appearance_guidance_proj_dim=8,
+                      text_guidance_proj_dim=8, decoder_dims=(16, 8), decoder_guidance_dims=(8, 8),
+                      decoder_guidance_proj_dims=(4, 4), pad_len=10).eval()
+    for p in head.parameters():  # no constant weights: norms, biases and padding tokens matter too
+        p.data.add_(0.1 * torch.randn_like(p))
+    dense, text = torch.randn(2, 32, 8, 8), torch.randn(2, 7, 1, 32)
+    inter = [torch.randn(2, 48, 8, 8), torch.randn(2, 48, 8, 8)]
+    reference = head(dense, inter, text, class_pool=pool)  # autograd on: out of place
+    assert reference.requires_grad
+    with torch.no_grad():
+        whole = head(dense, inter, text, class_pool=pool)
+        chunked = head(dense, inter, text, class_pool=pool, class_chunk=2)
+        monkeypatch.setattr(catseg, "WORKING_ELEMENTS", elements)  # hidden 16
+        monkeypatch.setattr(catseg, "DECODER_PIXELS", decoder_pixels)
+        small_steps = head(dense, inter, text, class_pool=pool)
+    for out in (whole, chunked, small_steps):
+        torch.testing.assert_close(out, reference.detach(), atol=1e-5, rtol=1e-4)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass while ``fn`` runs (checkpointed regions keep theirs
+    to themselves: what is counted is what stays alive until the backward pass)."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn()
+    return out, total
+
+
+def test_train_class_chunk_keeps_gradients_and_bounds_saved_activations():
+    """Training with class chunks (checkpointed): the same logits and gradients, a fraction of the activations."""
+    images, names = torch.rand(2, 3, 32, 32), [f"object number {i}" for i in range(12)]
+    labels = torch.randint(0, len(names), (2, 32, 32))
+    results = []
+    for chunk in (None, 3):
+        model = tiny_catseg(seed=1).train()
+        model.train_class_chunk = chunk
+        logits, saved = _saved_bytes(lambda: model(images, names))
+        model.loss(logits, labels).backward()
+        grads = {k: p.grad.clone() for k, p in model.head.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), grads, saved))
+    (whole, whole_grads, whole_saved), (chunked, chunked_grads, chunked_saved) = results
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-4)
+    assert whole_grads.keys() == chunked_grads.keys() and len(whole_grads) > 50
+    for key, grad in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[key], grad, atol=1e-6, rtol=1e-3, msg=key)
+    assert chunked_saved < 0.5 * whole_saved, (chunked_saved, whole_saved)

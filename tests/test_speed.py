@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from ovseg_lab.build import build_net
+from ovseg_lab.errors import SetupError
 from ovseg_lab.eval.inference import InferenceConfig, segment
 from ovseg_lab.layers.attention import attention, reference_attention
 from ovseg_lab.speed import SpeedConfig, apply_speed, set_attention
 from ovseg_lab.vocab import Vocabulary
+from tests.conftest import ROOT
 
 NAMES = ["red circle", "blue square", "striped grass", "plain sky", "green triangle", "yellow star", "dotted wall"]
 
@@ -305,6 +307,39 @@ def test_compare_official_tiny_with_truncation(capsys):
     assert result["relative_error"] <= 1e-5 and result["truncate"] and "memory" not in result
     assert result["dropped_classes"] == 260 - 256 and result["relative_error_scored"] <= 1e-5
     assert "T=260 top-256" in capsys.readouterr().err
+
+
+def _git_head_available() -> bool:
+    import subprocess
+
+    proc = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True)
+    return proc.returncode == 0
+
+
+@pytest.mark.skipif(not _git_head_available(), reason="not a git checkout")
+def test_compare_revision_runs_both_heads_on_the_toy(capsys):
+    """--compare-revision REV: the working tree's CAT-Seg head against REV's (private copies of its files), same
+    weights, outputs and gradients checked, an interleaved CPU-time ratio; an unknown revision is a clear error."""
+    from ovseg_lab.tools.benchmark import main
+
+    result = main(["--compare-revision", "HEAD", "--repeats", "2", "--revision-calls", "1"])
+    assert "head ratio (working tree / HEAD, CPU s per call, toy train)" in capsys.readouterr().err
+    assert result["relative_error"] <= 1e-5 and result["gradient_error"] <= 1e-4 and result["threads"] == 1
+    assert len(result["cpu_s"]["ours"]) == len(result["cpu_s"]["revision"]) == 2 and result["ratio"] > 0
+    with pytest.raises(SetupError, match="ovseg_lab/layers/swin.py at 'no-such-revision'"):
+        main(["--compare-revision", "no-such-revision", "--repeats", "1"])
+
+
+def test_head_train_memory_counts_what_chunks_save(capsys):
+    """--head-train-memory: checkpointed class chunks keep a fraction of the activation bytes; bad input is named."""
+    from ovseg_lab.tools.benchmark import main
+
+    result = main(["--head-train-memory", "none,4", "--revision-size", "toy", "--num-classes", "12"])
+    whole, chunked = result["points"]
+    assert (whole["train_class_chunk"], chunked["train_class_chunk"]) == (None, 4)
+    assert 0 < chunked["kept_mib"] < 0.5 * whole["kept_mib"] and "kept for the backward pass" in capsys.readouterr().err
+    with pytest.raises(SetupError, match="'zero'"):
+        main(["--head-train-memory", "none,zero"])
 
 
 def test_gpu_check_runs_tiny_on_cpu(tmp_path, capsys):

@@ -47,7 +47,7 @@ def _patch_size(clip: DictConfig) -> int | None:
 
 
 def _clip_patch(model: DictConfig) -> tuple[int, str] | None:
-    from ovseg_lab.config_checks import CLIP_TARGET, nodes_with_target
+    from ovseg_lab.config import CLIP_TARGET, nodes_with_target
 
     patches = [p for p in (_patch_size(c) for c in nodes_with_target(model, CLIP_TARGET)) if p]
     return (max(patches), "patch of the model's CLIP image tower") if patches else None

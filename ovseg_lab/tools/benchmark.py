@@ -430,9 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classes-list", default=",".join(map(str, DEFAULT_CLASS_SWEEP)))
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZE_SWEEP)))
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON here (atomically)")
-    from ovseg_lab.tools.compare_official import add_arguments
+    from ovseg_lab.tools import compare_official, compare_revision, head_memory
 
-    add_arguments(parser)
+    compare_official.add_arguments(parser)
+    compare_revision.add_arguments(parser)
+    head_memory.add_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.net.class_chunk=128 speed.channels_last=true")
     return parser
 
@@ -460,6 +462,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.resolution = 12 if args.tiny else 24
         result = compare(args)
         return emit(result, args.output)
+    if args.compare_revision is not None:
+        from ovseg_lab.tools.compare_revision import compare as compare_heads
+
+        return emit(compare_heads(args), args.output)
+    if args.head_train_memory is not None:
+        from ovseg_lab.tools.head_memory import measure as head_train_memory
+
+        return emit(head_train_memory(args), args.output)
     spec = TimingSpec(
         method=args.method, clip=None if args.clip in ("none", "") else args.clip, num_classes=args.num_classes,
         image_size=args.image_size, net_size=args.net_size, batch_size=args.batch_size, device=args.device,
