@@ -70,9 +70,10 @@ def test_quickstart_ovsegmentor_reduced(toy_data_dir, tmp_path):
     csv = (run_dir / "csv" / "metrics.csv").read_text()
     assert "train/contrastive" in csv and "train/entity" in csv
     # the toy report re-evaluates the checkpoint group by group: same mIoU as the run, naming scores in range
-    from ovseg_lab.tools.toy_report import run_row
+    from ovseg_lab.tools.toy_report import main as toy_report
 
-    row = run_row(run_dir, toy_data_dir)
+    (row,) = toy_report([str(run_dir), "--data-dir", str(toy_data_dir), "--json", str(tmp_path / "report.json")])
+    assert json.loads((tmp_path / "report.json").read_text())[0]["steps"] == 6
     assert row["steps"] == 6
     for split in ("toy_seen", "toy_unseen", "toy_large"):
         assert math.isclose(row[split]["mIoU"], metrics[split]["mIoU"], abs_tol=1e-6), split

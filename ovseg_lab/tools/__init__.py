@@ -1,1 +1,1 @@
-"""Measuring tools behind scripts/ (reports that read runs and checkpoints; no training)."""
+"""Small command-line tools, run with ``python -m ovseg_lab.tools.<name>``."""

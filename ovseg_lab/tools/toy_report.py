@@ -11,10 +11,17 @@ checkpoint is evaluated once more on each split's val images, group by group:
 - ``group_purity``: the fraction of labelled pixels that belong to their group's majority class.
 - ``group_oracle_mIoU``: mIoU when every group is labelled with its majority true class (what the grouping allows
   with perfect naming).
+
+    python scripts/toy_report.py outputs/quickstart_groupvit outputs/quickstart_ovsegmentor [--data-dir data]
+        [--json report.json] [--label NAME ...]        (or python -m ovseg_lab.tools.toy_report ...)
+
+prints a markdown table (mIoU per split, in brackets: uniform random / present-class oracle mIoU) and writes every
+figure (group purity, group-oracle mIoU, groups per image) to --json.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -149,3 +156,33 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {row.get('label', row['run'])} | {row.get('steps')} | {wall} | {cell(row, 'toy_seen')} | "
                      f"{cell(row, 'toy_unseen')} | {cell(row, 'toy_large')} | {top1(row)} |")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    from ovseg_lab.errors import SetupError
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (run_info.json, metrics.json, checkpoints/)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="holds toy/ (default: the run's paths.data_dir)")
+    parser.add_argument("--label", nargs="*", default=None, help="row names (default: the folders)")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    parser.add_argument("--no-grouping", action="store_true", help="skip the checkpoint evaluation of grouping nets")
+    args = parser.parse_args(argv)
+    rows = []
+    for index, run in enumerate(args.runs):
+        if not (run / "metrics.json").is_file() or not (run / "run_info.json").is_file():
+            raise SetupError(f"{run} holds no metrics.json / run_info.json: not a finished training run folder.")
+        row = run_row(run, args.data_dir, grouping=not args.no_grouping)
+        if args.label and index < len(args.label):
+            row["label"] = args.label[index]
+        rows.append(row)
+    print(markdown(rows))
+    if args.json:
+        from ovseg_lab.utils.io import write_json
+
+        write_json(args.json, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
