@@ -77,13 +77,16 @@ def trainer_options(cfg: DictConfig) -> dict[str, Any]:
 
 
 def format_table(results: dict[str, dict], title: str) -> str:
-    """A plain-text table of the per-benchmark scores (also readable in CI logs)."""
-    header = f"{'benchmark':<14}{'classes':>8}{'mIoU':>8}{'pAcc':>8}{'fwIoU':>8}"
+    """A plain-text table of the per-benchmark scores (also readable in CI logs), with the split's chance mIoU
+    (``random``: uniform random labels; ``present``: guessing among each image's true classes; docs/toy.md)."""
+    chance = any("chance_uniform_mIoU" in scores for scores in results.values())
+    header = f"{'benchmark':<14}{'classes':>8}{'mIoU':>8}{'pAcc':>8}{'fwIoU':>8}" + (f"{'random':>8}{'present':>9}" if chance else "")
     lines = [title, header, "-" * len(header)]
     for name, scores in results.items():
-        lines.append(
-            f"{name:<14}{scores['num_classes']:>8}{scores['mIoU']:>8.2f}{scores['pixel_accuracy']:>8.2f}{scores['fwIoU']:>8.2f}"
-        )
+        line = f"{name:<14}{scores['num_classes']:>8}{scores['mIoU']:>8.2f}{scores['pixel_accuracy']:>8.2f}{scores['fwIoU']:>8.2f}"
+        if chance:
+            line += f"{scores.get('chance_uniform_mIoU', float('nan')):>8.2f}{scores.get('chance_present_classes_mIoU', float('nan')):>9.2f}"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -65,7 +65,10 @@ def test_toy_experiment_runs_one_step(experiment, toy_data_dir, tmp_path):
     with open_dict(cfg):  # a Hydra task function never sees the hydra node
         del cfg["hydra"]
     train(cfg)
-    assert json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    # every benchmark was scored: a percentage, not NaN (MESS's domain / mean entries aggregate those)
+    scored = {name: m["mIoU"] for name, m in metrics.items() if isinstance(m, dict) and "mIoU" in m and "aggregate" not in m}
+    assert scored and all(0 <= miou <= 100 for miou in scored.values()), metrics
 
 
 @pytest.mark.slow
@@ -87,4 +90,6 @@ def test_paper_experiment_builds_and_names_its_data(experiment, tmp_path):
         # are not loaded when building without init files)
         overrides.append(f"model.net.text_encoder.pretrained={BERT_FILES}")
     net = build_net(overrides, init_files=False)
-    assert sum(p.numel() for p in net.parameters()) > 0
+    # a paper recipe builds its full-size backbone (the smallest, ViT-B/16 CLIP, has ~150M parameters; the toy
+    # nets have a few million): a paper experiment that silently inherited toy sizes fails here
+    assert sum(p.numel() for p in net.parameters()) > 50_000_000, experiment

@@ -59,7 +59,8 @@ def _rank_main(rank: int, port: int, sampler_kind: str, convention: str, results
         else:
             indices = list(DistributedSampler(range(NUM_IMAGES), num_replicas=WORLD, rank=rank, shuffle=False))
         scores = score(indices, convention)  # compute() sums the confusion matrices over the ranks
-        results[rank] = (scores["mIoU"], scores["fwIoU"], scores["pixel_accuracy"], scores["num_pixels"], indices)
+        results[rank] = (scores["mIoU"], scores["fwIoU"], scores["pixel_accuracy"], scores["num_pixels"], indices,
+                         scores["chance_uniform_mIoU"], scores["chance_present_classes_mIoU"])
     finally:
         dist.destroy_process_group()
 
@@ -92,8 +93,10 @@ def test_ddp_reduction_equals_single_process(convention):
     results = run_distributed("sharded", convention)
     assert sorted(results[0][4] + results[1][4]) == list(range(NUM_IMAGES))  # every image exactly once
     for rank in range(WORLD):
-        miou, fwiou, pacc, pixels, _ = results[rank]
+        miou, fwiou, pacc, pixels, _, uniform, present = results[rank]
         assert pixels == single["num_pixels"]
+        assert uniform == pytest.approx(single["chance_uniform_mIoU"], abs=1e-9)
+        assert present == pytest.approx(single["chance_present_classes_mIoU"], abs=1e-9)  # a per-image state, summed
         assert miou == pytest.approx(single["mIoU"], abs=1e-9)
         assert fwiou == pytest.approx(single["fwIoU"], abs=1e-9)
         assert pacc == pytest.approx(single["pixel_accuracy"], abs=1e-9)

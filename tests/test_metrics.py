@@ -58,3 +58,57 @@ def test_uint16_ignore_and_bad_ids():
     assert metric.compute()["mIoU"] == pytest.approx(100.0)
     with pytest.raises(ValueError, match="outside"):
         metric.update(torch.tensor([1]), torch.tensor([300]))
+
+
+def _two_images() -> torch.Tensor:
+    # image A: three pixels of class 0, one of class 1 (and one ignored); image B: four of class 2; class 3 absent
+    return torch.tensor([[[0, 0, 255], [0, 1, 255]], [[2, 2, 2], [2, 255, 255]]])
+
+
+def test_chance_figures_hand_computed():
+    target = _two_images()
+    d2 = SegmentationMetric(4, ignore_index=255, convention="detectron2")
+    mm = SegmentationMetric(4, ignore_index=255, convention="mmseg")
+    for metric in (d2, mm):
+        metric.update(torch.zeros_like(target).masked_fill(target == 255, 0), target)
+    # uniform over 4 classes, 8 labelled pixels: E[tp_c] = n_c / 4, E[predicted_c] = 8 / 4 = 2
+    iou_uniform = [(3 / 4) / (3 + 2 - 3 / 4), (1 / 4) / (1 + 2 - 1 / 4), 1 / (4 + 2 - 1)]
+    assert d2.compute()["chance_uniform_mIoU"] == pytest.approx(sum(iou_uniform) / 3 * 100)
+    # mmseg also averages class 3: predicted (2 expected pixels) but never labelled -> IoU 0
+    assert mm.compute()["chance_uniform_mIoU"] == pytest.approx(sum(iou_uniform) / 4 * 100)
+    # present-class oracle: image A guesses 0 or 1 (1/2 each), image B always 2
+    # class 0: tp 1.5, gt 3, predicted 1.5 + 0.5; class 1: tp 0.5, gt 1, predicted 2; class 2: IoU 1
+    iou_oracle = [1.5 / (3 + 2 - 1.5), 0.5 / (1 + 2 - 0.5), 1.0]
+    for metric in (d2, mm):  # class 3 is never guessed either: both conventions leave it out
+        assert metric.compute()["chance_present_classes_mIoU"] == pytest.approx(sum(iou_oracle) / 3 * 100)
+
+
+def test_chance_figures_do_not_depend_on_batching_and_match_sampled_guessing():
+    gen = torch.Generator().manual_seed(0)
+    num_classes = 6
+    target = torch.randint(0, num_classes, (8, 12, 12), generator=gen)
+    target[:4] %= 2  # images hold two or four classes of six: the oracle differs from uniform guessing
+    target[4:] %= 4
+    target[:, 0] = 255
+    batched, one_by_one = SegmentationMetric(num_classes), SegmentationMetric(num_classes)
+    batched.update(target, target)
+    for image in target:
+        one_by_one.update(image, image)
+    expected = batched.compute()
+    assert one_by_one.compute()["chance_present_classes_mIoU"] == pytest.approx(expected["chance_present_classes_mIoU"])
+    assert expected["mIoU"] == pytest.approx(100.0)
+    assert expected["chance_present_classes_mIoU"] > 1.5 * expected["chance_uniform_mIoU"]
+    # the figures are what sampling those guesses gives on average (the metric scores sampled predictions)
+    uniform, oracle = [], []
+    for _ in range(100):
+        random_metric, oracle_metric = SegmentationMetric(num_classes), SegmentationMetric(num_classes)
+        random_metric.update(torch.randint(0, num_classes, target.shape, generator=gen), target)
+        guesses = torch.stack([
+            image.unique()[image.unique() != 255][torch.randint(0, 10**6, image.shape, generator=gen)
+                                                  % int((image.unique() != 255).sum())]
+            for image in target])
+        oracle_metric.update(guesses, target)
+        uniform.append(random_metric.compute()["mIoU"])
+        oracle.append(oracle_metric.compute()["mIoU"])
+    assert sum(uniform) / len(uniform) == pytest.approx(expected["chance_uniform_mIoU"], rel=0.03)
+    assert sum(oracle) / len(oracle) == pytest.approx(expected["chance_present_classes_mIoU"], rel=0.03)

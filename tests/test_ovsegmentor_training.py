@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -68,6 +69,17 @@ def test_quickstart_ovsegmentor_reduced(toy_data_dir, tmp_path):
     assert (toy_data_dir / "toy" / "toy_seen" / "caption_shards" / "manifest.json").is_file()
     csv = (run_dir / "csv" / "metrics.csv").read_text()
     assert "train/contrastive" in csv and "train/entity" in csv
+    # the toy report re-evaluates the checkpoint group by group: same mIoU as the run, naming scores in range
+    from ovseg_lab.tools.toy_report import main as toy_report
+
+    (row,) = toy_report([str(run_dir), "--data-dir", str(toy_data_dir), "--json", str(tmp_path / "report.json")])
+    assert json.loads((tmp_path / "report.json").read_text())[0]["steps"] == 6
+    assert row["steps"] == 6
+    for split in ("toy_seen", "toy_unseen", "toy_large"):
+        assert math.isclose(row[split]["mIoU"], metrics[split]["mIoU"], abs_tol=1e-6), split
+        assert 0 <= row[split]["group_top1"] <= 100 and 0 < row[split]["group_purity"] <= 100
+        assert 0 < row[split]["group_oracle_mIoU"] <= 100 and row[split]["groups_per_image"] >= 1
+    assert row["toy_large"]["group_top1_chance"] == 100 / 72
 
 
 @pytest.mark.slow

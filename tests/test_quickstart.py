@@ -7,8 +7,11 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import torch
+from PIL import Image
 
+from ovseg_lab.metrics import SegmentationMetric
 from tests.conftest import ROOT, small_toy_overrides
 
 
@@ -32,6 +35,16 @@ def test_quickstart_reduced_runs_the_catseg_chain(toy_data_dir, tmp_path):
     resolved = (run_dir / "config_resolved.yaml").read_text()
     assert "${" not in resolved and "toy_seen" in resolved and "ovseg_lab.models.catseg.CATSeg" in resolved
     assert "toy_unseen" in proc.stdout and "mIoU" in proc.stdout  # the printed table
+    # the chance figures are computed from the split's own labels, with the run's metric (maths: test_metrics.py)
+    assert "random" in proc.stdout and "present" in proc.stdout
+    for split in ("toy_seen", "toy_large"):
+        folder = toy_data_dir / "toy" / split / "labels" / "val"
+        labels = torch.from_numpy(np.stack([np.array(Image.open(f)) for f in sorted(folder.glob("*.png"))]))
+        reference = SegmentationMetric(metrics[split]["num_classes"])
+        reference.update(labels, labels)
+        for key in ("chance_uniform_mIoU", "chance_present_classes_mIoU"):
+            assert math.isclose(metrics[split][key], reference.compute()[key], rel_tol=1e-9), (split, key)
+    assert metrics["toy_seen"]["chance_present_classes_mIoU"] > 3 * metrics["toy_seen"]["chance_uniform_mIoU"]
     assert (run_dir / "csv" / "metrics.csv").is_file()
 
     (stage,) = (run_dir / "stages").glob("clip_pretrain-*")

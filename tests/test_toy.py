@@ -89,3 +89,4 @@ def test_things_are_drawn_with_their_colour(toy_data_dir):
                 assert np.abs(mean - np.array(THING_COLOURS[colour])).max() < 30
                 checked += 1
     assert checked > 5
+

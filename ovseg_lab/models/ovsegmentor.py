@@ -18,6 +18,7 @@ named "background" is scored by a per-benchmark threshold instead of text.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import random
 from collections import OrderedDict
@@ -34,7 +35,7 @@ from torch import nn
 from ovseg_lab.clip.prompts import resolve_templates
 from ovseg_lab.data.captions import NOUN_PADDINGS, noun_prompts
 from ovseg_lab.errors import SetupError
-from ovseg_lab.layers.contrastive import info_nce, multi_label_info_nce
+from ovseg_lab.layers.contrastive import info_nce, multi_label_info_nce, shared_prompt_masks
 from ovseg_lab.layers.grouping import Assignment, CrossAttnBlock, GroupingBlock, TokenMixer
 from ovseg_lab.layers.normalize import IMAGENET_MEAN, IMAGENET_STD
 from ovseg_lab.models.ovsegmentor_losses import cross_image_mask_loss, select_related_groups
@@ -327,6 +328,9 @@ class OVSegmentor(nn.Module):
             the release's strided patch convolution does; ``resize`` resizes the image to the nearest multiple.
         add_multi_label: add the multi-label loss to any other objective (the release's ``multi_label > 0``;
             off in the paper's OVSegmentor configs, on for the toy, whose captions never name a single entity).
+        shared_prompts_not_negative: in the multi-label loss, a prompt of another image naming an entity this
+            image also holds is not a negative (False: official, every other prompt is one; True in the toy
+            configs, where 92% of the prompts of a 32-image batch have an identical copy; docs/toy.md).
         cross_image_weight: weight of the cross-image mask consistency (stage 2: 0.1; 0 = off, no momentum encoder).
         cross_threshold / group_ratio / momentum / mask_size: its binarisation factor (0.6), share of groups (0.5),
             EMA (0.99), mask resolution (224).
@@ -371,6 +375,7 @@ class OVSegmentor(nn.Module):
         prompt_seed: int = 0,
         patch_remainder: str = "crop",
         add_multi_label: bool = False,
+        shared_prompts_not_negative: bool = False,
         mlm_probability: float = 0.15,
         decoder_heads: int = 8,
         cross_image_weight: float = 0.0,
@@ -428,6 +433,7 @@ class OVSegmentor(nn.Module):
         self.patch_remainder = patch_remainder
         self.mlm_probability = mlm_probability
         self.add_multi_label = add_multi_label and objective != "multi_label"
+        self.shared_prompts_not_negative = shared_prompts_not_negative
         if objective == "multi_label" or self.add_multi_label:
             self.multi_label_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
         if objective in MASKING_OBJECTIVES + ("mlm", "mlm_nogroups"):
@@ -645,7 +651,22 @@ class OVSegmentor(nn.Module):
         valid = valid.to(image_x.device)
         texts = self.encode_text(prompts).reshape(len(entities), k, -1)
         scale = self.multi_label_logit_scale.exp().clamp(max=self.logit_scale_max)
-        return multi_label_info_nce(image_x, texts, valid, scale)
+        not_negative = self._shared_prompts(prompts, entities, image_x.device) if self.shared_prompts_not_negative else None
+        return multi_label_info_nce(image_x, texts, valid, scale, not_negative)
+
+    def _shared_prompts(self, prompts: Sequence[str], entities: Sequence[Sequence[str]], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``shared_prompts_not_negative``: the masks of :func:`shared_prompt_masks` from the prompt texts (ids are
+        stable hashes, the same on every rank)."""
+        def text_id(text: str) -> int:
+            return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little") if text else -1
+
+        prompt_ids = torch.tensor([text_id(t) for t in prompts], device=device).reshape(len(entities), -1)
+        width = max(1, max(len(names) for names in entities))
+        image_ids = torch.full((len(entities), width), -1, dtype=torch.long, device=device)
+        for b, names in enumerate(entities):
+            for m, name in enumerate(names):
+                image_ids[b, m] = text_id(self.prompt_template.format(name))
+        return shared_prompt_masks(prompt_ids, image_ids)
 
     def _masked_language_modelling(self, visual: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
         """BERT masking (15 %: 80 % [MASK], 10 % random, 10 % kept) predicted from the decoder output."""
