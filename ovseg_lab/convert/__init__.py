@@ -13,7 +13,9 @@ import torch
 
 from ovseg_lab.convert.catseg import catseg_overrides, convert_catseg_state_dict
 from ovseg_lab.convert.lseg import convert_lseg_state_dict, lseg_overrides
-from ovseg_lab.convert.ovseg import convert_ovseg_clip_state_dict
+from ovseg_lab.convert.ovseg import (
+    convert_ovseg_clip_state_dict, convert_ovseg_state_dict, ovseg_clip_overrides, ovseg_overrides,
+)
 
 Converter = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -34,8 +36,12 @@ FORMATS: dict[str, Format] = {
     # LSeg's release: ViT-L/16 or ViT-B/32 image encoder (read off the checkpoint), CLIP ViT-B/32 text tower
     "lseg": Format(convert_lseg_state_dict, ["experiment=lseg_ade20k"], usage="python eval.py ckpt={out} {overrides}",
                    detect=lseg_overrides),
-    # the adapted CLIP ViT-L/14 at 224 with mask prompts of depth 3 (the paper's ft_mpt model)
-    "ovseg": Format(convert_ovseg_clip_state_dict, ["experiment=ovseg", "clip.mask_prompt_depth=3"], part="net.clip.",
-                    usage="python eval.py experiment=ovseg ckpt=<MaskFormer last.ckpt> clip.mask_prompt_depth=3 "
-                          "model.net.clip_weights={out}"),
+    # the whole OVSeg detectron2 checkpoint (MaskFormer + adapted CLIP): Swin-B + ViT-L/14 or R-101c + ViT-B/16 and
+    # the mask prompt depth are read off the checkpoint
+    "ovseg": Format(convert_ovseg_state_dict, ["experiment=ovseg"], usage="python eval.py ckpt={out} {overrides}",
+                    detect=ovseg_overrides),
+    # the released adapted CLIP alone (ViT-L/14 at 224 with mask prompts): model.net.clip_weights of model=ovseg
+    "ovseg_clip": Format(convert_ovseg_clip_state_dict, ["experiment=ovseg"], part="net.clip.",
+                         usage="python eval.py ckpt=<MaskFormer last.ckpt> {overrides} "
+                               "model.net.clip_weights={out}", detect=ovseg_clip_overrides),
 }

@@ -22,6 +22,7 @@ from ovseg_lab.eval.inference import segment
 from ovseg_lab.lit.base import OpenVocabModule, to_unit_float
 from ovseg_lab.utils.weights import load_state_from
 from ovseg_lab.utils.io import atomic_path
+from ovseg_lab.vocab import with_release_strings
 
 ADAPT_KINDS = ("ft", "mpt", "pretrain")
 
@@ -37,9 +38,10 @@ class LabelAwareEval(OpenVocabModule):
         bench = self._benchmarks[dataloader_idx]
         images, labels = batch["image"], batch["label"]
         pairs = [(images, labels)] if isinstance(images, torch.Tensor) else [(i[None], l[None]) for i, l in zip(images, labels)]
+        vocabulary = with_release_strings(bench.vocabulary, self.class_strings)
         for image, label in pairs:
             with torch.no_grad():
-                scores = segment(lambda x: self.net(x, bench.vocabulary, labels=label), to_unit_float(image), self.inference_cfg)
+                scores = segment(lambda x: self.net(x, vocabulary, labels=label), image, self.inference_cfg)
             pred = scores.argmax(dim=1)
             if bench.background_from is not None:
                 pred = pred.clamp(max=bench.background_from)
@@ -61,8 +63,8 @@ class MaskFormerModule(LabelAwareEval):
         labels = batch["label"]
         div = self.net.maskformer.size_divisibility
         ph, pw = (-images.shape[-2]) % div, (-images.shape[-1]) % div
-        if ph or pw:
-            images = F.pad(images, (0, pw, 0, ph))
+        if ph or pw:  # the release's mapper pads uint8 crops with 128 before normalising (mask_former_semantic_dataset_mapper.py:156)
+            images = F.pad(images, (0, pw, 0, ph), value=128 / 255)
             labels = F.pad(labels, (0, pw, 0, ph), value=self.net.ignore_index)
         self.net.clip.eval()
         outputs = self.net.maskformer_outputs(images, self.train_vocabulary.classes)
