@@ -122,7 +122,9 @@ class RegionClassifier(nn.Module):
     def __init__(self, clip: CLIPBackbone, templates: str | Sequence[str] = "vild14", temperature: float = 100.0,
                  batch_size: int = 256) -> None:
         super().__init__()
-        self.clip = clip
+        # a reference, not a submodule: the owner registers the tower once (as ``clip``), so the weights are saved
+        # and converted under one name
+        object.__setattr__(self, "clip", clip)
         self.templates = templates
         self.temperature = temperature
         self.batch_size = batch_size
@@ -237,6 +239,13 @@ class SAMProposals(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- the method
+def _drop_region_clip_keys(state_dict, prefix, *args) -> None:
+    """Checkpoints written before the region classifier held its CLIP by reference list the tower twice
+    (``clip.*`` and ``region.clip.*``); the second copy is the same tensors."""
+    for key in [k for k in state_dict if k.startswith(prefix + "region.clip.")]:
+        del state_dict[key]
+
+
 class OVSeg(nn.Module):
     """Proposals + masked-region CLIP classification.
 
@@ -312,6 +321,7 @@ class OVSeg(nn.Module):
         self.granularity = granularity
         self.short_side = short_side
         self.ignore_index = ignore_index
+        self._register_load_state_dict_pre_hook(_drop_region_clip_keys)
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         if maskformer_weights:

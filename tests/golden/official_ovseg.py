@@ -3,9 +3,10 @@
 Called by ``make_golden.py --method ovseg``; never imported by the tests. The official modules are imported from
 the extracted release (``--official``; its ``third_party/CLIP`` is the CLIP package it imports), detectron2 is
 replaced by the stubs of :mod:`official_stubs` except where behaviour matters, which runs from detectron2's own
-source (``--detectron2``): the ``Conv2d`` wrapper (conv, norm, activation), ``ResizeShortestEdge`` (test-time
-resize), ``sem_seg_postprocess`` and ``BitMasks.get_bounding_boxes``. ``get_norm("GN", C)`` is detectron2's
-``GroupNorm(32, C)``. ``MaskFormerClipAdapter.__init__`` downloads OpenAI's weights (``clip.load``), so the adapter
+source (``--detectron2``): the ``Conv2d`` wrapper (conv, norm, activation), ``get_norm`` and
+``FrozenBatchNorm2d``, the ResNet (``BottleneckBlock``, ``ResNet``, the DeepLab project's ``DeepLabStem`` and
+``build_resnet_deeplab_backbone``), ``ResizeShortestEdge`` (test-time resize), ``sem_seg_postprocess`` and
+``BitMasks.get_bounding_boxes``. ``MaskFormerClipAdapter.__init__`` downloads OpenAI's weights (``clip.load``), so the adapter
 is assembled with the attributes its forward reads around a small CLIP built by the release's own
 ``clip.model.CLIP`` (with mask prompts); ``MetadataCatalog`` answers the class names. Every forward that produces
 a fixture is the official code (``OVSeg.forward`` in eval mode, ``GeneralizedSemSegEvaluator.process/evaluate``).
@@ -60,9 +61,10 @@ class Official:
         conv2d = detectron2_function(d2, "detectron2/layers/wrappers.py", "Conv2d")
         conv2d.forward.__globals__.update(warnings=warnings, check_if_dynamo_compiling=lambda: False)
 
-        def get_norm(norm, channels):
-            return {"GN": lambda c: nn.GroupNorm(32, c), "": lambda c: None}[norm](channels) if isinstance(norm, str) else norm(channels)
-
+        norms = exec_definitions(d2, [("detectron2/layers/batch_norm.py", ["FrozenBatchNorm2d", "get_norm"])], {
+            "torch": torch, "nn": nn, "F": torch.nn.functional, "BatchNorm2d": nn.BatchNorm2d, "NaiveSyncBatchNorm": None,
+            "LayerNorm": None, "env": types.SimpleNamespace(TORCH_VERSION=tuple(int(v) for v in torch.__version__.split(".")[:2]))})
+        get_norm = norms["get_norm"]
         for name in ("detectron2.layers", "detectron2.modeling"):
             sys.modules[name].ShapeSpec = shape_spec
         sys.modules["detectron2.layers"].Conv2d = conv2d
@@ -157,17 +159,58 @@ class Official:
         return model
 
 
+def exec_definitions(root: Path, sources: list[tuple[str, list[str]]], namespace: dict) -> dict:
+    """Run the named top-level classes / functions of detectron2 source files (decorators dropped) in one
+    namespace, in order, so later ones see earlier ones (CNNBlockBase -> BottleneckBlock -> ResNet)."""
+    for relative, names in sources:
+        tree = ast.parse((root / relative).read_text())
+        for name in names:
+            node = next(n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name)
+            node.decorator_list = []
+            exec(compile(ast.Module(body=[node], type_ignores=[]), relative, "exec"), namespace)
+    return namespace
+
+
+def deeplab_resnet(d2: Path, depth: int = 101) -> nn.Module:
+    """detectron2's ``build_resnet_deeplab_backbone`` with the R-101c config of the release
+    (configs/ovseg_R101c_vitB_bs32_120k.yaml: deeplab stem 128, STRIDE_IN_1X1 False, RES5_MULTI_GRID [1, 2, 4],
+    detectron2's defaults NORM FrozenBN, FREEZE_AT 2, RES5_DILATION 1)."""
+    layers = sys.modules["detectron2.layers"]
+    namespace = {"torch": torch, "nn": nn, "F": torch.nn.functional, "np": np, "Conv2d": layers.Conv2d,
+                 "ShapeSpec": layers.ShapeSpec, "Backbone": nn.Module, "BatchNorm2d": nn.BatchNorm2d,
+                 "weight_init": types.SimpleNamespace(c2_msra_fill=lambda m: None, c2_xavier_fill=lambda m: None),
+                 "comm": types.SimpleNamespace(get_world_size=lambda: 1), "DeformConv": None,
+                 "ModulatedDeformConv": None}
+    namespace["get_norm"] = layers.get_norm  # detectron2's own (FrozenBN, GN), run in Official.__init__
+    namespace["FrozenBatchNorm2d"] = layers.get_norm.__globals__["FrozenBatchNorm2d"]
+    exec_definitions(d2, [("detectron2/layers/blocks.py", ["CNNBlockBase"]),
+                          ("detectron2/modeling/backbone/resnet.py", ["BottleneckBlock", "BasicStem", "ResNet"]),
+                          ("projects/DeepLab/deeplab/resnet.py", ["DeepLabStem", "build_resnet_deeplab_backbone"])],
+                     namespace)
+    namespace["DeformBottleneckBlock"] = None
+    resnets = types.SimpleNamespace(
+        NORM="FrozenBN", STEM_TYPE="deeplab", STEM_OUT_CHANNELS=128, OUT_FEATURES=["res2", "res3", "res4", "res5"],
+        DEPTH=depth, NUM_GROUPS=1, WIDTH_PER_GROUP=64, RES2_OUT_CHANNELS=256, STRIDE_IN_1X1=False, RES4_DILATION=1,
+        RES5_DILATION=1, DEFORM_ON_PER_STAGE=[False] * 4, DEFORM_MODULATED=False, DEFORM_NUM_GROUPS=1,
+        RES5_MULTI_GRID=[1, 2, 4])
+    cfg = types.SimpleNamespace(MODEL=types.SimpleNamespace(RESNETS=resnets, BACKBONE=types.SimpleNamespace(FREEZE_AT=2)))
+    return namespace["build_resnet_deeplab_backbone"](cfg, layers.ShapeSpec(channels=3))
+
+
 def importlib_module(name: str):
     import importlib
 
     return importlib.import_module(name)
 
 
-def perturb(module: nn.Module, seed: int) -> list[tuple]:
-    """Give ``module`` the seeded perturbed weights of its recipe (derived buffers kept); returns the recipe."""
+def perturb(module: nn.Module, seed: int, adjust=None) -> list[tuple]:
+    """Give ``module`` the seeded perturbed weights of its recipe (derived buffers kept); returns the recipe.
+    ``adjust``: recipe entry -> entry (e.g. other scales for some tensors)."""
     derived = ("relative_position_index", "pixel_mean", "pixel_std")
     own = module.state_dict()
     recipe = state_recipe(own, derived=derived)
+    if adjust is not None:
+        recipe = [adjust(entry) for entry in recipe]
     state = OrderedDict((k, v) for k, v in perturbed_state(recipe, seed).items() if not k.endswith(derived))
     # module versions as a saved checkpoint carries them (OpenVocabMaskFormerHead renames keys of version < 2)
     state._metadata = own._metadata
@@ -221,6 +264,47 @@ def inference_fixture(off: Official, commit: str, seed: int, ensemble_weight: fl
     return fixture(name, commit, seed, config, recipe, {"image": torch.from_numpy(image)}, outputs)
 
 
+def maskformer_fixture(off: Official, commit: str, seed: int, kind: str, height: int = 96, width: int = 128) -> dict:
+    """The MaskFormer alone: backbone (Swin with output norms, or detectron2's deeplab R-101c with FrozenBN),
+    BasePixelDecoder, DETR decoder with deep supervision, class embeddings turned into logits against text
+    features + the no-object embedding exactly as ``OVSeg.forward`` does (``get_sim_logits``, ``normalize_feature``),
+    for the last and every auxiliary layer."""
+    torch.manual_seed(seed)
+    embed_dim = TINY_CLIP["embed_dim"]
+    if kind == "swin":
+        backbone, channels = off.build_swin(SMALL_SWIN), [SMALL_SWIN["embed_dim"] * 2 ** i for i in range(4)]
+    else:
+        backbone, channels = deeplab_resnet(off.d2), [256, 512, 1024, 2048]
+    model = nn.Module()
+    model.backbone = backbone
+    model.sem_seg_head = off.build_head(channels, SMALL_HEAD, embed_dim)
+    model.clip_adapter = nn.Module()
+    model.clip_adapter.non_object_embedding = nn.Parameter(torch.randn(1, embed_dim) * embed_dim ** -0.5)
+    # FrozenBN's running_var starts at 1 - 1e-5: float32 rounding gives it a std of 4e-7 over 512 channels, which
+    # the recipe would read as "random around 0" (negative variances, NaN): draw it around 1 like its siblings
+    def damp(entry):
+        return (entry[0], entry[1], 1.0, 0.1) if entry[0].endswith("running_var") else entry
+
+    recipe = perturb(model, seed, damp)
+    model.eval()
+    from tests.golden.harness import seeded_input
+
+    images = seeded_input((1, 3, height, width), seed, "maskformer_images")
+    text = seeded_input((len(NAMES), embed_dim), seed, "maskformer_text")
+    adapter = off.adapter.ClipAdapter
+    norm = lambda x: adapter.normalize_feature(None, x)  # noqa: E731
+    with torch.no_grad():
+        out = model.sem_seg_head(model.backbone(images))
+        classifier = torch.cat([norm(text), norm(model.clip_adapter.non_object_embedding)])
+        logits = [adapter.get_sim_logits(None, classifier, norm(o["pred_logits"])) for o in [out] + out["aux_outputs"]]
+    assert all(torch.isfinite(x).all() for x in logits) and torch.isfinite(out["pred_masks"]).all()
+    outputs = {"pred_logits": [digest(x) for x in logits],
+               "pred_masks": [digest(o["pred_masks"]) for o in [out] + out["aux_outputs"]]}
+    config = {"backbone": kind, "swin": SMALL_SWIN, "head": SMALL_HEAD, "embed_dim": embed_dim, "num_classes": len(NAMES)}
+    return fixture(f"ovseg_maskformer_{kind}", commit, seed, config, recipe,
+                   {"image_shape": (1, 3, height, width), "text_shape": (len(NAMES), embed_dim)}, outputs)
+
+
 # hand-made metric cases (3 classes, ignore 255): class 2 only predicted (never in GT), class 1 partly right,
 # pixels predicted on ignored ground truth
 METRIC_CASES = [
@@ -263,5 +347,6 @@ def make(root: Path, detectron2_root: Path, out_dir: Path, commit: str, seed: in
     if detectron2_root is None:
         raise SystemExit("--method ovseg needs --detectron2 (an extracted detectron2)")
     off = Official(root, detectron2_root)
-    fixtures = [inference_fixture(off, commit, seed, 0.7), inference_fixture(off, commit, seed, 0.0), metric_fixture(off, commit, seed)]
+    fixtures = [inference_fixture(off, commit, seed, 0.7), inference_fixture(off, commit, seed, 0.0), metric_fixture(off, commit, seed),
+                maskformer_fixture(off, commit, seed, "swin"), maskformer_fixture(off, commit, seed, "r101c")]
     return [save_fixture(f, out_dir / f"{f['name']}.pt") for f in fixtures]
