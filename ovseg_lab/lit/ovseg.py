@@ -67,7 +67,8 @@ class MaskFormerModule(LabelAwareEval):
             images = F.pad(images, (0, pw, 0, ph), value=128 / 255)
             labels = F.pad(labels, (0, pw, 0, ph), value=self.net.ignore_index)
         self.net.clip.eval()
-        outputs = self.net.maskformer_outputs(images, self.train_vocabulary.classes)
+        # the release trains against its own COCO-Stuff strings too (model.class_strings)
+        outputs = self.net.maskformer_outputs(images, with_release_strings(self.train_vocabulary, self.class_strings).classes)
         losses = self.net.loss(outputs, labels)
         if not torch.isfinite(losses["loss"]):
             raise SetupError(f"Non-finite MaskFormer loss at step {self.global_step} (images {list(batch.get('stem', []))[:8]}).")

@@ -48,6 +48,7 @@ SMALL_HEAD = dict(conv_dim=32, mask_dim=32, hidden_dim=32, num_queries=12, nhead
                   dec_layers=3, embed_hidden_dim=48)
 NAMES = ["wall", "building, edifice", "sky", "floor, flooring", "tree", "person, individual, someone",
          "grass", "road, route"]
+D2_COMMIT = "02b5c4e295e990042a714712c21dc79b731e8833"  # the detectron2 the fixtures were made with
 TEST_SHORT, TEST_MAX = 160, 2560  # MIN_SIZE_TEST / MAX_SIZE_TEST of the fixture (the release: 640 / 2560)
 
 
@@ -348,5 +349,89 @@ def make(root: Path, detectron2_root: Path, out_dir: Path, commit: str, seed: in
         raise SystemExit("--method ovseg needs --detectron2 (an extracted detectron2)")
     off = Official(root, detectron2_root)
     fixtures = [inference_fixture(off, commit, seed, 0.7), inference_fixture(off, commit, seed, 0.0), metric_fixture(off, commit, seed),
-                maskformer_fixture(off, commit, seed, "swin"), maskformer_fixture(off, commit, seed, "r101c")]
-    return [save_fixture(f, out_dir / f"{f['name']}.pt") for f in fixtures]
+                maskformer_fixture(off, commit, seed, "swin"), maskformer_fixture(off, commit, seed, "r101c"),
+                class_strings_fixture(off, root, detectron2_root, commit, seed)]
+    strings_dir = Path(__file__).resolve().parents[2] / "ovseg_lab" / "assets" / "class_strings" / "ovseg"
+    return [save_fixture(f, out_dir / f"{f['name']}.pt") for f in fixtures] + write_class_strings(root, detectron2_root, commit, strings_dir)
+
+
+# ---------------------------------------------------------------------------------------------- class strings
+# (our packaged vocabulary, official file, variable, how our classes pair with the official ones):
+#   index: the same order (the official train ids and ours come from the same annotation ids);
+#   name: another order (PC-59's 59_labels.txt puts the VOC classes first; PC-459 writes "air conditioner" where
+#   our list has "airconditioner"): paired by the name without spaces, the one class left on each side paired
+#   with each other (PC-59's "table" / our "diningtable").
+CLASS_STRING_SOURCES = {
+    "ade150": ("detectron2", "detectron2/data/datasets/builtin_meta.py", "ADE20K_SEM_SEG_CATEGORIES", "index"),
+    "ade847": ("ov-seg", "open_vocab_seg/data/datasets/register_ade20k_full.py", "ADE20K_SEM_SEG_FULL_CATEGORIES", "index"),
+    "pc59": ("ov-seg", "open_vocab_seg/data/datasets/register_pascal_context.py", "PASCALCONTEX59_NAMES", "name"),
+    "pc459": ("ov-seg", "open_vocab_seg/data/datasets/register_pascal_context.py", "PASCALCONTEX459_NAMES", "name"),
+    "voc20": ("ov-seg", "open_vocab_seg/data/datasets/register_voc_seg.py", "PASCALVOC20_NAMES", "index"),
+    "coco_stuff171": ("ov-seg", "open_vocab_seg/data/datasets/register_coco_stuff.py", "COCO_CATEGORIES", "index"),
+}
+
+
+def official_class_list(path: Path, variable: str) -> tuple[list[str], int, int]:
+    """The class strings a registration file defines (dict entries: their "name"), as ``OVSeg.get_class_name_list``
+    reads them (``c.strip()``, ovseg_model.py:258-262), with the variable's first and last line."""
+    tree = ast.parse(path.read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == variable)
+    values = ast.literal_eval(node.value)
+    names = [v["name"] if isinstance(v, dict) else v for v in values]
+    return [n.strip() for n in names], node.lineno, node.end_lineno
+
+
+def pair_classes(ours: list[str], official: list[str], how: str) -> dict[str, str]:
+    if len(ours) != len(official):
+        raise SystemExit(f"{len(ours)} classes here, {len(official)} in the release")
+    if how == "index":
+        return dict(zip(ours, official))
+    key = lambda name: name.replace(" ", "").lower()  # noqa: E731
+    by_key = {key(o): o for o in official}
+    pairs = {name: by_key.pop(key(name)) for name in ours if key(name) in by_key}
+    left_ours, left_official = [n for n in ours if n not in pairs], list(by_key.values())
+    if len(left_ours) > 1:
+        raise SystemExit(f"cannot pair {left_ours} with {left_official}")
+    pairs.update(zip(left_ours, left_official))
+    return {name: pairs[name] for name in ours}
+
+
+def class_strings_fixture(off: Official, root: Path, d2: Path, commit: str, seed: int) -> dict:
+    """Per benchmark OVSeg evaluates (and COCO-Stuff, which it trains on): the class strings in the release's order
+    and the token ids of the first ViLD template the text tower receives (``clip.tokenize``, trimmed to the
+    longest prompt)."""
+    outputs, template = {}, off.templates.VILD_PROMPT[0]
+    for vocabulary, (repo, relative, variable, how) in CLASS_STRING_SOURCES.items():
+        official, _, _ = official_class_list((d2 if repo == "detectron2" else root) / relative, variable)
+        tokens = off.clip.tokenize([template.format(name) for name in official])
+        length = int((tokens != 0).sum(dim=1).max())
+        outputs[vocabulary] = {"strings": official, "paired_by": how, "tokens": tokens[:, :length].to(torch.int32)}
+    return fixture("ovseg_class_strings", commit, seed, {"template": template}, [], {}, outputs)
+
+
+def write_class_strings(root: Path, d2: Path, commit: str, out_dir: Path) -> list[Path]:
+    """ovseg_lab/assets/class_strings/ovseg/<vocabulary>.json from the release's registration files (ADE-150 is
+    detectron2's built-in registration, which OVSeg evaluates as ade20k_sem_seg_val)."""
+    import subprocess
+
+    from ovseg_lab.vocab import load_vocabulary
+
+    try:
+        d2_commit = subprocess.run(["git", "-C", str(d2), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                   check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        d2_commit = D2_COMMIT
+    written = []
+    for vocabulary, (repo, relative, variable, how) in CLASS_STRING_SOURCES.items():
+        base, repo_name, repo_commit = (d2, "facebookresearch/detectron2", d2_commit) if repo == "detectron2" else (root, REPO, commit)
+        official, first, last = official_class_list(base / relative, variable)
+        ours = list(load_vocabulary(vocabulary).classes)
+        strings = pair_classes(ours, official, how)
+        path = out_dir / f"{vocabulary}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        citation = (f"{repo_name}@{repo_commit} {relative}:{first}-{last} ({variable}; OVSeg strips each name, "
+                    f"{REPO}@{commit} open_vocab_seg/ovseg_model.py:258-262); paired with ours by {how}; generated by "
+                    "tests/golden/make_golden.py --method ovseg")
+        path.write_text(json.dumps({"citation": citation, "strings": strings}, indent=1, ensure_ascii=False) + "\n")
+        written.append(path)
+    return written

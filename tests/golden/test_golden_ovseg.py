@@ -134,3 +134,39 @@ def test_ovseg_maskformer_equals_official(backbone):
     if backbone == "r101c":  # FREEZE_AT 2: the stem and res2 do not train
         frozen = {n for n, p in net.backbone.named_parameters() if not p.requires_grad}
         assert frozen and all(n.startswith(("body.conv1.", "body.bn1.", "body.layer1.")) for n in frozen)
+
+
+@pytest.mark.parametrize("vocabulary", ["ade150", "ade847", "pc59", "pc459", "voc20", "coco_stuff171"])
+def test_ovseg_class_strings_and_token_ids_equal_official(vocabulary):
+    """``model.class_strings: ovseg`` sends each class the string the release embeds (its registration lists,
+    stripped; ADE-150 from detectron2's built-in list), and the text tower receives the release's token ids."""
+    from ovseg_lab.vocab import load_vocabulary, with_release_strings
+
+    official = load_fixture("ovseg_class_strings")["outputs"][vocabulary]
+    ours = list(with_release_strings(load_vocabulary(vocabulary), "ovseg").classes)
+    if official["paired_by"] == "index":
+        assert ours == official["strings"]
+    else:  # PC-59 / PC-459: the release orders its train ids otherwise; every class gets its own official string
+        assert sorted(ours) == sorted(official["strings"])
+    clip = our_clip(load_fixture("ovseg_inference_swin_w07")["config"]["clip"])
+    template = load_fixture("ovseg_class_strings")["config"]["template"]
+    tokens = clip.tokenize([template.format(name) for name in ours])
+    index = [official["strings"].index(name) for name in ours]
+    expected = official["tokens"][index].long()
+    assert torch.equal(tokens[:, : expected.shape[1]], expected) and not tokens[:, expected.shape[1]:].any()
+
+
+@pytest.mark.parametrize("setting", ["swinb_vitl14", "r101c_vitb16"])
+def test_ovseg_paper_recipe_keeps_the_official_behaviour(compose_cfg, setting):
+    """What the golden tests prove is what experiment=ovseg runs; the toy keeps the project defaults."""
+    cfg = compose_cfg("train", ["experiment=ovseg", f"ovseg.setting={setting}"])
+    model = cfg.model
+    assert model.class_strings == "ovseg" and cfg.clip.synonyms == "full" and cfg.clip.templates == "vild14"
+    assert model.metric_convention == "mmseg"
+    assert dict(model.net.ensemble_weights) == {"ade150": 0.7, "ade847": 0.7, "pc59": 0.6, "pc459": 0.6, "voc20": 0.45}
+    expected = (640, 2560) if setting == "swinb_vitl14" else (512, 2048)
+    assert (model.inference.resize_short, model.inference.resize_max) == expected and model.net.short_side is None
+    backbone = model.net.maskformer.backbone
+    assert backbone.type == ("swin" if setting == "swinb_vitl14" else "timm")
+    toy = compose_cfg("train", ["experiment=quickstart", "model=ovseg"])
+    assert toy.model.class_strings is None and toy.model.metric_convention == "detectron2"
