@@ -106,9 +106,13 @@ class TimmFeatureBackbone(nn.Module):
 
 def build_backbone(spec: Mapping[str, Any]) -> nn.Module:
     """``{type: swin, ...}`` -> :class:`~ovseg_lab.layers.swin.SwinBackbone` (the release's Swin layout);
-    ``{type: timm, name: ...}`` or no type -> :class:`TimmFeatureBackbone` (R-101c and the toy backbones)."""
+    ``{type: timm, name: ...}`` or no type -> :class:`TimmFeatureBackbone` (R-101c and the toy backbones).
+    The options may also sit under the type's name (``{type: swin, swin: {...}, timm: {...}}``), so a recipe can
+    switch backbones with one key."""
     spec = dict(spec)
     kind = spec.pop("type", "timm")
+    if isinstance(spec.get(kind), Mapping):  # {type: swin, swin: {...}, timm: {...}}: the chosen type's options
+        spec = dict(spec[kind])
     if kind == "swin":
         from ovseg_lab.layers.swin import SwinBackbone
 

@@ -306,6 +306,40 @@ def maskformer_fixture(off: Official, commit: str, seed: int, kind: str, height:
                    {"image_shape": (1, 3, height, width), "text_shape": (len(NAMES), embed_dim)}, outputs)
 
 
+# The released models (configs/ovseg_swinB_vitL_bs32_120k.yaml, configs/ovseg_R101c_vitB_bs32_120k.yaml) over OpenAI's
+# ViT-L/14 and ViT-B/16 at 224 with mask prompts of depth 3 (the ft_mpt checkpoints)
+RELEASED = {
+    "swinb_vitl14": dict(swin=dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=12, drop_path_rate=0.3),
+                         clip=dict(embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024, vision_patch_size=14,
+                                   mask_prompt_depth=3, context_length=77, vocab_size=49408, transformer_width=768,
+                                   transformer_heads=12, transformer_layers=12), mask_thr=0.4),
+    "r101c_vitb16": dict(swin=None,
+                         clip=dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
+                                   mask_prompt_depth=3, context_length=77, vocab_size=49408, transformer_width=512,
+                                   transformer_heads=8, transformer_layers=12), mask_thr=0.5),
+}
+RELEASED_HEAD = dict(conv_dim=256, mask_dim=256, hidden_dim=256, num_queries=100, nheads=8, dim_feedforward=2048,
+                     dec_layers=6, embed_hidden_dim=1024)
+
+
+def released_fixture(off: Official, commit: str, seed: int) -> dict:
+    """Key names and shapes of the released OVSeg models as ``OVSeg`` holds them (recipes only, no values)."""
+    recipes = {}
+    for setting, spec in RELEASED.items():
+        if spec["swin"] is not None:
+            backbone, channels = off.build_swin(spec["swin"]), [128 * 2 ** i for i in range(4)]
+        else:
+            backbone, channels = deeplab_resnet(off.d2), [256, 512, 1024, 2048]
+        model = off.build_ovseg(backbone, channels, RELEASED_HEAD, spec["clip"], spec["mask_thr"], 0.7, NAMES)
+        derived = ("relative_position_index", "pixel_mean", "pixel_std")
+        recipe = state_recipe(model.state_dict(), derived=derived)
+        # FrozenBN's running_var (1 - 1e-5) is drawn around 1 (see maskformer_fixture)
+        recipes[setting] = [(k, shape, 1.0, 0.1) if k.endswith("running_var") else (k, shape, mean, std)
+                            for k, shape, mean, std in recipe]
+        del model
+    return fixture("ovseg_released", commit, seed, {"settings": list(RELEASED)}, recipes, {}, {})
+
+
 # hand-made metric cases (3 classes, ignore 255): class 2 only predicted (never in GT), class 1 partly right,
 # pixels predicted on ignored ground truth
 METRIC_CASES = [
@@ -350,9 +384,58 @@ def make(root: Path, detectron2_root: Path, out_dir: Path, commit: str, seed: in
     off = Official(root, detectron2_root)
     fixtures = [inference_fixture(off, commit, seed, 0.7), inference_fixture(off, commit, seed, 0.0), metric_fixture(off, commit, seed),
                 maskformer_fixture(off, commit, seed, "swin"), maskformer_fixture(off, commit, seed, "r101c"),
-                class_strings_fixture(off, root, detectron2_root, commit, seed)]
+                class_strings_fixture(off, root, detectron2_root, commit, seed), released_fixture(off, commit, seed),
+                adaptation_fixture(root, commit, seed)]
     strings_dir = Path(__file__).resolve().parents[2] / "ovseg_lab" / "assets" / "class_strings" / "ovseg"
     return [save_fixture(f, out_dir / f"{f['name']}.pt") for f in fixtures] + write_class_strings(root, detectron2_root, commit, strings_dir)
+
+
+# ---------------------------------------------------------------------------------------------- CLIP adaptation
+ADAPT_CLIP = dict(embed_dim=32, vision_cfg=dict(layers=3, width=64, head_width=64, patch_size=16, image_size=224, mask_emb_depth=3),
+                  text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=2))
+
+
+def adaptation_fixture(root: Path, commit: str, seed: int) -> dict:
+    """The release's CLIP adaptation (open_clip_training): its optimiser's weight-decay split (main.py:173-186,
+    the lambdas run as written) on its CLIP with mask prompts; ``ClipLoss`` and its gradients on a fixed batch of
+    features with a repeated text (a false negative, as the release trains); the masked-crop training transform
+    (``image_transform(is_train=True, with_mask=True)``: RandomResizedCrop + ``Maskget``) on a fixed crop."""
+    src = root / "open_clip_training" / "src"
+    if "ovseg_open_clip" not in sys.modules:
+        package = types.ModuleType("ovseg_open_clip")
+        package.__path__ = [str(src / "open_clip")]
+        sys.modules["ovseg_open_clip"] = package
+    model_mod = importlib_module("ovseg_open_clip.model")
+    loss_mod = importlib_module("ovseg_open_clip.loss")
+    transform_mod = importlib_module("ovseg_open_clip.transform")
+    torch.manual_seed(seed)
+    model = model_mod.CLIP(**ADAPT_CLIP, quick_gelu=True)
+    tree = ast.parse((src / "training" / "main.py").read_text())
+    exclude_node = next(n for n in ast.walk(tree) if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "exclude")
+    exclude = eval(compile(ast.Expression(exclude_node.value), "main.py", "eval"))
+    names = [n for n, _ in model.named_parameters()]
+    no_decay = [n for n, p in model.named_parameters() if exclude(n, p)]
+    # the loss on a fixed batch: 6 region embeddings, their nouns' text embeddings (text 4 repeats text 1)
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.nn.functional.normalize(torch.randn(6, 32, generator=gen), dim=-1).requires_grad_(True)
+    text = torch.nn.functional.normalize(torch.randn(6, 32, generator=gen), dim=-1)
+    text[4] = text[1]
+    text.requires_grad_(True)
+    logit_scale = torch.tensor(100.0 / 3)
+    loss = loss_mod.ClipLoss()(image, text, logit_scale)
+    loss.backward()
+    # the training transform on a 40x40 crop whose background is the release's mask colour
+    crop = np.full((40, 40, 3), (124, 116, 103), dtype=np.uint8)
+    crop[8:30, 12:33] = np.asarray(seeded_image(seed, 22, 21))
+    transform = transform_mod.image_transform(40, is_train=True, with_mask=True)
+    from PIL import Image
+
+    torch.manual_seed(seed)
+    tensor, mask = transform(Image.fromarray(crop))
+    outputs = {"parameters": names, "no_decay": no_decay, "loss": loss.detach(), "grad_image": image.grad,
+               "grad_text": text.grad, "crop_tensor": digest(tensor), "crop_mask": torch.as_tensor(mask).bool()}
+    inputs = {"image": image.detach(), "text": text.detach(), "logit_scale": logit_scale, "crop": torch.from_numpy(crop)}
+    return fixture("ovseg_adaptation", commit, seed, {"clip": ADAPT_CLIP}, [], inputs, outputs)
 
 
 # ---------------------------------------------------------------------------------------------- class strings

@@ -18,7 +18,9 @@ from ovseg_lab.metrics import SegmentationMetric
 from ovseg_lab.models.maskformer import MaskFormer
 from ovseg_lab.models.ovseg import OVSeg
 from ovseg_lab.vocab import Vocabulary
-from tests.golden.harness import TOLERANCE, digest_error, load_fixture, openai_clip_cfg, perturbed_state, seeded_input
+from tests.golden.harness import (
+    TOLERANCE, digest_error, load_fixture, openai_clip_cfg, perturbed_state, relative_error, seeded_input,
+)
 
 
 def assert_close(ours: torch.Tensor, expected: dict, what: str, floor: float = 1e-30) -> None:
@@ -170,3 +172,84 @@ def test_ovseg_paper_recipe_keeps_the_official_behaviour(compose_cfg, setting):
     assert backbone.type == ("swin" if setting == "swinb_vitl14" else "timm")
     toy = compose_cfg("train", ["experiment=quickstart", "model=ovseg"])
     assert toy.model.class_strings is None and toy.model.metric_convention == "detectron2"
+
+
+# ---------------------------------------------------------------------------------------------- released checkpoints
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["swinb_vitl14", "r101c_vitb16"])
+def test_ovseg_released_layouts_convert_into_the_paper_models(setting):
+    """Every key of the released detectron2 checkpoints (Swin-B with norm0-norm3 or R-101c, the DETR head, the CLIP
+    with mask prompts, ``clip_adapter.non_object_embedding``) lands on a parameter of experiment=ovseg's model with
+    its shape, and nothing of that model is left out (shapes only; building the full-size model is slow)."""
+    from ovseg_lab.build import build_net
+    from ovseg_lab.convert.common import check_against
+    from ovseg_lab.convert.ovseg import ovseg_overrides
+
+    recipe = load_fixture("ovseg_released")["state"][setting]
+    official = {key: torch.empty(shape) for key, shape, _, _ in recipe}
+    overrides = ["experiment=ovseg", *ovseg_overrides(official)]
+    assert ("ovseg.setting=r101c_vitb16" in overrides) == (setting == "r101c_vitb16")
+    net = build_net(overrides)
+    converted = convert_ovseg_state_dict(official)
+    check_against(converted, {f"net.{k}": v for k, v in net.state_dict().items()}, setting)
+    assert converted["net.maskformer.no_object_embedding"].shape == official["clip_adapter.non_object_embedding"].shape
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["r101c_vitb16", "swinb_vitl14"])
+def test_ovseg_released_checkpoint_converts_and_evaluates(setting, tmp_path, toy_data_dir):
+    """An official OVSeg checkpoint at its released shapes (random weights from the generator's recipe) converts
+    with ``--format ovseg`` without overrides and evaluates with the command the converter prints (0.8 GB / 2 GB
+    of weights: slow)."""
+    from tests.golden.harness import convert_and_evaluate
+
+    fixture = load_fixture("ovseg_released")
+    expect = ["experiment=ovseg", "clip.mask_prompt_depth=3"] + (["ovseg.setting=r101c_vitb16"] if setting == "r101c_vitb16" else [])
+    run_dir = convert_and_evaluate("ovseg", {"model": perturbed_state(fixture["state"][setting], fixture["seed"])}, tmp_path,
+                                   toy_data_dir, expect, eval_overrides=("model.inference.resize_short=64",))
+    assert (run_dir / "metrics.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- CLIP adaptation
+def test_ovseg_adaptation_loss_parameter_groups_and_crop_transform_equal_official():
+    """The release's CLIP adaptation: ``ClipLoss`` and its gradients on a fixed batch with a repeated noun (ours:
+    ``duplicate_texts=keep``), the optimiser's weight-decay exemption (``param_groups=release``: norms, biases,
+    1-d parameters and the logit scale) mapped through our converter, and the masked-crop transform
+    (``augment=random_resized_crop``, ``mask_from=colour``) on a fixed crop with the same torch seed."""
+    from ovseg_lab.convert.ovseg import convert_ovseg_clip_state_dict
+    from ovseg_lab.data.mask_pairs import RELEASE_MASK_COLOUR, release_crop_transform
+    from ovseg_lab.lit.ovseg import contrastive_loss, release_no_decay
+
+    fixture = load_fixture("ovseg_adaptation")
+    inputs, out = fixture["inputs"], fixture["outputs"]
+    image, text = inputs["image"].clone().requires_grad_(True), inputs["text"].clone().requires_grad_(True)
+    loss = contrastive_loss(image, text, inputs["logit_scale"], groups=None)
+    loss.backward()
+    assert relative_error(loss.detach(), out["loss"]) <= TOLERANCE
+    assert relative_error(image.grad, out["grad_image"]) <= TOLERANCE
+    assert relative_error(text.grad, out["grad_text"]) <= TOLERANCE
+
+    cfg = fixture["config"]["clip"]
+    vision, text_cfg = cfg["vision_cfg"], cfg["text_cfg"]
+    clip = CLIPBackbone(model_name="golden", pretrained=None, model_cfg={
+        "embed_dim": cfg["embed_dim"], "vision_cfg": {k: vision[k] for k in ("layers", "width", "head_width", "patch_size", "image_size")},
+        "text_cfg": text_cfg}, quick_gelu=True, feature_layers=(), mask_prompt_depth=vision["mask_emb_depth"])
+    shapes = {name: torch.zeros(1) for name in out["parameters"]}
+    renamed = {official: next(iter(convert_ovseg_clip_state_dict({official: shapes[official]}, prefix="")))
+               for official in out["parameters"]}
+    ours = dict(clip.named_parameters())
+    expected_exempt = set()
+    for official, our_key in renamed.items():
+        our_key = our_key.removeprefix("clip.")
+        for key in ([our_key] if our_key in ours else [our_key.replace("in_proj_weight", f"{q}_proj_weight") for q in "qkv"]):
+            assert key in ours, key
+            if official in out["no_decay"]:
+                expected_exempt.add(key)
+    assert {n for n, p in ours.items() if release_no_decay(n, p)} == expected_exempt
+
+    torch.manual_seed(fixture["seed"])
+    crop = inputs["crop"].permute(2, 0, 1).contiguous()
+    tensor, mask = release_crop_transform(crop, torch.ones(crop.shape[1:], dtype=torch.bool), "colour", RELEASE_MASK_COLOUR)
+    assert torch.equal(mask, out["crop_mask"]) and 0 < mask.float().mean() < 1
+    normalised = clip.normalize(tensor.float()[None] / 255)[0]
+    assert_close(normalised, out["crop_tensor"], "RandomResizedCrop (PIL bicubic) + normalisation")
