@@ -124,12 +124,14 @@ def test_maskformer_shapes_deep_supervision_and_class_equivariance():
 def test_paper_parameter_counts():
     """MaskFormer paper: R101c 60M, Swin-B 102M (our class head maps to CLIP space, a few 100k more)."""
     with torch.device("meta"):
-        swin = MaskFormer(dict(name="swin_base_patch4_window12_384"), embed_dim=768)
-        r101c = MaskFormer(dict(name="resnet101c", multi_grid=[1, 2, 4]), embed_dim=512)
+        swin = MaskFormer(dict(type="swin", embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=12),
+                          embed_dim=768)
+        r101c = MaskFormer(dict(name="resnet101c", multi_grid=[1, 2, 4], model_kwargs={"stem_width": 64}), embed_dim=512)
     for model, paper in ((swin, 102e6), (r101c, 60e6)):
         count = sum(p.numel() for p in model.parameters())
         assert abs(count - paper) / paper < 0.03, (count, paper)
     assert r101c.backbone.body.layer4[2].conv2.dilation == (4, 4)
+    assert r101c.backbone.body.conv1[0].out_channels == 64 and r101c.backbone.body.conv1[6].out_channels == 128  # deeplab stem
 
 
 # ---------------------------------------------------------------------------------------------- stage 2 pieces

@@ -97,7 +97,7 @@ def decode_pair(sample: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # the colour the release's mask-prompt-tuning transform takes for background (open_clip_training/src/open_clip/
-# transform.py:73-83, Maskget: a pixel is background when all three channels equal it)
+# transform.py:72-83, Maskget: a pixel is background when all three channels equal it)
 RELEASE_MASK_COLOUR = (124, 116, 103)
 AUGMENTS = ("flip", "random_resized_crop")
 MASK_SOURCES = ("stored", "colour")
