@@ -262,7 +262,7 @@ class SwinBackbone(nn.Module):
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
         self.patch_embed.norm = nn.LayerNorm(embed_dim)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         self.channels = [int(embed_dim * 2**i) for i in range(len(depths))]
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
