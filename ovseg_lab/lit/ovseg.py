@@ -27,6 +27,14 @@ from ovseg_lab.vocab import with_release_strings
 ADAPT_KINDS = ("ft", "mpt", "pretrain")
 
 
+def labels_at(labels: torch.Tensor, size) -> torch.Tensor:
+    """(B, H, W) labels at the size the protocol resized the images to (nearest; the analysis modes read them at
+    the image's resolution), unchanged when the sizes agree."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(labels.dtype)
+
+
 class LabelAwareEval(OpenVocabModule):
     """Evaluation that hands ground-truth labels to nets whose analysis modes need them."""
 
@@ -41,7 +49,7 @@ class LabelAwareEval(OpenVocabModule):
         vocabulary = with_release_strings(bench.vocabulary, self.class_strings)
         for image, label in pairs:
             with torch.no_grad():
-                scores = segment(lambda x: self.net(x, vocabulary, labels=label), image, self.inference_cfg)
+                scores = segment(lambda x: self.net(x, vocabulary, labels=labels_at(label, x.shape[-2:])), image, self.inference_cfg)
             pred = scores.argmax(dim=1)
             if bench.background_from is not None:
                 pred = pred.clamp(max=bench.background_from)
