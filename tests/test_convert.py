@@ -158,7 +158,7 @@ def test_convert_script_writes_ovseg_clip_weights_that_ovseg_loads(tmp_path):
     source = tmp_path / "ovseg_clip.pth"
     reference = openai_layout_clip(mask_prompt_depth=3, context_length=32)
     torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, source)
-    out, _ = convert("ovseg", source, tmp_path / "clip.pt", ["experiment=quickstart", "model=ovseg", "model.net.maskformer_weights=null",
+    out, _ = convert("ovseg_clip", source, tmp_path / "clip.pt", ["experiment=quickstart", "model=ovseg", "model.net.maskformer_weights=null",
                                                               "model.net.clip_weights=null"])
     net = build_net(OVSEG_TOY[:-1] + [f"model.net.clip_weights={out}"])  # OVSeg loads it as its adapted CLIP
     torch.testing.assert_close(net.clip.mask_prompts, reference.visual.mask_embedding)
@@ -168,9 +168,11 @@ def test_convert_script_refuses_a_checkpoint_of_another_model(tmp_path):
     bad = tmp_path / "lseg_like.pth"
     state = {f"module.{k}": v for k, v in openai_layout_clip(context_length=32).state_dict().items()}  # no mask prompts
     torch.save(state, bad)
-    proc = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", "--format", "ovseg", "--input", str(bad),
+    proc = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", "--format", "ovseg_clip", "--input", str(bad),
                            "--output", str(tmp_path / "o.pt"), "--", "experiment=quickstart", "model=ovseg",
-                           "model.net.maskformer_weights=null", "model.net.clip_weights=null"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "model.net.maskformer_weights=null", "model.net.clip_weights=null",
+                           "clip.mask_prompt_depth=3"],  # a model with prompts: the user's override beats detection
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "missing" in proc.stderr and "mask_prompts" in proc.stderr
     assert not (tmp_path / "o.pt").exists()

@@ -124,12 +124,14 @@ def test_maskformer_shapes_deep_supervision_and_class_equivariance():
 def test_paper_parameter_counts():
     """MaskFormer paper: R101c 60M, Swin-B 102M (our class head maps to CLIP space, a few 100k more)."""
     with torch.device("meta"):
-        swin = MaskFormer(dict(name="swin_base_patch4_window12_384"), embed_dim=768)
-        r101c = MaskFormer(dict(name="resnet101c", multi_grid=[1, 2, 4]), embed_dim=512)
+        swin = MaskFormer(dict(type="swin", embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=12),
+                          embed_dim=768)
+        r101c = MaskFormer(dict(name="resnet101c", multi_grid=[1, 2, 4], model_kwargs={"stem_width": 64}), embed_dim=512)
     for model, paper in ((swin, 102e6), (r101c, 60e6)):
         count = sum(p.numel() for p in model.parameters())
         assert abs(count - paper) / paper < 0.03, (count, paper)
     assert r101c.backbone.body.layer4[2].conv2.dilation == (4, 4)
+    assert r101c.backbone.body.conv1[0].out_channels == 64 and r101c.backbone.body.conv1[6].out_channels == 128  # deeplab stem
 
 
 # ---------------------------------------------------------------------------------------------- stage 2 pieces
@@ -241,6 +243,48 @@ def test_classify_modes_follow_the_ensemble_formula():
     torch.testing.assert_close(results["ensemble"][0], expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(results["maskformer"][0], semantic_inference(p_mf, masks), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(results["clip"][0], semantic_inference(p_clip * valid[:, None], masks), atol=1e-5, rtol=1e-4)
+
+
+def test_lambda_zero_is_clip_only_and_lambda_follows_the_benchmark():
+    """As the release: lambda 0 uses the CLIP classes alone (not MaskFormer's); ``ensemble_weights`` picks lambda by
+    the benchmark (vocabulary name), other benchmarks use ``ensemble_weight``."""
+    from ovseg_lab.vocab import Vocabulary
+
+    torch.manual_seed(0)
+    images = torch.rand(1, 3, 64, 64)
+    names = ("red circle", "blue square", "striped grass")
+    with torch.no_grad():
+        clip_only = tiny_ovseg(classify="clip", mask_threshold=0.5)(images, list(names))
+        zero = tiny_ovseg(classify="ensemble", ensemble_weight=0.0, mask_threshold=0.5)(images, list(names))
+        net = tiny_ovseg(ensemble_weight=0.7, ensemble_weights={"voc20": 0.2}, mask_threshold=0.5)
+        listed = net(images, Vocabulary("voc20", names))
+        other = net(images, Vocabulary("ade150", names))
+        at_02 = tiny_ovseg(ensemble_weight=0.2, mask_threshold=0.5)(images, list(names))
+        at_07 = tiny_ovseg(ensemble_weight=0.7, mask_threshold=0.5)(images, list(names))
+    torch.testing.assert_close(zero, clip_only)
+    torch.testing.assert_close(listed, at_02)
+    torch.testing.assert_close(other, at_07)
+    assert not torch.allclose(at_02, at_07)
+    with pytest.raises(SetupError, match="ensemble_weights.voc20"):
+        tiny_ovseg(ensemble_weights={"voc20": 1.5})
+
+
+def test_no_valid_proposal_and_a_single_one_do_not_crash():
+    """The release crashes on both (no valid mask: an unpacking error; one: the mask-prompt pooling); ours scores
+    p_MF^(1 - lambda) without valid masks and classifies a single valid mask like any other."""
+    torch.manual_seed(0)
+    images = torch.rand(1, 3, 64, 64)
+    names = ["red circle", "blue square"]
+    none_valid = tiny_ovseg(mask_threshold=1.0, mask_prompt_depth=2)
+    with torch.no_grad():
+        scores = none_valid(images, names)
+    assert torch.isfinite(scores).all() and scores.shape == (1, 2, 64, 64)
+    net = tiny_ovseg(mask_threshold=0.5, mask_prompt_depth=2)
+    one = torch.zeros(1, 64, 64, dtype=torch.bool)
+    one[0, 10:30, 5:40] = True
+    with torch.no_grad():
+        (probs, valid), = net.region_probs(images, [one], net.region.text_features(names))
+    assert valid.tolist() == [True] and torch.allclose(probs.sum(-1), torch.ones(1))
 
 
 def test_analysis_modes_need_labels_and_oracle_labels_score_perfectly_on_exact_masks():

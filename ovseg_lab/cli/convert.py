@@ -4,9 +4,11 @@
         --output checkpoints/catseg_vitb16.ckpt        (ViT-B/16 or ViT-L/14: read off the checkpoint)
     python eval.py ckpt=checkpoints/catseg_vitb16.ckpt model=catseg experiment=catseg_vitb16_coco   (the line it prints)
     python scripts/convert_checkpoint.py --format lseg --input demo_e200.ckpt --output checkpoints/lseg_vitl16.ckpt
-    python scripts/convert_checkpoint.py --format ovseg --input ovseg_clip_l_9a1909.pth --output checkpoints/ovseg_clip.pt
-        (OVSeg's adapted CLIP, also read from the full ovseg_swinbase_vitL14_ft_mpt.pth: use it as
-        model.net.clip_weights of model=ovseg)
+    python scripts/convert_checkpoint.py --format ovseg --input ovseg_swinbase_vitL14_ft_mpt.pth \
+        --output checkpoints/ovseg_swinb.ckpt          (MaskFormer + adapted CLIP; Swin-B or R-101c read off the file)
+    python scripts/convert_checkpoint.py --format ovseg_clip --input ovseg_clip_l_9a1909.pth --output checkpoints/ovseg_clip.pt
+        (OVSeg's adapted CLIP alone: use it as model.net.clip_weights of model=ovseg)
+    python scripts/convert_checkpoint.py --format groupvit|groupvit_hf|ovsegmentor --input <release file> --output <ckpt>
 
 Everything after ``--`` are Hydra overrides describing the model the checkpoint belongs to (the same ones you
 pass to eval.py). The converted weights are checked key by key and shape by shape against that model (built

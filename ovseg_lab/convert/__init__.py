@@ -16,8 +16,10 @@ from ovseg_lab.convert.groupvit import (
     convert_groupvit_hf_state_dict, convert_groupvit_state_dict, groupvit_hf_overrides, groupvit_overrides,
 )
 from ovseg_lab.convert.lseg import convert_lseg_state_dict, lseg_overrides
-from ovseg_lab.convert.ovseg import convert_ovseg_clip_state_dict
 from ovseg_lab.convert.ovsegmentor import convert_ovsegmentor_state_dict, ovsegmentor_overrides
+from ovseg_lab.convert.ovseg import (
+    convert_ovseg_clip_state_dict, convert_ovseg_state_dict, ovseg_clip_overrides, ovseg_overrides,
+)
 
 Converter = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -43,12 +45,16 @@ FORMATS: dict[str, Format] = {
                        detect=groupvit_overrides),
     "groupvit_hf": Format(convert_groupvit_hf_state_dict, ["model=groupvit"],
                           usage="python eval.py ckpt={out} {overrides}", detect=groupvit_hf_overrides),
-    # the adapted CLIP ViT-L/14 at 224 with mask prompts of depth 3 (the paper's ft_mpt model)
-    "ovseg": Format(convert_ovseg_clip_state_dict, ["experiment=ovseg", "clip.mask_prompt_depth=3"], part="net.clip.",
-                    usage="python eval.py experiment=ovseg ckpt=<MaskFormer last.ckpt> clip.mask_prompt_depth=3 "
-                          "model.net.clip_weights={out}"),
     # OVSegmentor's MultiLabelContrastive (stage 1 or 2): group ViT sizes and BERT size read off the checkpoint,
     # BERT's tokenizer from model.net.text_encoder.pretrained (bert-base-uncased)
     "ovsegmentor": Format(convert_ovsegmentor_state_dict, ["model=ovsegmentor"],
                           usage="python eval.py ckpt={out} {overrides}", detect=ovsegmentor_overrides),
+    # the whole OVSeg detectron2 checkpoint (MaskFormer + adapted CLIP): Swin-B + ViT-L/14 or R-101c + ViT-B/16 and
+    # the mask prompt depth are read off the checkpoint
+    "ovseg": Format(convert_ovseg_state_dict, ["experiment=ovseg"], usage="python eval.py ckpt={out} {overrides}",
+                    detect=ovseg_overrides),
+    # the released adapted CLIP alone (ViT-L/14 at 224 with mask prompts): model.net.clip_weights of model=ovseg
+    "ovseg_clip": Format(convert_ovseg_clip_state_dict, ["experiment=ovseg"], part="net.clip.",
+                         usage="python eval.py ckpt=<MaskFormer last.ckpt> {overrides} "
+                               "model.net.clip_weights={out}", detect=ovseg_clip_overrides),
 }

@@ -84,18 +84,62 @@ def decode_pair(sample: Mapping[str, Any]) -> dict[str, Any]:
             "text": text}
 
 
+# the colour the release's mask-prompt-tuning transform takes for background (open_clip_training/src/open_clip/
+# transform.py:72-83, Maskget: a pixel is background when all three channels equal it)
+RELEASE_MASK_COLOUR = (124, 116, 103)
+AUGMENTS = ("flip", "random_resized_crop")
+MASK_SOURCES = ("stored", "colour")
+
+
+def release_crop_transform(image: torch.Tensor, mask: torch.Tensor, mask_from: str = "colour",
+                           colour: Sequence[int] = RELEASE_MASK_COLOUR) -> tuple[torch.Tensor, torch.Tensor]:
+    """The release's training transform for masked crops (``image_transform(is_train=True, with_mask=True)``):
+    torchvision's RandomResizedCrop to the crop's size, scale (0.9, 1), PIL bicubic, no flip; then the mask is
+    "every pixel not exactly ``colour``" (``mask_from=colour``) or the stored mask cropped alike (nearest).
+
+    image (3, S, S) uint8, mask (S, S) bool -> the same shapes.
+    """
+    import torchvision.transforms as T
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    size = image.shape[-1]
+    crop = T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+    top, left, height, width = crop.get_params(pil, crop.scale, crop.ratio)
+    array = np.asarray(TF.resized_crop(pil, top, left, height, width, [size, size], T.InterpolationMode.BICUBIC))
+    if mask_from == "colour":
+        new_mask = torch.from_numpy(~(array == np.asarray(colour, dtype=np.uint8)).all(axis=2))
+    else:
+        new_mask = TF.resized_crop(mask[None].float(), top, left, height, width, [size, size],
+                                   T.InterpolationMode.NEAREST)[0] > 0.5
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous(), new_mask
+
+
 class PairShards(IterableDataset):
     """An endless, shuffled stream of decoded pairs from webdataset shards (resampled, split by node/worker).
 
-    Random horizontal flips are applied to crop and mask together.
+    augment: ``flip`` (ours: random horizontal flips of crop and mask) or ``random_resized_crop`` (the release:
+        :func:`release_crop_transform`). mask_from: ``stored`` (the mined mask) or ``colour`` (the release: pixels
+        that differ from ``mask_colour``; None = the colour our miner fills the background with, round(255 * CLIP
+        mean); the release's constant is :data:`RELEASE_MASK_COLOUR`). ``colour`` needs ``random_resized_crop``.
     """
 
-    def __init__(self, shards, shuffle_buffer: int = 2000, flip: bool = True, seed: int = 0) -> None:
+    def __init__(self, shards, shuffle_buffer: int = 2000, flip: bool = True, seed: int = 0, augment: str = "flip",
+                 mask_from: str = "stored", mask_colour: Sequence[int] | None = None) -> None:
         super().__init__()
+        if augment not in AUGMENTS or mask_from not in MASK_SOURCES:
+            raise SetupError(f"data.pairs.augment must be one of {AUGMENTS} and data.pairs.mask_from one of "
+                             f"{MASK_SOURCES}, got '{augment}' / '{mask_from}'.")
+        if mask_from == "colour" and augment != "random_resized_crop":
+            raise SetupError("data.pairs.mask_from=colour is the release's transform: set data.pairs.augment=random_resized_crop.")
         self.urls = shard_urls(shards)
         self.shuffle_buffer = shuffle_buffer
         self.flip = flip
         self.seed = seed
+        self.augment = augment
+        self.mask_from = mask_from
+        self.mask_colour = tuple(int(c) for c in mask_colour) if mask_colour is not None else None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         import webdataset as wds
@@ -103,12 +147,25 @@ class PairShards(IterableDataset):
         # resampled shards never run dry, so every rank sees the same number of batches (no DDP hang)
         dataset = wds.WebDataset(self.urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node,
                                  handler=wds.reraise_exception).shuffle(self.shuffle_buffer)
-        rng = random.Random(self.seed + (torch.utils.data.get_worker_info() or type("w", (), {"id": 0})).id)
+        worker = (torch.utils.data.get_worker_info() or type("w", (), {"id": 0})).id
+        rng = random.Random(self.seed + worker)
+        if self.augment == "random_resized_crop":
+            torch.manual_seed(self.seed + worker)  # RandomResizedCrop draws from torch's generator
+        colour = self.mask_colour or fill_colour()
         for sample in dataset:
             item = decode_pair(sample)
-            if self.flip and rng.random() < 0.5:
+            if self.augment == "random_resized_crop":
+                item["image"], item["mask"] = release_crop_transform(item["image"], item["mask"], self.mask_from, colour)
+            elif self.flip and rng.random() < 0.5:
                 item["image"], item["mask"] = item["image"].flip(-1), item["mask"].flip(-1)
             yield item
+
+
+def fill_colour() -> tuple[int, int, int]:
+    """The uint8 colour our miner fills the background of a masked crop with: round(255 * CLIP mean)."""
+    from ovseg_lab.clip.backbone import OPENAI_MEAN
+
+    return tuple(int(round(255 * c)) for c in OPENAI_MEAN)
 
 
 class CaptionImages(Dataset):
@@ -175,7 +232,9 @@ class MaskPairDataModule(SegmentationDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.pairs.get("shards"):
-            dataset: Dataset | IterableDataset = PairShards(self.pairs["shards"], self.pairs.get("shuffle_buffer", 2000))
+            dataset: Dataset | IterableDataset = PairShards(
+                self.pairs["shards"], self.pairs.get("shuffle_buffer", 2000), augment=self.pairs.get("augment", "flip"),
+                mask_from=self.pairs.get("mask_from", "stored"), mask_colour=self.pairs.get("mask_colour"))
             return DataLoader(dataset, batch_size=self.pair_batch_size, num_workers=self.num_workers,
                               collate_fn=collate_pairs, persistent_workers=self.num_workers > 0)
         dataset = CaptionImages(self.pairs["images"], self.pairs["captions"], int(self.pairs.get("crop_size", 224)))

@@ -24,8 +24,17 @@ from ovseg_lab.lit.base import OpenVocabModule, to_unit_float
 from ovseg_lab.lit.nonfinite import NonFiniteLossPolicy
 from ovseg_lab.utils.weights import load_state_from
 from ovseg_lab.utils.io import atomic_path
+from ovseg_lab.vocab import with_release_strings
 
 ADAPT_KINDS = ("ft", "mpt", "pretrain")
+
+
+def labels_at(labels: torch.Tensor, size) -> torch.Tensor:
+    """(B, H, W) labels at the size the protocol resized the images to (nearest; the analysis modes read them at
+    the image's resolution), unchanged when the sizes agree."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(labels.dtype)
 
 
 class LabelAwareEval(OpenVocabModule):
@@ -39,9 +48,10 @@ class LabelAwareEval(OpenVocabModule):
         bench = self._benchmarks[dataloader_idx]
         images, labels = batch["image"], batch["label"]
         pairs = [(images, labels)] if isinstance(images, torch.Tensor) else [(i[None], l[None]) for i, l in zip(images, labels)]
+        vocabulary = with_release_strings(bench.vocabulary, self.class_strings)
         for image, label in pairs:
             with torch.no_grad():
-                scores = segment(lambda x: self.net(x, bench.vocabulary, labels=label), to_unit_float(image), self.inference_cfg)
+                scores = segment(lambda x: self.net(x, vocabulary, labels=labels_at(label, x.shape[-2:])), image, self.inference_cfg)
             pred = scores.argmax(dim=1)
             if bench.background_from is not None:
                 pred = pred.clamp(max=bench.background_from)
@@ -64,11 +74,12 @@ class MaskFormerModule(NonFiniteLossPolicy, LabelAwareEval):
         labels = batch["label"]
         div = self.net.maskformer.size_divisibility
         ph, pw = (-images.shape[-2]) % div, (-images.shape[-1]) % div
-        if ph or pw:
-            images = F.pad(images, (0, pw, 0, ph))
+        if ph or pw:  # the release's mapper pads uint8 crops with 128 before normalising (mask_former_semantic_dataset_mapper.py:156)
+            images = F.pad(images, (0, pw, 0, ph), value=128 / 255)
             labels = F.pad(labels, (0, pw, 0, ph), value=self.net.ignore_index)
         self.net.clip.eval()
-        outputs = self.net.maskformer_outputs(images, self.train_vocabulary.classes)
+        # the release trains against its own COCO-Stuff strings too (model.class_strings)
+        outputs = self.net.maskformer_outputs(images, with_release_strings(self.train_vocabulary, self.class_strings).classes)
         losses = self.net.loss(outputs, labels)
         if not self.loss_is_finite(losses["loss"], batch_idx, f"images {list(batch.get('stem', []))[:8]}"):
             return None
@@ -90,6 +101,11 @@ def parse_adapt(adapt: str) -> list[str]:
     return phases
 
 
+def release_no_decay(name: str, param: torch.Tensor) -> bool:
+    """The release's weight-decay exemption (open_clip_training/src/training/main.py:173)."""
+    return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
 class CLIPAdaptModule(LabelAwareEval):
     """Adapts CLIP to masked regions on (masked crop, noun) pairs.
 
@@ -105,13 +121,19 @@ class CLIPAdaptModule(LabelAwareEval):
         duplicate_texts: ``unique`` (same noun twice in a batch = one text, both images positive) or ``keep``
             (CLIP's loss: duplicates are false negatives, as in the release).
         init_weights: CLIP weights to start from (a previous stage's export); mask prompts may be absent.
+        param_groups: ``ours`` (one AdamW group per phase, its weight decay on every parameter) or ``release``
+            (open_clip_training/src/training/main.py:173-186: no weight decay on parameters with fewer than 2
+            dimensions or named bn / ln / bias / logit_scale).
+        train_logit_scale: the release's fine-tuning also trains CLIP's logit scale (in the ``ft`` phase);
+            False keeps it fixed.
         export: file name in the run directory for the adapted CLIP state dict (``model.net.clip_weights``).
     """
 
     def __init__(self, *args, adapt: str = "mpt", total_steps: int = 1, phase_steps: list[int] | None = None, lr: Mapping[str, float] | None = None,
                  weight_decay: Mapping[str, float] | None = None, warmup_steps: int = 0,
                  train_template: str = "a photo of a {}.", duplicate_texts: str = "unique",
-                 init_weights: str | None = None, export: str = "clip_adapted.pt", **kwargs) -> None:
+                 init_weights: str | None = None, export: str = "clip_adapted.pt", param_groups: str = "ours",
+                 train_logit_scale: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.phases = parse_adapt(adapt)
         if "mpt" in self.phases and self.net.clip.mask_prompts is None:
@@ -134,6 +156,10 @@ class CLIPAdaptModule(LabelAwareEval):
         self.train_template = train_template
         self.duplicate_texts = duplicate_texts
         self.export = export
+        if param_groups not in ("ours", "release"):
+            raise SetupError(f"model.param_groups must be 'ours' or 'release', got '{param_groups}'.")
+        self.param_groups = param_groups
+        self.train_logit_scale = train_logit_scale
         clip = self.net.clip
         if init_weights:
             state = load_state_from(init_weights, ("net.clip.", "clip.", ""))
@@ -149,7 +175,7 @@ class CLIPAdaptModule(LabelAwareEval):
     def phase_params(self, kind: str) -> list[torch.nn.Parameter]:
         clip = self.net.clip
         if kind == "ft":
-            return list(clip.model.visual.parameters())
+            return list(clip.model.visual.parameters()) + ([clip.model.logit_scale] if self.train_logit_scale else [])
         if kind == "mpt":
             return [clip.mask_prompts]
         # pretrain: everything but the token embedding table (49k x width, random fixed inputs serve as well and
@@ -181,11 +207,13 @@ class CLIPAdaptModule(LabelAwareEval):
     def configure_optimizers(self):
         if not self.phases:
             return None
-        groups, seen = [], set()
-        for kind in self.phases:
+        groups, seen, phase_of_group = [], set(), []
+        for index, kind in enumerate(self.phases):
             params = [p for p in self.phase_params(kind) if id(p) not in seen]
             seen.update(id(p) for p in params)
-            groups.append({"params": params, "lr": self.lr[kind], "weight_decay": self.weight_decay[kind]})
+            for params, decay in self.decay_split(params):
+                groups.append({"params": params, "lr": self.lr[kind], "weight_decay": self.weight_decay[kind] if decay else 0.0})
+                phase_of_group.append(index)
         optimizer = torch.optim.AdamW(groups, foreach=True)
 
         def window(index: int):
@@ -200,8 +228,18 @@ class CLIPAdaptModule(LabelAwareEval):
 
             return factor
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [window(i) for i in range(len(groups))])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [window(i) for i in phase_of_group])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def decay_split(self, params: list[torch.nn.Parameter]) -> list[tuple[list[torch.nn.Parameter], bool]]:
+        """[(parameters, weight decay applies)]: one group (``ours``), or the release's split into decayed and
+        not-decayed parameters (``release``); empty groups are left out."""
+        if self.param_groups == "ours":
+            return [(params, True)]
+        names = {id(p): n for n, p in self.net.clip.named_parameters()}
+        exempt = [p for p in params if release_no_decay(names[id(p)], p)]
+        rest = [p for p in params if not release_no_decay(names[id(p)], p)]
+        return [(group, decay) for group, decay in ((exempt, False), (rest, True)) if group]
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Mapping[str, Any], batch_idx: int):

@@ -34,12 +34,15 @@ class TimmFeatureBackbone(nn.Module):
         pretrained: load timm's ImageNet weights (needs the hub or a local cache).
         multi_grid: dilation factors of the res5 blocks' 3x3 convolutions (R-101c: [1, 2, 4]).
         model_kwargs: passed to ``timm.create_model`` (img_size, embed_dim, depths, drop_path_rate, ...).
+        frozen_bn: BatchNorm layers become detectron2's FrozenBatchNorm2d (fixed statistics and affine, the
+            release's ``RESNETS.NORM: FrozenBN``); freeze_at: detectron2's ``FREEZE_AT`` (1 = the stem, 2 = the stem
+            and res2 stop training; 0 = nothing).
     """
 
     is_backbone = True  # parameters get the backbone learning-rate multiplier
 
     def __init__(self, name: str, pretrained: bool = False, multi_grid: Sequence[int] | None = None,
-                 model_kwargs: Mapping[str, Any] | None = None) -> None:
+                 model_kwargs: Mapping[str, Any] | None = None, frozen_bn: bool = False, freeze_at: int = 0) -> None:
         super().__init__()
         import timm
         from omegaconf import OmegaConf
@@ -66,6 +69,20 @@ class TimmFeatureBackbone(nn.Module):
         self.channels = [channels[i] for i in self._select]
         if multi_grid:
             self._apply_multi_grid(list(multi_grid))
+        if frozen_bn:
+            from timm.layers import freeze_batch_norm_2d
+
+            self.body = freeze_batch_norm_2d(self.body)
+        self._freeze(freeze_at)
+
+    def _freeze(self, freeze_at: int) -> None:
+        """detectron2's FREEZE_AT on a timm ResNet: 1 = stem (conv1, bn1), 2 = stem + layer1."""
+        if freeze_at <= 0:
+            return
+        names = ("conv1", "bn1") + (("layer1",) if freeze_at >= 2 else ())
+        for name, param in self.body.named_parameters():
+            if name.split(".")[0] in names:
+                param.requires_grad_(False)
 
     def _apply_multi_grid(self, grid: list[int]) -> None:
         """DeepLab multi-grid: the i-th res5 block's 3x3 conv gets dilation grid[i]."""
@@ -85,6 +102,24 @@ class TimmFeatureBackbone(nn.Module):
                 x = x.permute(0, 3, 1, 2)
             features[name] = x.contiguous()
         return features
+
+
+def build_backbone(spec: Mapping[str, Any]) -> nn.Module:
+    """``{type: swin, ...}`` -> :class:`~ovseg_lab.layers.swin.SwinBackbone` (the release's Swin layout);
+    ``{type: timm, name: ...}`` or no type -> :class:`TimmFeatureBackbone` (R-101c and the toy backbones).
+    The options may also sit under the type's name (``{type: swin, swin: {...}, timm: {...}}``), so a recipe can
+    switch backbones with one key."""
+    spec = dict(spec)
+    kind = spec.pop("type", "timm")
+    if isinstance(spec.get(kind), Mapping):  # {type: swin, swin: {...}, timm: {...}}: the chosen type's options
+        spec = dict(spec[kind])
+    if kind == "swin":
+        from ovseg_lab.layers.swin import SwinBackbone
+
+        return SwinBackbone(**spec)
+    if kind != "timm":
+        raise SetupError(f"model.net.maskformer.backbone.type must be 'swin' or 'timm', got '{kind}'.")
+    return TimmFeatureBackbone(**spec)
 
 
 def _group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
@@ -206,7 +241,7 @@ class MaskFormer(nn.Module):
 
         if OmegaConf.is_config(backbone):
             backbone = OmegaConf.to_container(backbone, resolve=True)
-        self.backbone = TimmFeatureBackbone(**dict(backbone))
+        self.backbone = build_backbone(backbone)
         self.pixel_decoder = FPNPixelDecoder(self.backbone.channels, conv_dim, mask_dim)
         res5 = self.backbone.channels[-1]
         self.input_proj = nn.Conv2d(res5, hidden_dim, 1) if res5 != hidden_dim else nn.Identity()

@@ -121,7 +121,9 @@ class RegionClassifier(nn.Module):
     def __init__(self, clip: CLIPBackbone, templates: str | Sequence[str] = "vild14", temperature: float = 100.0,
                  batch_size: int = 256) -> None:
         super().__init__()
-        self.clip = clip
+        # a reference, not a submodule: the owner registers the tower once (as ``clip``), so the weights are saved
+        # and converted under one name
+        object.__setattr__(self, "clip", clip)
         self.templates = templates
         self.temperature = temperature
         self.batch_size = batch_size
@@ -239,6 +241,13 @@ class SAMProposals(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- the method
+def _drop_region_clip_keys(state_dict, prefix, *args) -> None:
+    """Checkpoints written before the region classifier held its CLIP by reference list the tower twice
+    (``clip.*`` and ``region.clip.*``); the second copy is the same tensors."""
+    for key in [k for k in state_dict if k.startswith(prefix + "region.clip.")]:
+        del state_dict[key]
+
+
 class OVSeg(nn.Module):
     """Proposals + masked-region CLIP classification.
 
@@ -249,12 +258,18 @@ class OVSeg(nn.Module):
         criterion: MaskFormer's :class:`~ovseg_lab.models.maskformer.SetCriterion` (training).
         proposals: ``maskformer`` or ``sam``; sam: :class:`SAMProposals` for the latter.
         classify: ``ensemble`` (p_MF^(1-l) p_CLIP^l), ``maskformer`` (p_MF) or ``clip`` (p_CLIP).
-        ensemble_weight: lambda (0.7 ADE, 0.6 PC / PAS in the paper).
+        ensemble_weight: lambda. As in the release (ovseg_model.py:239-250), lambda = 0 means CLIP only (the
+            CLIP classes of the valid masks, empty masks dropped), not MaskFormer only (that is ``classify=maskformer``).
+        ensemble_weights: lambda per benchmark (the vocabulary's name, e.g. ``{ade150: 0.7, pc59: 0.6, voc20: 0.45}``,
+            the release's evaluation commands in GETTING_STARTED.md); benchmarks not listed use ``ensemble_weight``.
         mask_threshold: binarisation of sigmoid(mask) for crops (0.4 Swin-B, 0.5 R-101c).
         templates, temperature: region / class text prompts (ViLD 14) and CLIP logit scale (100).
         analysis: None, ``gt_masks`` or ``oracle_labels`` (need labels in :meth:`forward`).
         granularity: SAM demo's per-class mask selection (see :func:`granularity_select`).
-        short_side: resize so the short side has this length before inference (None: keep the size).
+        short_side: resize so the short side has this length before inference, torch bilinear without a cap
+            (None: keep the size). The paper recipes resize in the inference protocol instead
+            (``model.inference.resize_short/resize_max``: PIL bilinear on uint8 with a long-side cap, detectron2's
+            ResizeShortestEdge as the release evaluates).
         maskformer_weights / clip_weights: files to initialise from (Lightning checkpoints or plain state dicts).
     """
 
@@ -267,6 +282,7 @@ class OVSeg(nn.Module):
         sam: nn.Module | None = None,
         classify: str = "ensemble",
         ensemble_weight: float = 0.7,
+        ensemble_weights: Mapping[str, float] | None = None,
         mask_threshold: float = 0.4,
         templates: str | Sequence[str] = "vild14",
         temperature: float = 100.0,
@@ -285,8 +301,10 @@ class OVSeg(nn.Module):
             raise SetupError(f"model.net.analysis must be one of {ANALYSIS_MODES}, got '{analysis}'.")
         if proposals not in ("maskformer", "sam"):
             raise SetupError(f"model.net.proposals must be 'maskformer' or 'sam', got '{proposals}'.")
-        if not 0.0 <= ensemble_weight <= 1.0:
-            raise SetupError(f"model.net.ensemble_weight (lambda) must lie in [0, 1], got {ensemble_weight}.")
+        ensemble_weights = dict(ensemble_weights or {})
+        for name, weight in [("ensemble_weight", ensemble_weight)] + [(f"ensemble_weights.{k}", v) for k, v in ensemble_weights.items()]:
+            if not 0.0 <= float(weight) <= 1.0:
+                raise SetupError(f"model.net.{name} (lambda) must lie in [0, 1], got {weight}.")
         self.clip = clip
         self.region = RegionClassifier(clip, templates, temperature, region_batch)
         self.maskformer = maskformer(embed_dim=clip.embed_dim) if maskformer is not None else None
@@ -299,11 +317,13 @@ class OVSeg(nn.Module):
             raise SetupError("model.net.maskformer is required unless proposals=sam or analysis=gt_masks.")
         self.classify = classify
         self.ensemble_weight = ensemble_weight
+        self.ensemble_weights = {str(k): float(v) for k, v in ensemble_weights.items()}
         self.mask_threshold = mask_threshold
         self.analysis = analysis
         self.granularity = granularity
         self.short_side = short_side
         self.ignore_index = ignore_index
+        self._register_load_state_dict_pre_hook(_drop_region_clip_keys)
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         if maskformer_weights:
@@ -324,6 +344,11 @@ class OVSeg(nn.Module):
     # ------------------------------------------------------------------ stage 1
     def normalize_for_maskformer(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
+
+    def weight_for(self, vocabulary: Vocabulary | Sequence[str]) -> float:
+        """lambda for a benchmark: ``ensemble_weights[vocabulary.name]`` when listed, else ``ensemble_weight``."""
+        name = vocabulary.name if isinstance(vocabulary, Vocabulary) else None
+        return self.ensemble_weights.get(name, self.ensemble_weight) if name is not None else self.ensemble_weight
 
     def maskformer_outputs(self, images: torch.Tensor, class_names: Sequence[str]) -> dict[str, Any]:
         """images (B, 3, H, W) in [0, 1], H and W multiples of 32 -> MaskFormer outputs (logits over K+1)."""
@@ -369,11 +394,13 @@ class OVSeg(nn.Module):
             labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
         return images, labels
 
-    def _pad(self, images: torch.Tensor) -> torch.Tensor:
+    def _pad(self, normalized: torch.Tensor) -> torch.Tensor:
+        """Zero padding of NORMALISED images to the MaskFormer's size divisibility: 0 is the mean colour, as
+        detectron2's ImageList.from_tensors pads after the release normalises (ovseg_model.py:153-155)."""
         div = self.maskformer.size_divisibility if self.maskformer is not None else 1
-        h, w = images.shape[-2:]
+        h, w = normalized.shape[-2:]
         ph, pw = (-h) % div, (-w) % div
-        return F.pad(images, (0, pw, 0, ph)) if ph or pw else images
+        return F.pad(normalized, (0, pw, 0, ph)) if ph or pw else normalized
 
     def forward(self, images: torch.Tensor, vocabulary: Vocabulary | Sequence[str], labels: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1] -> semantic scores (B, K, H', W') (H', W' = H, W unless ``short_side``).
@@ -391,8 +418,8 @@ class OVSeg(nn.Module):
         if self.proposals == "sam":
             return torch.stack([self._sam_inference(img, text) for img in images])
 
-        padded = self._pad(images)
-        outputs = self.maskformer(self.normalize_for_maskformer(padded), text)
+        padded = self._pad(self.normalize_for_maskformer(images))
+        outputs = self.maskformer(padded, text)
         mask_logits = F.interpolate(outputs["pred_masks"], size=padded.shape[-2:], mode="bilinear", align_corners=False)
         mask_probs = mask_logits[..., :height, :width].float().sigmoid()
         binary = mask_probs > self.mask_threshold
@@ -402,12 +429,13 @@ class OVSeg(nn.Module):
         elif self.classify == "maskformer":
             probs = list(p_maskformer)
         else:
+            weight = self.weight_for(vocabulary)
             probs = []
             for p_mf, (p_clip, valid) in zip(p_maskformer, self.region_probs(images, list(binary), text)):
-                if self.classify == "clip":
-                    probs.append(p_clip * valid[:, None])  # empty masks contribute nothing
+                if self.classify == "clip" or weight == 0:  # the release: lambda 0 = CLIP only
+                    probs.append(p_clip * valid[:, None])  # empty masks contribute nothing (the release drops them)
                 else:
-                    probs.append(geometric_ensemble(p_mf, p_clip, self.ensemble_weight))
+                    probs.append(geometric_ensemble(p_mf, p_clip, weight))
         return torch.stack([semantic_inference(p, m) for p, m in zip(probs, mask_probs)])
 
     def _classify_gt_segments(self, images: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

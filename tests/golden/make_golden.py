@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.golden.harness import FIXTURE_DIR  # noqa: E402
 
 METHODS = {"catseg": "tests.golden.official_catseg", "lseg": "tests.golden.official_lseg",
-           "groupvit": "tests.golden.official_groupvit", "ovsegmentor": "tests.golden.official_ovsegmentor"}
+           "groupvit": "tests.golden.official_groupvit", "ovsegmentor": "tests.golden.official_ovsegmentor",
+           "ovseg": "tests.golden.official_ovseg"}
 
 
 def official_commit(root: Path, given: str | None) -> str:

@@ -27,9 +27,9 @@ class _Registry:
 def _configurable(init):
     """detectron2's @configurable, for direct keyword construction only (no cfg objects here)."""
     def wrapped(self, *args, **kwargs):
-        if args:
-            raise TypeError("the golden generator builds official modules from keyword arguments only")
-        return init(self, **kwargs)
+        # official subclasses call their (also @configurable) base __init__ with positional arguments (OVSeg's
+        # OpenVocabTransformerPredictor); no cfg object is ever passed here
+        return init(self, *args, **kwargs)
     return wrapped
 
 
