@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from ovseg_lab.errors import SetupError
+from ovseg_lab.tools import single_threaded
 
 TOLERANCE = 1e-5
 SETTINGS = {  # the released CLIPs: joint embedding size, visual width (cat_seg_model.py's upsamplers)
@@ -224,8 +225,8 @@ def load_average() -> str:
         return "?"
 
 
+@single_threaded
 def compare(args) -> dict[str, Any]:
-    torch.set_num_threads(1)
     aggregator = TINY_AGGREGATOR if args.tiny else None
     official, checkpoint = build_official(args.compare_official, args.setting, args.truncate, aggregator=aggregator,
                                           resolution=args.resolution)

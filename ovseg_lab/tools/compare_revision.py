@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from ovseg_lab.errors import SetupError
+from ovseg_lab.tools import single_threaded
 
 HEAD_FILES = (  # imported in this order: each one's imports of the earlier ones resolve to REV's copies
     ("ovseg_lab.layers.swin", "ovseg_lab/layers/swin.py"),
@@ -117,8 +118,8 @@ def make_call(head: torch.nn.Module, x: dict[str, torch.Tensor], mode: str) -> C
     return train
 
 
+@single_threaded
 def compare(args) -> dict[str, Any]:
-    torch.set_num_threads(1)
     ours, theirs = build_heads(args.compare_revision, args.revision_size)
     x = make_inputs(args.revision_size)
     calls = {"ours": make_call(ours, x, args.revision_mode), "revision": make_call(theirs, x, args.revision_mode)}

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ovseg_lab.errors import SetupError
+from ovseg_lab.tools import single_threaded
 
 
 def log(message: str) -> None:
@@ -40,11 +41,11 @@ def parse_chunks(text: str) -> list[int | None]:
     return chunks
 
 
+@single_threaded
 def measure(args) -> dict[str, Any]:
     from ovseg_lab.models.catseg import CATSegHead
     from ovseg_lab.tools.compare_revision import SIZES, make_inputs
 
-    torch.set_num_threads(1)
     spec = SIZES[args.revision_size]
     x = make_inputs(args.revision_size)
     gen = torch.Generator().manual_seed(2)
