@@ -9,15 +9,31 @@ combinations that exist for one tower or model but not another. Those are gather
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from ovseg_lab.config import CLIP_TARGET, clip_nodes, nodes_with_target  # noqa: F401  (re-exported)
 from ovseg_lab.errors import SetupError
 
-PRECISIONS = ("64-true", "64", 64, "32-true", "32", 32, "16-true", "bf16-true", "16-mixed", "16", 16,
-              "bf16-mixed", "bf16", "transformer-engine", "transformer-engine-float16")
+PRECISIONS = (
+    "64-true",
+    "64",
+    64,
+    "32-true",
+    "32",
+    32,
+    "16-true",
+    "bf16-true",
+    "16-mixed",
+    "16",
+    16,
+    "bf16-mixed",
+    "bf16",
+    "transformer-engine",
+    "transformer-engine-float16",
+)
 NONFINITE_POLICIES = ("raise", "skip")  # model.nonfinite_loss (ovseg_lab.lit.nonfinite)
 
 
@@ -79,9 +95,11 @@ def _launch_problem(cfg: DictConfig) -> str | None:
     hydra_cfg = HydraConfig.get()
     launcher = str(OmegaConf.select(hydra_cfg, "launcher._target_") or "")
     if hydra_cfg.mode == RunMode.MULTIRUN and launcher.endswith("BasicLauncher") and "SLURM_JOB_ID" not in os.environ:
-        return ("trainer=ddp with several devices cannot run inside a local -m sweep (Lightning re-runs the command "
-                "line for each rank, which would re-run the whole sweep): sweep with hydra/launcher=slurm (one SLURM "
-                "job per sweep point), or run the points one at a time without -m")
+        return (
+            "trainer=ddp with several devices cannot run inside a local -m sweep (Lightning re-runs the command "
+            "line for each rank, which would re-run the whole sweep): sweep with hydra/launcher=slurm (one SLURM "
+            "job per sweep point), or run the points one at a time without -m"
+        )
     return None
 
 
@@ -110,8 +128,10 @@ def _unread_group_problems(cfg: DictConfig) -> list[str]:
     for group, readers in GROUP_READERS.items():
         given = [o for o in overrides if o.split("=", 1)[0] == group or o.startswith(group + ".")]
         if given and model is not None and model not in readers:
-            problems.append(f"{given[0]}: model={model} does not read the {group} group (read by model="
-                            f"{'|'.join(readers)}); it would change nothing (a sweep over it gives identical rows)")
+            problems.append(
+                f"{given[0]}: model={model} does not read the {group} group (read by model="
+                f"{'|'.join(readers)}); it would change nothing (a sweep over it gives identical rows)"
+            )
     return problems
 
 
@@ -190,13 +210,17 @@ def config_problems(cfg: DictConfig, stage: str = "fit") -> list[str]:
     _int(problems, cfg, "data.num_workers", minimum=0)
     _int(problems, cfg, "data.max_bad_samples", minimum=0)
     fraction = _get(cfg, "data.max_bad_fraction")
-    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1):
+    if fraction is not None and (
+        isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1
+    ):
         problems.append(f"data.max_bad_fraction={fraction!r} must be a number in [0, 1]")
 
     precision = _get(cfg, "trainer.precision")
     if precision is not None and precision not in PRECISIONS:
-        problems.append(f"trainer.precision={precision!r} is not a Lightning precision; use one of 32-true, "
-                        "bf16-mixed, 16-mixed, bf16-true, 64-true")
+        problems.append(
+            f"trainer.precision={precision!r} is not a Lightning precision; use one of 32-true, "
+            "bf16-mixed, 16-mixed, bf16-true, 64-true"
+        )
     elif precision in ("16-mixed", "16", 16) and _get(cfg, "trainer.accelerator") == "cpu":
         problems.append(f"trainer.precision={precision} needs a GPU; on trainer=cpu use 32-true or bf16-mixed")
     launch = _launch_problem(cfg)
@@ -216,7 +240,10 @@ def config_problems(cfg: DictConfig, stage: str = "fit") -> list[str]:
     if _get(cfg, "model.net.aggregation") is not None:
         from ovseg_lab.models.catseg import AggregationSpec
 
-        _spec(problems, lambda: AggregationSpec.from_config(OmegaConf.to_container(cfg.model.net.aggregation, resolve=True)))
+        _spec(
+            problems,
+            lambda: AggregationSpec.from_config(OmegaConf.to_container(cfg.model.net.aggregation, resolve=True)),
+        )
 
     from ovseg_lab.clip.finetune import FinetuneSpec
 
@@ -230,8 +257,10 @@ def config_problems(cfg: DictConfig, stage: str = "fit") -> list[str]:
         if strategy == "prompt" and isinstance(plain, dict):
             depth, layers = int(plain.get("prompt_depth") or 0), _visual_layers(clip)
             if layers is not None and depth > layers:
-                problems.append(f"finetune.prompt_depth={depth} exceeds the {layers} blocks of the image tower of "
-                                f"CLIP {clip.get('model_name')} (finetune=prompt prompts the image tower only)")
+                problems.append(
+                    f"finetune.prompt_depth={depth} exceeds the {layers} blocks of the image tower of "
+                    f"CLIP {clip.get('model_name')} (finetune=prompt prompts the image tower only)"
+                )
     problems += _learning_rate_problems(_get(cfg, "model"))
     problems += _crop_problems(cfg)
     problems += _unread_group_problems(cfg)

@@ -29,9 +29,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -45,14 +46,27 @@ TOY_RUN_DIR = Path("outputs") / "demo_toy"
 CUSTOM = "(the class names above)"
 TOY_VOCABULARIES = ("toy_seen", "toy_unseen", "toy_large")
 PROPOSALS = ("MaskFormer", "SAM")
-METHOD_NAMES = {"CATSeg": "CAT-Seg", "CostVolumeBaseline": "cost-volume baseline", "LSegNet": "LSeg", "OVSeg": "OVSeg",
-                "OVSegmentor": "OVSegmentor / GroupViT"}
+METHOD_NAMES = {
+    "CATSeg": "CAT-Seg",
+    "CostVolumeBaseline": "cost-volume baseline",
+    "LSegNet": "LSeg",
+    "OVSeg": "OVSeg",
+    "OVSegmentor": "OVSegmentor / GroupViT",
+}
 # the notebook's short toy run: CAT-Seg, 150 steps of CLIP pre-training then 200 steps (1-2 minutes on a CPU)
-TOY_TRAIN_OVERRIDES = ("experiment=quickstart", "model=catseg", "logger=csv", "trainer.max_steps=200",
-                       "trainer.val_check_interval=200", "callbacks.model_checkpoint.every_n_train_steps=200",
-                       "pipeline.params.pretrain_steps=150")
-GRADIO_MISSING = ('The web demo needs Gradio, an optional extra: pip install "ovseg_lab[demo]" '
-                  '(or pip install gradio). The rest of ovseg-lab does not need it.')
+TOY_TRAIN_OVERRIDES = (
+    "experiment=quickstart",
+    "model=catseg",
+    "logger=csv",
+    "trainer.max_steps=200",
+    "trainer.val_check_interval=200",
+    "callbacks.model_checkpoint.every_n_train_steps=200",
+    "pipeline.params.pretrain_steps=150",
+)
+GRADIO_MISSING = (
+    'The web demo needs Gradio, an optional extra: pip install "ovseg_lab[demo]" '
+    "(or pip install gradio). The rest of ovseg-lab does not need it."
+)
 # small images (the 64x64 toy) are drawn at the size of their box, not at their pixel size (the files stay as written)
 DEMO_CSS = "#image img, #overlay img, #score_map img {width: 100%; height: 100%; object-fit: contain;}"
 KEEP_REQUESTS = 32  # request folders kept on disk (overlay, labels, areas); older ones are removed
@@ -126,8 +140,10 @@ def demo_vocabulary(classes: str | None, vocabulary: str | None):
             return Vocabulary(vocabulary, tuple(split_vocabularies()[vocabulary]))
         return resolve_vocabulary(None, vocabulary)
     if not classes or not classes.replace(",", " ").strip():
-        raise SetupError("No classes given: type comma-separated class names (e.g. \"red circle, striped grass\") "
-                         "or pick a benchmark vocabulary.")
+        raise SetupError(
+            'No classes given: type comma-separated class names (e.g. "red circle, striped grass") '
+            "or pick a benchmark vocabulary."
+        )
     return resolve_vocabulary(classes, None)
 
 
@@ -162,9 +178,16 @@ class DemoApp:
         toy_overrides: Hydra overrides of the toy training run (default: the notebook's 200-step CAT-Seg).
     """
 
-    def __init__(self, checkpoints: list[Path] | tuple = (), device: str = "auto", sam_model: str = "facebook/sam-vit-huge",
-                 sam_options: dict | None = None, root: Path | None = None, output_dir: Path | None = None,
-                 toy_overrides: list[str] | tuple = TOY_TRAIN_OVERRIDES) -> None:
+    def __init__(
+        self,
+        checkpoints: list[Path] | tuple = (),
+        device: str = "auto",
+        sam_model: str = "facebook/sam-vit-huge",
+        sam_options: dict | None = None,
+        root: Path | None = None,
+        output_dir: Path | None = None,
+        toy_overrides: list[str] | tuple = TOY_TRAIN_OVERRIDES,
+    ) -> None:
         self.device = resolve_device(device)
         self.models: dict[str, LoadedModel] = {}
         self.load_errors: list[str] = []
@@ -199,8 +222,10 @@ class DemoApp:
 
         path = Path(str(path).strip()).expanduser()
         if not str(path) or not path.is_file():
-            raise SetupError(f"Checkpoint not found: {path}. Give the path of a .ckpt written by train.py or "
-                             "scripts/convert_checkpoint.py.")
+            raise SetupError(
+                f"Checkpoint not found: {path}. Give the path of a .ckpt written by train.py or "
+                "scripts/convert_checkpoint.py."
+            )
         for loaded in self.models.values():
             if loaded.path.resolve() == path.resolve():
                 return loaded
@@ -209,9 +234,11 @@ class DemoApp:
         except Exception as err:  # another layout (an official release not converted), a truncated file, ...
             known = user_error(err)
             if known is None:
-                raise SetupError(f"Cannot load {path} as an ovseg-lab checkpoint ({type(err).__name__}: "
-                                 f"{str(err).splitlines()[0][:300] if str(err) else ''}). Official checkpoints must "
-                                 "be converted first: scripts/convert_checkpoint.py.") from None
+                raise SetupError(
+                    f"Cannot load {path} as an ovseg-lab checkpoint ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0][:300] if str(err) else ''}). Official checkpoints must "
+                    "be converted first: scripts/convert_checkpoint.py."
+                ) from None
             raise SetupError(f"Cannot load {path}: {known}") from None
         module.to(self.device)
         run = path.parent.parent.name if path.parent.name == "checkpoints" else path.parent.name
@@ -241,8 +268,10 @@ class DemoApp:
         else:
             options.append(f"run `make quickstart` (writes {QUICKSTART_CKPT}, ~4 min on a CPU, offline) and load it")
         options.append("train the 200-step toy CAT-Seg here with the button below (1-2 minutes on a CPU, no network)")
-        options.append("restart with `python scripts/demo.py --checkpoint <file.ckpt>` (any method; official releases "
-                       "converted with scripts/convert_checkpoint.py)")
+        options.append(
+            "restart with `python scripts/demo.py --checkpoint <file.ckpt>` (any method; official releases "
+            "converted with scripts/convert_checkpoint.py)"
+        )
         return "To get one: " + "; or ".join(options) + "."
 
     def status_markdown(self) -> str:
@@ -257,9 +286,16 @@ class DemoApp:
 
     def toy_train_command(self) -> list[str]:
         if not (ROOT / "train.py").is_file():
-            raise SetupError(f"Training the toy model needs the ovseg-lab repository (train.py next to {Path(__file__).parent}); "
-                             "from an installed package, load a checkpoint instead.")
-        return [sys.executable, str(ROOT / "train.py"), *self.toy_overrides, f"hydra.run.dir={self.toy_run_dir.resolve()}"]
+            raise SetupError(
+                f"Training the toy model needs the ovseg-lab repository (train.py next to {Path(__file__).parent}); "
+                "from an installed package, load a checkpoint instead."
+            )
+        return [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *self.toy_overrides,
+            f"hydra.run.dir={self.toy_run_dir.resolve()}",
+        ]
 
     def train_toy(self, poll_s: float = 2.0) -> Iterator[str]:
         """Train the toy CAT-Seg in ``outputs/demo_toy`` (or reuse a finished run) and load it; yields status lines."""
@@ -301,9 +337,16 @@ class DemoApp:
             shutil.rmtree(self._requests.pop(0), ignore_errors=True)
         return folder
 
-    def segment(self, image_path: str | Path | None, classes: str | None, vocabulary: str | None = None,
-                model_label: str | None = None, proposals: str = "MaskFormer", granularity: float = 0.8,
-                progress: Callable[[float, str], None] = no_progress) -> DemoResult:
+    def segment(
+        self,
+        image_path: str | Path | None,
+        classes: str | None,
+        vocabulary: str | None = None,
+        model_label: str | None = None,
+        proposals: str = "MaskFormer",
+        granularity: float = 0.8,
+        progress: Callable[[float, str], None] = no_progress,
+    ) -> DemoResult:
         """One request: the CLI's read_photo -> predict_scores_image -> write_outputs. Bad input: SetupError."""
         from ovseg_lab.predict import labels_from_scores, predict_scores_image, read_photo, write_outputs
 
@@ -317,8 +360,10 @@ class DemoApp:
         try:
             image = read_photo(path)
         except Exception as err:
-            raise SetupError(f"Cannot read the image {path.name}: {type(err).__name__}: "
-                             f"{str(err).splitlines()[0] if str(err) else ''}. Upload a JPEG or PNG file.") from None
+            raise SetupError(
+                f"Cannot read the image {path.name}: {type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}. Upload a JPEG or PNG file."
+            ) from None
         if proposals not in PROPOSALS:
             raise SetupError(f"Unknown proposal generator '{proposals}'; choose {' or '.join(PROPOSALS)}.")
         with self.lock:
@@ -349,13 +394,26 @@ class DemoApp:
         if loaded.is_catseg:
             kept = scores.float().clamp(0, 1).cpu().numpy().astype(np.float16)
         seconds = time.time() - start
-        extra = f", {proposals} proposals" + (f", granularity {float(granularity):g}" if proposals == "SAM" else "") \
-            if loaded.is_ovseg else ""
+        extra = (
+            f", {proposals} proposals" + (f", granularity {float(granularity):g}" if proposals == "SAM" else "")
+            if loaded.is_ovseg
+            else ""
+        )
         picked = f" ({vocab.name})" if vocabulary and vocabulary != CUSTOM else ""
-        info = (f"{loaded.label} on {self.device}{extra}: {image.shape[1]}x{image.shape[0]} px, {len(vocab)} classes "
-                f"asked{picked}, {len(prediction.areas)} present, {seconds:.2f} s")
-        return DemoResult(prediction.overlay_path, list(prediction.areas), prediction.areas, list(vocab.classes),
-                          (image.shape[1], image.shape[0]), kept, info, {"total_s": seconds})
+        info = (
+            f"{loaded.label} on {self.device}{extra}: {image.shape[1]}x{image.shape[0]} px, {len(vocab)} classes "
+            f"asked{picked}, {len(prediction.areas)} present, {seconds:.2f} s"
+        )
+        return DemoResult(
+            prediction.overlay_path,
+            list(prediction.areas),
+            prediction.areas,
+            list(vocab.classes),
+            (image.shape[1], image.shape[0]),
+            kept,
+            info,
+            {"total_s": seconds},
+        )
 
 
 def areas_table(result: DemoResult) -> list[list[Any]]:
@@ -400,8 +458,15 @@ def build_ui(app: DemoApp):
         if isinstance(image, dict):
             image = image.get("path")
         try:
-            result = app.segment(image, classes, vocabulary, model_label, proposals, granularity,
-                                 progress=lambda f, d: progress(f, desc=d))
+            result = app.segment(
+                image,
+                classes,
+                vocabulary,
+                model_label,
+                proposals,
+                granularity,
+                progress=lambda f, d: progress(f, desc=d),
+            )
         except SetupError as err:
             raise gr.Error(str(err), print_exception=False) from None
         except Exception as err:  # an unexpected failure: say what, keep the page alive
@@ -415,7 +480,10 @@ def build_ui(app: DemoApp):
             score_class = gr.update(choices=result.classes, value=first, visible=True)
             score_image = gr.update(value=score_picture(result.scores, result.classes.index(first)), visible=True)
         else:
-            score_class, score_image = gr.update(choices=[], value=None, visible=False), gr.update(value=None, visible=False)
+            score_class, score_image = (
+                gr.update(choices=[], value=None, visible=False),
+                gr.update(value=None, visible=False),
+            )
         return (str(result.overlay_path), areas_table(result), result.info, score_class, score_image, state)
 
     def score_map(state, name):
@@ -434,8 +502,11 @@ def build_ui(app: DemoApp):
 
     def load_quickstart(current):
         if not app.quickstart_checkpoint.is_file():
-            raise gr.Error(f"No quickstart checkpoint at {app.quickstart_checkpoint}: run `make quickstart` first, "
-                           "or train the toy model here.", print_exception=False)
+            raise gr.Error(
+                f"No quickstart checkpoint at {app.quickstart_checkpoint}: run `make quickstart` first, "
+                "or train the toy model here.",
+                print_exception=False,
+            )
         return load_checkpoint(str(app.quickstart_checkpoint), current)
 
     def train_toy(current, progress=gr.Progress()):
@@ -449,40 +520,75 @@ def build_ui(app: DemoApp):
         yield model_update(label), app.status_markdown(), ovseg_controls(label)
 
     with gr.Blocks(title="ovseg-lab demo") as demo:
-        gr.Markdown("# ovseg-lab: open-vocabulary segmentation\nAn image and any class names in, a segmentation out. "
-                    "Same code as `scripts/predict.py`; models: CAT-Seg, LSeg, OVSeg, OVSegmentor / GroupViT, "
-                    "the cost-volume baseline.")
+        gr.Markdown(
+            "# ovseg-lab: open-vocabulary segmentation\nAn image and any class names in, a segmentation out. "
+            "Same code as `scripts/predict.py`; models: CAT-Seg, LSeg, OVSeg, OVSegmentor / GroupViT, "
+            "the cost-volume baseline."
+        )
         status = gr.Markdown(app.status_markdown(), elem_id="status")
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="filepath", label="image", sources=["upload", "clipboard"], elem_id="image",
-                                 height=280)
-                classes = gr.Textbox(label="class names (comma-separated)", placeholder="red circle, striped grass, plain sky",
-                                     elem_id="classes")
-                vocabulary = gr.Dropdown(vocabulary_choices(), value=CUSTOM, label="or a benchmark vocabulary",
-                                         info="when one is picked, it replaces the class names above",
-                                         elem_id="vocabulary")
+                image = gr.Image(
+                    type="filepath", label="image", sources=["upload", "clipboard"], elem_id="image", height=280
+                )
+                classes = gr.Textbox(
+                    label="class names (comma-separated)",
+                    placeholder="red circle, striped grass, plain sky",
+                    elem_id="classes",
+                )
+                vocabulary = gr.Dropdown(
+                    vocabulary_choices(),
+                    value=CUSTOM,
+                    label="or a benchmark vocabulary",
+                    info="when one is picked, it replaces the class names above",
+                    elem_id="vocabulary",
+                )
                 first = next(iter(app.models), None)
                 model = gr.Dropdown(list(app.models), value=first, label="model", elem_id="model")
                 with gr.Group(visible=bool(first) and app.models[first].is_ovseg) as ovseg_box:
-                    proposals = gr.Radio(list(PROPOSALS), value="MaskFormer", label="OVSeg proposals",
-                                         info="the model's MaskFormer, or Segment Anything (transformers' SamModel)")
-                    granularity = gr.Slider(0.0, 1.0, value=0.8, step=0.05, label="SAM granularity",
-                                            info="1: one mask per class; lower keeps more masks per class")
+                    proposals = gr.Radio(
+                        list(PROPOSALS),
+                        value="MaskFormer",
+                        label="OVSeg proposals",
+                        info="the model's MaskFormer, or Segment Anything (transformers' SamModel)",
+                    )
+                    granularity = gr.Slider(
+                        0.0,
+                        1.0,
+                        value=0.8,
+                        step=0.05,
+                        label="SAM granularity",
+                        info="1: one mask per class; lower keeps more masks per class",
+                    )
                 run = gr.Button("Segment", variant="primary", elem_id="segment")
             with gr.Column(scale=1):
-                overlay = gr.Image(type="filepath", label="overlay (legend: classes present)", elem_id="overlay",
-                                   interactive=False, height=280)
-                areas = gr.Dataframe(headers=["class", "pixels", "area %"], label="area per class", elem_id="areas",
-                                     interactive=False)
+                overlay = gr.Image(
+                    type="filepath",
+                    label="overlay (legend: classes present)",
+                    elem_id="overlay",
+                    interactive=False,
+                    height=280,
+                )
+                areas = gr.Dataframe(
+                    headers=["class", "pixels", "area %"], label="area per class", elem_id="areas", interactive=False
+                )
                 info = gr.Markdown(elem_id="info")
                 score_class = gr.Dropdown([], label="CAT-Seg score map of class", visible=False, elem_id="score_class")
-                score_image = gr.Image(type="numpy", label="score map (0 dark, 1 yellow)", visible=False,
-                                       interactive=False, elem_id="score_map", height=280)
+                score_image = gr.Image(
+                    type="numpy",
+                    label="score map (0 dark, 1 yellow)",
+                    visible=False,
+                    interactive=False,
+                    elem_id="score_map",
+                    height=280,
+                )
         if examples:
-            gr.Examples([[e["image"], e.get("classes", ""), e.get("vocabulary") or CUSTOM] for e in examples],
-                        inputs=[image, classes, vocabulary], label="examples (toy benchmark images)",
-                        elem_id="examples")
+            gr.Examples(
+                [[e["image"], e.get("classes", ""), e.get("vocabulary") or CUSTOM] for e in examples],
+                inputs=[image, classes, vocabulary],
+                label="examples (toy benchmark images)",
+                elem_id="examples",
+            )
         with gr.Accordion("models", open=not app.models):
             with gr.Row():
                 ckpt_path = gr.Textbox(label="checkpoint path (on the server)", scale=3)
@@ -492,8 +598,13 @@ def build_ui(app: DemoApp):
                 train_btn = gr.Button("Train the 200-step toy CAT-Seg (1-2 min, CPU, offline)")
         score_state = gr.State(None)
 
-        run.click(segment, [image, classes, vocabulary, model, proposals, granularity],
-                  [overlay, areas, info, score_class, score_image, score_state], api_name="segment", preprocess=False)
+        run.click(
+            segment,
+            [image, classes, vocabulary, model, proposals, granularity],
+            [overlay, areas, info, score_class, score_image, score_state],
+            api_name="segment",
+            preprocess=False,
+        )
         score_class.input(score_map, [score_state, score_class], score_image, api_name="score_map")
         model.change(ovseg_controls, model, ovseg_box, api_name=False)
         load_btn.click(load_checkpoint, [ckpt_path, model], [model, status, ovseg_box], api_name="load_checkpoint")
@@ -504,19 +615,36 @@ def build_ui(app: DemoApp):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", action="append", type=Path, default=[],
-                        help="an ovseg-lab checkpoint (any method); repeat to offer several models")
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        type=Path,
+        default=[],
+        help="an ovseg-lab checkpoint (any method); repeat to offer several models",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    parser.add_argument("--sam-model", default="facebook/sam-vit-huge",
-                        help="Segment Anything for OVSeg's SAM proposals: Hugging Face id or a local folder")
-    parser.add_argument("--sam-config", type=Path, default=None,
-                        help="JSON of SAMProposals arguments (e.g. points_per_side; 'config' builds a random-init "
-                             "SamModel from transformers.SamConfig arguments: offline tests)")
-    parser.add_argument("--output-dir", type=Path, default=None, help="where request outputs go (default: a temp folder)")
-    parser.add_argument("--toy-overrides", default=None,
-                        help="Hydra overrides of the toy training run, space-separated (default: the 200-step CAT-Seg)")
+    parser.add_argument(
+        "--sam-model",
+        default="facebook/sam-vit-huge",
+        help="Segment Anything for OVSeg's SAM proposals: Hugging Face id or a local folder",
+    )
+    parser.add_argument(
+        "--sam-config",
+        type=Path,
+        default=None,
+        help="JSON of SAMProposals arguments (e.g. points_per_side; 'config' builds a random-init "
+        "SamModel from transformers.SamConfig arguments: offline tests)",
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=None, help="where request outputs go (default: a temp folder)"
+    )
+    parser.add_argument(
+        "--toy-overrides",
+        default=None,
+        help="Hydra overrides of the toy training run, space-separated (default: the 200-step CAT-Seg)",
+    )
     return parser.parse_args(argv)
 
 
@@ -526,13 +654,19 @@ def main(argv: list[str] | None = None) -> int:
     import_gradio()
     sam_options = json.loads(args.sam_config.read_text()) if args.sam_config else None
     toy = args.toy_overrides.split() if args.toy_overrides else TOY_TRAIN_OVERRIDES
-    app = DemoApp(args.checkpoint, args.device, args.sam_model, sam_options, output_dir=args.output_dir,
-                  toy_overrides=toy)
+    app = DemoApp(
+        args.checkpoint, args.device, args.sam_model, sam_options, output_dir=args.output_dir, toy_overrides=toy
+    )
     demo = build_ui(app)
     print(f"ovseg-lab demo: {len(app.models)} model(s) on {app.device}; http://{args.host}:{args.port}", flush=True)
-    demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, show_error=True,
-                                                   allowed_paths=[str(EXAMPLES_DIR)], inbrowser=False,
-                                                   css=DEMO_CSS)
+    demo.queue(default_concurrency_limit=1).launch(
+        server_name=args.host,
+        server_port=args.port,
+        show_error=True,
+        allowed_paths=[str(EXAMPLES_DIR)],
+        inbrowser=False,
+        css=DEMO_CSS,
+    )
     return 0
 
 

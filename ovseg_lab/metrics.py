@@ -50,8 +50,11 @@ class SegmentationMetric(Metric):
         self.convention = convention
         self.add_state("confmat", default=torch.zeros(num_classes, num_classes, dtype=torch.long), dist_reduce_fx="sum")
         # expected confusion matrix of guessing uniformly among each image's labelled classes (module docstring)
-        self.add_state("present_oracle_confmat", default=torch.zeros(num_classes, num_classes, dtype=torch.float64),
-                       dist_reduce_fx="sum")
+        self.add_state(
+            "present_oracle_confmat",
+            default=torch.zeros(num_classes, num_classes, dtype=torch.float64),
+            dist_reduce_fx="sum",
+        )
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         if pred.shape != target.shape:
@@ -75,8 +78,14 @@ class SegmentationMetric(Metric):
         per_image = target.reshape(target.shape[0] if target.dim() >= 3 else 1, -1).long()
         image_index = torch.arange(per_image.shape[0], device=per_image.device)[:, None].expand_as(per_image)
         valid = (per_image != self.ignore_index) & (per_image >= 0) & (per_image < self.num_classes)
-        counts = torch.bincount(image_index[valid] * self.num_classes + per_image[valid],
-                                minlength=per_image.shape[0] * self.num_classes).reshape(-1, self.num_classes).double()
+        counts = (
+            torch.bincount(
+                image_index[valid] * self.num_classes + per_image[valid],
+                minlength=per_image.shape[0] * self.num_classes,
+            )
+            .reshape(-1, self.num_classes)
+            .double()
+        )
         present = (counts > 0).double()
         guess = present / present.sum(dim=1, keepdim=True).clamp(min=1)  # (B, K): 1/k_i on each present class
         self.present_oracle_confmat += counts.T @ guess

@@ -163,5 +163,12 @@ def _run_stage(cfg: DictConfig, name: str, spec: DictConfig, out: Path, parent_h
     finally:
         if parent_hydra is not None:
             HydraConfig.instance().cfg = parent_hydra
-    write_json(out / "stage_done.json", {"stage": name, "config": spec.get("config", "train"),
-                                         "overrides": overrides, "seconds": round(time.time() - start, 1)})
+    write_json(
+        out / "stage_done.json",
+        {
+            "stage": name,
+            "config": spec.get("config", "train"),
+            "overrides": overrides,
+            "seconds": round(time.time() - start, 1),
+        },
+    )

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import warnings
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -63,8 +63,11 @@ def list_images(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-                        and not is_own_output(p))
+        images = sorted(
+            p
+            for p in path.iterdir()
+            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and not is_own_output(p)
+        )
         if not images:
             raise DataError(f"No images (*.jpg / *.png) in {path}.")
         return images
@@ -89,8 +92,11 @@ def read_photo(path: Path) -> np.ndarray:
             top = float(values.max()) if values.size else 0.0
             if top > 255:
                 scale = 257.0 if top <= 65535 else top / 255.0
-                warnings.warn(f"{path.name}: {img.mode} image with values up to {top:.0f}, scaled to 8 bits "
-                              f"(divided by {scale:g}) for the model.", stacklevel=2)
+                warnings.warn(
+                    f"{path.name}: {img.mode} image with values up to {top:.0f}, scaled to 8 bits "
+                    f"(divided by {scale:g}) for the model.",
+                    stacklevel=2,
+                )
                 values = values / scale
             grey = values.clip(0, 255).round().astype(np.uint8)
             return np.repeat(grey[..., None], 3, axis=2)
@@ -99,7 +105,9 @@ def read_photo(path: Path) -> np.ndarray:
 
 def resolve_vocabulary(classes: str | None, vocab: str | None) -> Vocabulary:
     if bool(classes) == bool(vocab):
-        raise SetupError("Give exactly one of --classes \"cat,sofa,...\" or --vocab FILE (or a packaged name such as ade150).")
+        raise SetupError(
+            'Give exactly one of --classes "cat,sofa,..." or --vocab FILE (or a packaged name such as ade150).'
+        )
     return vocabulary_from_names(classes) if classes else load_vocabulary(vocab)
 
 
@@ -113,7 +121,9 @@ def set_background_threshold(module, vocabulary: Vocabulary, threshold: float | 
         return
     thresholds = getattr(module.net, "background_thresholds", None)
     if thresholds is None:
-        raise SetupError(f"--background-threshold applies to OVSegmentor / GroupViT only, not {type(module.net).__name__}.")
+        raise SetupError(
+            f"--background-threshold applies to OVSegmentor / GroupViT only, not {type(module.net).__name__}."
+        )
     if "background" not in vocabulary.classes:
         raise SetupError('--background-threshold needs a class named "background" in the vocabulary.')
     if not 0.0 < threshold <= 1.0:
@@ -121,14 +131,18 @@ def set_background_threshold(module, vocabulary: Vocabulary, threshold: float | 
     thresholds[vocabulary.name] = float(threshold)
 
 
-def predict_scores_image(module, image: np.ndarray, vocabulary: Vocabulary, inference: InferenceConfig | None = None) -> torch.Tensor:
+def predict_scores_image(
+    module, image: np.ndarray, vocabulary: Vocabulary, inference: InferenceConfig | None = None
+) -> torch.Tensor:
     """(H, W, 3) uint8 -> (K, H, W) per-class scores (on the module's device), with the module's evaluation protocol
     (or ``inference``); :func:`predict_image` takes their argmax, the web demo also shows them per class."""
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(module.device)
     return module.predict_scores(tensor, vocabulary, inference)[0]
 
 
-def predict_image(module, image: np.ndarray, vocabulary: Vocabulary, inference: InferenceConfig | None = None) -> np.ndarray:
+def predict_image(
+    module, image: np.ndarray, vocabulary: Vocabulary, inference: InferenceConfig | None = None
+) -> np.ndarray:
     """(H, W, 3) uint8 -> (H, W) class ids, with the module's evaluation protocol (or ``inference``)."""
     return labels_from_scores(predict_scores_image(module, image, vocabulary, inference))
 
@@ -138,13 +152,19 @@ def labels_from_scores(scores: torch.Tensor) -> np.ndarray:
     return scores.argmax(dim=0).cpu().numpy()
 
 
-def write_outputs(stem: str, image: np.ndarray, labels: np.ndarray, vocabulary: Vocabulary, out_dir: Path) -> Prediction:
+def write_outputs(
+    stem: str, image: np.ndarray, labels: np.ndarray, vocabulary: Vocabulary, out_dir: Path
+) -> Prediction:
     entries = legend_entries(labels, list(vocabulary.classes))
     picture = with_legend(overlay(image, labels, len(vocabulary), ignore_index=None), entries, len(vocabulary))
     info = PngImagePlugin.PngInfo()
     info.add_text("Software", SOFTWARE)  # never read back as an input (is_own_output)
     info.add_text("legend", json.dumps([name for _, name, _ in entries]))  # machine-readable legend
-    overlay_path, labels_path, areas_path = (out_dir / f"{stem}_overlay.png", out_dir / f"{stem}_labels.png", out_dir / f"{stem}_areas.json")
+    overlay_path, labels_path, areas_path = (
+        out_dir / f"{stem}_overlay.png",
+        out_dir / f"{stem}_labels.png",
+        out_dir / f"{stem}_areas.json",
+    )
     with atomic_path(overlay_path) as tmp:
         picture.save(tmp, format="PNG", pnginfo=info)
     dtype = np.uint8 if len(vocabulary) <= 255 else np.uint16
@@ -157,8 +177,14 @@ def write_outputs(stem: str, image: np.ndarray, labels: np.ndarray, vocabulary: 
     return Prediction(stem, labels, areas, overlay_path, labels_path, areas_path)
 
 
-def predict_paths(module, paths: Iterable[Path], vocabulary: Vocabulary, out_dir: Path,
-                  inference: InferenceConfig | None = None, progress: bool = True) -> PredictReport:
+def predict_paths(
+    module,
+    paths: Iterable[Path],
+    vocabulary: Vocabulary,
+    out_dir: Path,
+    inference: InferenceConfig | None = None,
+    progress: bool = True,
+) -> PredictReport:
     """Predict every image; one that cannot be read or predicted is reported (``failures``) and skipped."""
     from tqdm import tqdm
 

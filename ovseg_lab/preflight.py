@@ -15,7 +15,9 @@ from omegaconf import DictConfig
 from ovseg_lab.config import CLIP_TARGET, nodes_with_target, resolved_yaml  # noqa: F401  (resolved_yaml re-exported)
 from ovseg_lab.errors import SetupError
 
-QUICKSTART_HINT = "To try ovseg-lab offline in a few minutes, run `make quickstart` (= `python train.py experiment=quickstart`)."
+QUICKSTART_HINT = (
+    "To try ovseg-lab offline in a few minutes, run `make quickstart` (= `python train.py experiment=quickstart`)."
+)
 
 
 def network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
@@ -79,7 +81,9 @@ def missing_text_encoders(cfg: DictConfig) -> list[str]:
         name = str(name)
         if name.startswith(("/", "~", ".")):
             if not os.path.isdir(os.path.expanduser(name)):
-                problems.append(f"the BERT text encoder folder {name} (model.net.text_encoder.pretrained) does not exist")
+                problems.append(
+                    f"the BERT text encoder folder {name} (model.net.text_encoder.pretrained) does not exist"
+                )
             continue
         if bert_cached(name) is False and not network_reachable():
             problems.append(
@@ -101,4 +105,3 @@ def check_run(cfg: DictConfig, datamodule: Any, stage: str = "fit") -> None:
             f"ovseg-lab cannot start this run ({cfg.get('task_name', 'run')}); missing:\n{listing}\n"
             f"Dataset preparation is described in data/README.md. {QUICKSTART_HINT}"
         )
-

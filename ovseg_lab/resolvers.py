@@ -15,7 +15,7 @@ def auto_precision() -> str:
 
 
 def run_suffix(choice: str, default: str) -> str:
-    """"" for the default choice, "_<choice>" otherwise: outputs/quickstart vs outputs/quickstart_lseg."""
+    """ "" for the default choice, "_<choice>" otherwise: outputs/quickstart vs outputs/quickstart_lseg."""
     return "" if str(choice) == str(default) else f"_{choice}"
 
 

@@ -70,7 +70,7 @@ class RunLock:
     twice in one process reclaims its own lock).
     """
 
-    _held: dict[Path, "RunLock"] = {}
+    _held: dict[Path, RunLock] = {}
 
     def __init__(self, folder: str | os.PathLike, elsewhere: str = "choose another folder (hydra.run.dir=...)") -> None:
         self.folder = Path(folder).resolve()
@@ -78,7 +78,9 @@ class RunLock:
         self.elsewhere = elsewhere
 
     @classmethod
-    def acquire(cls, folder: str | os.PathLike, elsewhere: str = "choose another folder (hydra.run.dir=...)") -> "RunLock":
+    def acquire(
+        cls, folder: str | os.PathLike, elsewhere: str = "choose another folder (hydra.run.dir=...)"
+    ) -> RunLock:
         """Claim ``folder`` (created if missing); :class:`RunFolderBusy` names the live owner and ends with
         ``elsewhere``, what this kind of run does to write somewhere else (train/eval: hydra.run.dir, predict: --output)."""
         lock = cls(folder, elsewhere)
@@ -90,8 +92,12 @@ class RunLock:
         return lock
 
     def _owner_text(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv),
+        }
 
     def _claim(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -105,8 +111,11 @@ class RunLock:
                     owner = self._read_owner() or {}
                 pid, host = owner.get("pid"), owner.get("host")
                 if host == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() and not _alive(pid):
-                    print(f"NOTE: taking over the lock of {self.folder}: its owner (pid {pid}, started "
-                          f"{owner.get('started', '?')}) no longer runs (killed or crashed).", file=sys.stderr)
+                    print(
+                        f"NOTE: taking over the lock of {self.folder}: its owner (pid {pid}, started "
+                        f"{owner.get('started', '?')}) no longer runs (killed or crashed).",
+                        file=sys.stderr,
+                    )
                     try:
                         self.path.unlink()
                     except FileNotFoundError:

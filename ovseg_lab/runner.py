@@ -46,8 +46,11 @@ def instantiate_list(cfg: DictConfig | None, **ours: Any) -> list[Any]:
 
     if not cfg:
         return []
-    return [instantiate(node, **(ours if str(node._target_).startswith("ovseg_lab.") else {}))
-            for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
+    return [
+        instantiate(node, **(ours if str(node._target_).startswith("ovseg_lab.") else {}))
+        for node in cfg.values()
+        if isinstance(node, DictConfig) and "_target_" in node
+    ]
 
 
 def run_callbacks(cfg: DictConfig, has_logger: bool) -> list[Any]:
@@ -80,7 +83,9 @@ def format_table(results: dict[str, dict], title: str) -> str:
     """A plain-text table of the per-benchmark scores (also readable in CI logs), with the split's chance mIoU
     (``random``: uniform random labels; ``present``: guessing among each image's true classes; docs/toy.md)."""
     chance = any("chance_uniform_mIoU" in scores for scores in results.values())
-    header = f"{'benchmark':<14}{'classes':>8}{'mIoU':>8}{'pAcc':>8}{'fwIoU':>8}" + (f"{'random':>8}{'present':>9}" if chance else "")
+    header = f"{'benchmark':<14}{'classes':>8}{'mIoU':>8}{'pAcc':>8}{'fwIoU':>8}" + (
+        f"{'random':>8}{'present':>9}" if chance else ""
+    )
     lines = [title, header, "-" * len(header)]
     for name, scores in results.items():
         line = f"{name:<14}{scores['num_classes']:>8}{scores['mIoU']:>8.2f}{scores['pixel_accuracy']:>8.2f}{scores['fwIoU']:>8.2f}"
@@ -100,8 +105,9 @@ def _finish_loggers(loggers: list[Any]) -> None:
                 print(f"W&B run stored offline; upload it with: wandb sync {Path(offline_dir).parent}")
 
 
-def _write_results(cfg: DictConfig, run_dir: Path, results: dict[str, dict], extra: dict[str, Any],
-                   datamodule: Any = None) -> None:
+def _write_results(
+    cfg: DictConfig, run_dir: Path, results: dict[str, dict], extra: dict[str, Any], datamodule: Any = None
+) -> None:
     if not results:
         raise SetupError("Evaluation produced no metrics: no evaluation benchmark is configured (data.eval).")
     bad = datamodule.bad_samples.summary() if hasattr(datamodule, "bad_samples") else None
@@ -113,7 +119,12 @@ def _write_results(cfg: DictConfig, run_dir: Path, results: dict[str, dict], ext
     write_json(run_dir / "run_info.json", info)
     if bad and bad["count"]:
         print(f"WARNING: {bad['count']} unreadable sample(s) were skipped (listed in metrics.json, bad_samples).")
-    print(format_table(results, f"{cfg.get('task_name', 'run')}: mIoU per split (%, {next(iter(results.values()))['convention']} convention)"))
+    print(
+        format_table(
+            results,
+            f"{cfg.get('task_name', 'run')}: mIoU per split (%, {next(iter(results.values()))['convention']} convention)",
+        )
+    )
     print(f"metrics written to {run_dir / 'metrics.json'}")
 
 
@@ -171,7 +182,9 @@ def train(cfg: DictConfig) -> dict[str, dict]:
     write_text(run_dir / "config_resolved.yaml", resolved_yaml(cfg))
     resume_step = int(checkpoint.get("global_step", 0)) if checkpoint is not None else None
     datamodule, model, loggers, trainer = _build(cfg, "fit", resume_step)
-    if checkpoint is not None:  # a checkpoint of another model / vocabulary: one clear paragraph, not a load_state_dict dump
+    if (
+        checkpoint is not None
+    ):  # a checkpoint of another model / vocabulary: one clear paragraph, not a load_state_dict dump
         check_fits(model, checkpoint, f"Checkpoint {ckpt_path} (ckpt_path)")
         del checkpoint  # Lightning reads it again, with the optimizer and loop states
         print(f"Resuming from {ckpt_path}")
@@ -182,11 +195,17 @@ def train(cfg: DictConfig) -> dict[str, dict]:
         if not model.eval_results or model.eval_results_step != trainer.global_step:
             trainer.validate(model, datamodule=datamodule, verbose=False)  # the final weights, once
         if trainer.is_global_zero:
-            _write_results(cfg, run_dir, model.eval_results, {
-                "global_step": trainer.global_step,
-                "train_seconds": round(time.time() - start, 1),
-                "resumed_from": ckpt_path,
-            }, datamodule)
+            _write_results(
+                cfg,
+                run_dir,
+                model.eval_results,
+                {
+                    "global_step": trainer.global_step,
+                    "train_seconds": round(time.time() - start, 1),
+                    "resumed_from": ckpt_path,
+                },
+                datamodule,
+            )
     finally:
         _finish_loggers(loggers)
     return model.eval_results
@@ -201,7 +220,6 @@ def _model_fitting_checkpoint(cfg: DictConfig, model: Any, checkpoint: dict[str,
     A checkpoint without a stored config (or one that fits neither) gets check_fits' error for the composed model.
     """
     from hydra.utils import instantiate
-
 
     where = f"Checkpoint {cfg.ckpt}"
     try:
@@ -231,9 +249,12 @@ def _model_fitting_checkpoint(cfg: DictConfig, model: Any, checkpoint: dict[str,
     check_fits(rebuilt, checkpoint, where)
     net = getattr(rebuilt, "net", rebuilt)
     protocol = " and evaluation protocol (model.inference)" if same_module and composed_inference is not None else ""
-    print(f"NOTE: {where} does not fit this config's model (the experiment's {composed_net}); evaluating the model "
-          f"stored in the checkpoint ({type(net).__module__}.{type(net).__qualname__}, its own model and clip "
-          f"config) with this run's data{protocol}.", file=sys.stderr)
+    print(
+        f"NOTE: {where} does not fit this config's model (the experiment's {composed_net}); evaluating the model "
+        f"stored in the checkpoint ({type(net).__module__}.{type(net).__qualname__}, its own model and clip "
+        f"config) with this run's data{protocol}.",
+        file=sys.stderr,
+    )
     return rebuilt, cfg
 
 

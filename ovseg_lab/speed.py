@@ -19,8 +19,9 @@ OVSeg's ``model.net.region_batch``; bf16 autocast is the trainer's ``trainer.pre
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ class SpeedConfig:
             raise SetupError(f"speed.attention must be one of {ATTENTION_IMPLS}, got '{self.attention}'.")
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | "SpeedConfig" | None) -> "SpeedConfig":
+    def from_config(cls, cfg: Mapping[str, Any] | SpeedConfig | None) -> SpeedConfig:
         if cfg is None:
             return cls()
         if isinstance(cfg, SpeedConfig):
@@ -72,8 +73,10 @@ def set_attention(module: nn.Module, impl: str) -> int:
 
 
 def _channels_last_inputs(_module: nn.Module, args: tuple) -> tuple:
-    return tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a
-                 for a in args)
+    return tuple(
+        a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a
+        for a in args
+    )
 
 
 def use_channels_last(net: nn.Module) -> nn.Module:

@@ -60,10 +60,13 @@ def _parse_overrides(items: list[str]) -> dict[str, str]:
 
 def read_jobs(sweep_dir: Path) -> list[Job]:
     jobs = []
-    for folder in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()),
-                         key=lambda p: (len(p.name), p.name)):
+    for folder in sorted(
+        (p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()), key=lambda p: (len(p.name), p.name)
+    ):
         overrides_file = folder / ".hydra" / "overrides.yaml"
-        overrides = _parse_overrides(yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.exists() else {}
+        overrides = (
+            _parse_overrides(yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.exists() else {}
+        )
         metrics = None
         metrics_file = folder / "metrics.json"
         if metrics_file.exists():
@@ -137,17 +140,29 @@ def build_table(sweep_dir: Path, table_name: str | None = None, shared_sweep: bo
     table = Table(title=spec["title"] + (" - toy benchmarks stand in" if toy else ""), columns=columns)
     used: set[int] = set()
     for row in spec["rows"]:
-        wanted = {k: str(v) for k, v in (row.get("toy_overrides", row["overrides"]) if toy else row["overrides"]).items()}
+        wanted = {
+            k: str(v) for k, v in (row.get("toy_overrides", row["overrides"]) if toy else row["overrides"]).items()
+        }
         # A row's cells may come from several jobs (LSeg's fold tables: one job per fold column).
-        candidates = [i for i, job in enumerate(jobs) if i not in used
-                      and all(job.overrides.get(k) == v for k, v in wanted.items())]
+        candidates = [
+            i
+            for i, job in enumerate(jobs)
+            if i not in used and all(job.overrides.get(k) == v for k, v in wanted.items())
+        ]
         failed = [i for i in candidates if jobs[i].status != "ok"]
         cells, suppliers = [], []
         for col in spec["columns"]:
             paper = row.get("paper", {}).get(col["label"])
             bench = col["toy"] if toy else col["benchmark"]
-            supplier = next((i for i in candidates if isinstance((jobs[i].metrics or {}).get(bench), dict)
-                             and jobs[i].metrics[bench].get("mIoU") is not None), None)
+            supplier = next(
+                (
+                    i
+                    for i in candidates
+                    if isinstance((jobs[i].metrics or {}).get(bench), dict)
+                    and jobs[i].metrics[bench].get("mIoU") is not None
+                ),
+                None,
+            )
             if supplier is not None:
                 suppliers.append(supplier)
                 cells.append(_cell(jobs[supplier].metrics[bench]["mIoU"], paper, "ok"))
@@ -172,8 +187,12 @@ def build_table(sweep_dir: Path, table_name: str | None = None, shared_sweep: bo
 
 def render(table: Table, fmt: str = "md") -> str:
     if fmt == "md":
-        lines = [f"**{table.title}**", "", "| row | " + " | ".join(table.columns) + " |",
-                 "|---|" + "---|" * len(table.columns)]
+        lines = [
+            f"**{table.title}**",
+            "",
+            "| row | " + " | ".join(table.columns) + " |",
+            "|---|" + "---|" * len(table.columns),
+        ]
         lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in table.rows]
         lines += [""] + [f"- {note}" for note in table.notes]
         return "\n".join(lines) + "\n"
@@ -185,10 +204,16 @@ def render(table: Table, fmt: str = "md") -> str:
             writer.writerow([label, *cells])
         return buffer.getvalue()
     if fmt == "tex":
+
         def esc(text: str) -> str:
             return text.replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
-        lines = [r"\begin{tabular}{l" + "c" * len(table.columns) + "}", r"\toprule",
-                 " & ".join(["row", *map(esc, table.columns)]) + r" \\", r"\midrule"]
+
+        lines = [
+            r"\begin{tabular}{l" + "c" * len(table.columns) + "}",
+            r"\toprule",
+            " & ".join(["row", *map(esc, table.columns)]) + r" \\",
+            r"\midrule",
+        ]
         lines += [" & ".join([esc(label), *map(esc, cells)]) + r" \\" for label, cells in table.rows]
         lines += [r"\bottomrule", r"\end{tabular}", f"% {esc(table.title)}"]
         return "\n".join(lines) + "\n"

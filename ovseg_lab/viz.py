@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import colorsys
 import unicodedata
-from functools import lru_cache
+from collections.abc import Sequence
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -66,7 +66,9 @@ def colorize(label: np.ndarray, num_classes: int, ignore_index: int | None = 255
     return out
 
 
-def overlay(image: np.ndarray, label: np.ndarray, num_classes: int, alpha: float = 0.55, ignore_index: int | None = 255) -> np.ndarray:
+def overlay(
+    image: np.ndarray, label: np.ndarray, num_classes: int, alpha: float = 0.55, ignore_index: int | None = 255
+) -> np.ndarray:
     """Blend the colourised label map onto an (H, W, 3) uint8 image."""
     colours = colorize(label, num_classes, ignore_index).astype(np.float32)
     blended = image.astype(np.float32) * (1 - alpha) + colours * alpha
@@ -97,7 +99,7 @@ def _font_files() -> tuple[str, ...]:
     return tuple(dict.fromkeys(files))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _coverage(path: str) -> frozenset[int]:
     try:
         from fontTools.ttLib import TTFont
@@ -147,8 +149,11 @@ def font_runs(text: str) -> tuple[tuple[str, str], ...]:
         _WARNED.add(gap)
         import warnings
 
-        warnings.warn(f"No installed or packaged font has glyphs for {gap!r} (legend of {text!r}); install one that "
-                      "does (e.g. Debian/Ubuntu: apt-get install fonts-noto-core) and it will be used.", stacklevel=2)
+        warnings.warn(
+            f"No installed or packaged font has glyphs for {gap!r} (legend of {text!r}); install one that "
+            "does (e.g. Debian/Ubuntu: apt-get install fonts-noto-core) and it will be used.",
+            stacklevel=2,
+        )
     return tuple((chunk, font) for chunk, font in runs)
 
 

@@ -13,14 +13,24 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
 from ovseg_lab.errors import DataError
 
-PACKAGED_VOCABULARIES = ("ade150", "ade847", "coco_stuff171", "pc59", "pc459", "voc20", "voc20b",
-                         "voc21", "pc60", "coco_object81")
+PACKAGED_VOCABULARIES = (
+    "ade150",
+    "ade847",
+    "coco_stuff171",
+    "pc59",
+    "pc459",
+    "voc20",
+    "voc20b",
+    "voc21",
+    "pc60",
+    "coco_object81",
+)
 
 
 @dataclass(frozen=True)
@@ -43,7 +53,7 @@ class Vocabulary:
     def __getitem__(self, index: int) -> str:
         return self.classes[index]
 
-    def subset(self, indices, name: str | None = None) -> "Vocabulary":
+    def subset(self, indices, name: str | None = None) -> Vocabulary:
         return Vocabulary(name or f"{self.name}[subset]", tuple(self.classes[i] for i in indices), self.source)
 
 
@@ -98,7 +108,7 @@ def _class_strings_path(release: str, source: str) -> Path:
     return Path(str(resources.files("ovseg_lab") / "assets" / "class_strings" / release / f"{source}.json"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def release_class_strings(release: str, source: str) -> dict[str, str]:
     """{our class name: the string ``release``'s official code sends to its text tower} for a packaged vocabulary.
 
@@ -156,6 +166,7 @@ def vocabulary_from_names(names: str | list[str], name: str = "custom") -> Vocab
             repeated.append(f"{seen[key]!r} / {n!r}")
         seen.setdefault(key, n)
     if repeated:
-        raise DataError(f"The class list repeats names (up to case and spacing): {', '.join(repeated[:5])}; "
-                        "give each class once.")
+        raise DataError(
+            f"The class list repeats names (up to case and spacing): {', '.join(repeated[:5])}; give each class once."
+        )
     return Vocabulary(name, tuple(names))

@@ -18,12 +18,26 @@ CONF_DIR = ROOT / "conf"
 SMALL_TOY = {"num_train": 64, "num_val": 16, "seed": 0, "image_size": 64}
 # transformers.SamConfig arguments of a tiny random-init Segment Anything (64x64 input): OVSeg's SAM proposals offline
 TINY_SAM_CONFIG = {
-    "vision_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 64,
-                      "patch_size": 8, "output_channels": 16, "window_size": 4, "global_attn_indexes": [1],
-                      "mlp_dim": 64, "num_pos_feats": 8},
+    "vision_config": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 64,
+        "patch_size": 8,
+        "output_channels": 16,
+        "window_size": 4,
+        "global_attn_indexes": [1],
+        "mlp_dim": 64,
+        "num_pos_feats": 8,
+    },
     "prompt_encoder_config": {"hidden_size": 16, "image_size": 64, "patch_size": 8, "mask_input_channels": 4},
-    "mask_decoder_config": {"hidden_size": 16, "mlp_dim": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                            "iou_head_hidden_dim": 16},
+    "mask_decoder_config": {
+        "hidden_size": 16,
+        "mlp_dim": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "iou_head_hidden_dim": 16,
+    },
 }
 
 
@@ -76,8 +90,17 @@ def quickstart_run(toy_data_dir, tmp_path_factory) -> Path:
     import sys
 
     run_dir = tmp_path_factory.mktemp("quickstart_run")
-    cmd = [sys.executable, "train.py", "experiment=quickstart", "model=costvolume", "logger=csv", "trainer.max_steps=12",
-           "trainer.val_check_interval=12", f"hydra.run.dir={run_dir}", *small_toy_overrides(toy_data_dir)]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "experiment=quickstart",
+        "model=costvolume",
+        "logger=csv",
+        "trainer.max_steps=12",
+        "trainer.val_check_interval=12",
+        f"hydra.run.dir={run_dir}",
+        *small_toy_overrides(toy_data_dir),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir

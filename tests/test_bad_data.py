@@ -43,10 +43,14 @@ def _damaged_toy(toy_data_dir: Path, tmp_path: Path) -> tuple[Path, list[str]]:
 
 def _toy_datamodule(data_dir: Path, **kwargs) -> SegmentationDataModule:
     root = data_dir / "toy" / "toy_seen"
-    return SegmentationDataModule(train={"name": "toy_seen", "root": str(root), "split": "train"},
-                                  eval={"toy_seen": {"root": str(root), "split": "val"}}, batch_size=8,
-                                  num_workers=0, transform={"crop_size": 32, "short_side": None, "color_jitter": False},
-                                  **kwargs)
+    return SegmentationDataModule(
+        train={"name": "toy_seen", "root": str(root), "split": "train"},
+        eval={"toy_seen": {"root": str(root), "split": "val"}},
+        batch_size=8,
+        num_workers=0,
+        transform={"crop_size": 32, "short_side": None, "color_jitter": False},
+        **kwargs,
+    )
 
 
 def test_folder_epoch_skips_and_reports_exactly_the_corrupt_files(toy_data_dir, tmp_path):
@@ -97,9 +101,17 @@ def test_webdataset_shard_with_corrupt_samples_completes_an_epoch(tmp_path):
         writer.write({"__key__": "broken_json", "png": png(4), "txt": "a dog", "json": b"{not json"})
         writer.write({"__key__": "good2", "png": png(5), "txt": "a dog", "json": meta})
         writer.write({"__key__": "good3", "png": png(6), "txt": "a dog", "json": meta})
-    datamodule = CaptionDataModule(shards=[str(shard)], steps_per_epoch=2, batch_size=2, num_workers=0,
-                                   image_size=16, scale=(1.0, 1.0), shuffle_buffer=1, seed=0,
-                                   max_bad_fraction=0.5)
+    datamodule = CaptionDataModule(
+        shards=[str(shard)],
+        steps_per_epoch=2,
+        batch_size=2,
+        num_workers=0,
+        image_size=16,
+        scale=(1.0, 1.0),
+        shuffle_buffer=1,
+        seed=0,
+        max_bad_fraction=0.5,
+    )
     batches = [datamodule.on_before_batch_transfer(b, 0) for b in datamodule.train_dataloader()]
     assert [len(b["key"]) for b in batches] == [2, 2]
     assert sorted(k for b in batches for k in b["key"]) == ["good0", "good1", "good2", "good3"]
@@ -113,11 +125,28 @@ def test_training_run_skips_corrupt_files_and_lists_them_in_metrics(toy_data_dir
     """End to end through Lightning (DataModule hook, epoch report, metrics.json)."""
     data_dir, bad = _damaged_toy(toy_data_dir, tmp_path)
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "experiment=quickstart", "model=costvolume", "logger=none",
-           "trainer.max_steps=9", "trainer.val_check_interval=1000", "data.batch_size=8", "data.num_workers=0",
-           "data.max_bad_fraction=0.1", f"hydra.run.dir={run_dir}", *small_toy_overrides(data_dir)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "train.py",
+        "experiment=quickstart",
+        "model=costvolume",
+        "logger=none",
+        "trainer.max_steps=9",
+        "trainer.val_check_interval=1000",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "data.max_bad_fraction=0.1",
+        f"hydra.run.dir={run_dir}",
+        *small_toy_overrides(data_dir),
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["bad_samples"]["count"] == 2 and sorted(metrics["bad_samples"]["files"]) == sorted(bad)
@@ -146,6 +175,8 @@ def test_malformed_data_is_an_error_naming_the_file(toy_data_dir, tmp_path):
         spec.load_vocabulary()
     # a missing split
     spec = BenchmarkSpec.from_config("toy_seen", {"root": str(root), "split": "test", "prepare": "make toy"})
-    with pytest.raises(DataError, match=rf"test split not found at {root / 'images' / 'test'} \(prepare it with: make toy\)"):
+    with pytest.raises(
+        DataError, match=rf"test split not found at {root / 'images' / 'test'} \(prepare it with: make toy\)"
+    ):
         SegmentationFolder(spec)
     assert issubclass(DataError, SetupError)

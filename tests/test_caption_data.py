@@ -37,13 +37,20 @@ def _stream(urls, **kwargs) -> CaptionStream:
 def test_toy_shards_round_trip_captions_entities_and_pixels(toy_data_dir, tmp_path):
     root = toy_data_dir / "toy" / "toy_seen"
     vocab = json.loads((root / "vocab.json").read_text())
-    stats = write_caption_shards(from_toy(root), tmp_path / "shards", EntityParser(EntityVocabulary.from_names(vocab)),
-                                 maxcount=10, progress=False)
+    stats = write_caption_shards(
+        from_toy(root),
+        tmp_path / "shards",
+        EntityParser(EntityVocabulary.from_names(vocab)),
+        maxcount=10,
+        progress=False,
+    )
     records = [json.loads(line) for line in (root / "captions" / "train.jsonl").read_text().splitlines()]
     assert stats.kept == len(records) == 64 and stats.unreadable == 0
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert len(manifest["shards"]) == 7 and not list((tmp_path / "shards").glob(".partial-*"))
-    stream = CaptionStream(shard_urls(tmp_path / "shards"), CaptionTransform(64, (1.0, 1.0), flip=False), 64, shuffle_buffer=1)
+    stream = CaptionStream(
+        shard_urls(tmp_path / "shards"), CaptionTransform(64, (1.0, 1.0), flip=False), 64, shuffle_buffer=1
+    )
     items = list(stream)
     by_caption = {r["caption"]: r for r in records}
     assert len(items) == 64 and {i["caption"] for i in items} == set(by_caption)
@@ -64,10 +71,15 @@ def test_cc4m_filter_and_unreadable_images_are_counted(tmp_path):
     assert (stats.seen, stats.kept, stats.without_entity, stats.unreadable) == (5, 2, 1, 2)
     manifest = json.loads((tmp_path / "cc4m" / "manifest.json").read_text())
     assert manifest["dropped_without_entity"] == 1 and manifest["unreadable"] == 2
-    kept = {i["caption"]: i["entities"] for i in _stream(shard_urls(tmp_path / "cc4m"), samples_per_epoch=2, shuffle_buffer=1)}
+    kept = {
+        i["caption"]: i["entities"]
+        for i in _stream(shard_urls(tmp_path / "cc4m"), samples_per_epoch=2, shuffle_buffer=1)
+    }
     assert kept == {"a dog on a bus": ["dog", "bus"], "two glasses": ["glass"]}
     # GroupViT keeps every caption
-    stats = write_caption_shards(_samples(["a sunset"]), tmp_path / "cc12m", PARSER, require_entity=False, progress=False)
+    stats = write_caption_shards(
+        _samples(["a sunset"]), tmp_path / "cc12m", PARSER, require_entity=False, progress=False
+    )
     assert stats.kept == 1
     with pytest.raises(DataError, match="already holds"):
         write_caption_shards(_samples(["a dog"]), tmp_path / "cc12m", PARSER, progress=False)
@@ -96,8 +108,10 @@ def test_two_ddp_ranks_read_disjoint_samples(tmp_path):
     urls = shard_urls(tmp_path / "s")
     assert len(urls) == 8
     # one pass each (no shuffle buffer): every rank reads its 20 samples
-    per_rank = [[i["caption"] for i in _stream(urls, samples_per_epoch=20, rank=r, world_size=2, shuffle_buffer=1)]
-                for r in (0, 1)]
+    per_rank = [
+        [i["caption"] for i in _stream(urls, samples_per_epoch=20, rank=r, world_size=2, shuffle_buffer=1)]
+        for r in (0, 1)
+    ]
     assert all(len(set(p)) == 20 for p in per_rank)
     per_rank = [set(p) for p in per_rank]
     assert per_rank[0].isdisjoint(per_rank[1])
@@ -105,8 +119,10 @@ def test_two_ddp_ranks_read_disjoint_samples(tmp_path):
     # fewer shards than readers: the split falls back to samples, still disjoint and complete
     one = [str(tmp_path / "s" / "shard-000000.tar")]
     # (no shuffle buffer: with one, 6 random draws may miss one of a rank's 3 samples, depending on the seed)
-    halves = [{i["caption"] for i in _stream(one, samples_per_epoch=6, rank=r, world_size=2, shuffle_buffer=1)}
-              for r in (0, 1)]
+    halves = [
+        {i["caption"] for i in _stream(one, samples_per_epoch=6, rank=r, world_size=2, shuffle_buffer=1)}
+        for r in (0, 1)
+    ]
     assert halves[0].isdisjoint(halves[1]) and len(halves[0] | halves[1]) == 5
 
 
@@ -119,8 +135,9 @@ def test_epoch_length_is_fixed_and_the_stream_resamples(tmp_path):
 def test_pairs_share_an_entity(tmp_path):
     captions = ["a dog", "a cat", "a dog and a bus", "a cat on a sofa", "a bus", "a dog"] * 3
     write_caption_shards(_samples(captions), tmp_path / "s", PARSER, progress=False)
-    items = list(_stream(shard_urls(tmp_path / "s"), samples_per_epoch=18, pair_images=True, pair_buffer=8,
-                         shuffle_buffer=1))
+    items = list(
+        _stream(shard_urls(tmp_path / "s"), samples_per_epoch=18, pair_images=True, pair_buffer=8, shuffle_buffer=1)
+    )
     paired = [i for i in items if i["has_pair"]]
     assert len(paired) >= 12
     for item in paired:
@@ -146,8 +163,17 @@ def test_official_parser_questions_reach_the_batch():
     from ovseg_lab.data.entities import build_parser
 
     parser = build_parser("official")
-    items = [{"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "caption": c, "key": str(i), "skipped": 0, "reader": 0,
-              **parsed_caption(parser, c)} for i, c in enumerate(["A dog on a sofa", "Two cats"])]
+    items = [
+        {
+            "image": torch.zeros(3, 4, 4, dtype=torch.uint8),
+            "caption": c,
+            "key": str(i),
+            "skipped": 0,
+            "reader": 0,
+            **parsed_caption(parser, c),
+        }
+        for i, c in enumerate(["A dog on a sofa", "Two cats"])
+    ]
     batch = collate_captions(items)
     assert batch["question"] == ["A [MASK] on a ofa", "Two [MASK]"]
     assert batch["entities"] == [["dog"], ["cat"]] and batch["mentions"][1] == [[4, 8, "cat"]]

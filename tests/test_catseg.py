@@ -25,9 +25,18 @@ TINY_CLIP = dict(
     vision_cfg=dict(image_size=32, layers=3, width=48, patch_size=4, head_width=24),
     text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=2),
 )
-TINY_HEAD = dict(hidden_dim=16, num_layers=2, num_heads=2, window_size=4, appearance_guidance_proj_dim=8,
-                 text_guidance_proj_dim=8, decoder_dims=(16, 8), decoder_guidance_dims=(8, 8),
-                 decoder_guidance_proj_dims=(4, 4), pad_len=0)
+TINY_HEAD = dict(
+    hidden_dim=16,
+    num_layers=2,
+    num_heads=2,
+    window_size=4,
+    appearance_guidance_proj_dim=8,
+    text_guidance_proj_dim=8,
+    decoder_dims=(16, 8),
+    decoder_guidance_dims=(8, 8),
+    decoder_guidance_proj_dims=(4, 4),
+    pad_len=0,
+)
 NAMES = ["red circle", "blue square", "striped grass", "plain sky", "pink ring"]
 
 
@@ -62,11 +71,26 @@ def test_prior_probability_starts_every_class_at_the_prior():
         tiny_catseg(prior_probability=1.0)
 
 
-@pytest.mark.parametrize("aggregation", [
-    None,  # full, with embedding guidance
-    {"name": "cost_both", "input": "cost", "spatial_aggregation": True, "class_aggregation": True, "embedding_guidance": False},
-    {"name": "feature", "input": "feature", "spatial_aggregation": True, "class_aggregation": True, "embedding_guidance": False},
-])
+@pytest.mark.parametrize(
+    "aggregation",
+    [
+        None,  # full, with embedding guidance
+        {
+            "name": "cost_both",
+            "input": "cost",
+            "spatial_aggregation": True,
+            "class_aggregation": True,
+            "embedding_guidance": False,
+        },
+        {
+            "name": "feature",
+            "input": "feature",
+            "spatial_aggregation": True,
+            "class_aggregation": True,
+            "embedding_guidance": False,
+        },
+    ],
+)
 @pytest.mark.parametrize("pad_len", [0, 8])
 def test_permuting_classes_permutes_logits(aggregation, pad_len):
     model = tiny_catseg(aggregation, pad_len=pad_len)
@@ -189,7 +213,9 @@ def test_swin_block_equals_explicit_attention(shift, slices):
     torch.manual_seed(0)
     block = GuidedSwinBlock(16, 8, num_heads=2, window_size=4, shift_size=shift)
     x, guidance = torch.randn(2 * slices, 64, 16), torch.randn(2, 64, 8)  # guidance shared by the slices
-    torch.testing.assert_close(block(x, guidance, 8, 8), _reference_window_attention(block, x, guidance, 8, 8), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        block(x, guidance, 8, 8), _reference_window_attention(block, x, guidance, 8, 8), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_linear_attention_formula_and_equivariance():
@@ -202,7 +228,9 @@ def test_linear_attention_formula_and_equivariance():
     layer = ClassAggregationLayer(dim=8, guidance_dim=4, num_heads=2, pad_len=10)
     x, g = torch.randn(1, 8, 6, 4, 4), torch.randn(1, 6, 4)
     perm = torch.tensor([5, 2, 0, 1, 4, 3])
-    torch.testing.assert_close(layer(x[:, :, perm], g[:, perm], pool=2), layer(x, g, pool=2)[:, :, perm], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        layer(x[:, :, perm], g[:, perm], pool=2), layer(x, g, pool=2)[:, :, perm], atol=1e-5, rtol=1e-4
+    )
 
 
 def test_class_aggregation_and_decoder_equal_explicit_concatenation():
@@ -233,16 +261,36 @@ def test_class_aggregation_and_decoder_equal_explicit_concatenation():
 def test_convert_script_refuses_mismatched_checkpoint(tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save({"model": {"sem_seg_head.predictor.transformer.conv1.weight": torch.zeros(1)}}, bad)
-    proc = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", "--format", "catseg", "--input", str(bad),
-                           "--output", str(tmp_path / "out.ckpt"), "--", "clip=tiny"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/convert_checkpoint.py",
+            "--format",
+            "catseg",
+            "--input",
+            str(bad),
+            "--output",
+            str(tmp_path / "out.ckpt"),
+            "--",
+            "clip=tiny",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "missing" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out.ckpt").exists()
 
 
 def test_count_params_prints_json_last():
-    proc = subprocess.run([sys.executable, "-m", "ovseg_lab.tools.count_params", "model=catseg", "clip=tiny", "finetune=qv"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ovseg_lab.tools.count_params", "model=catseg", "clip=tiny", "finetune=qv"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     # tiny CLIP qv: 4 visual blocks x 2 x 128^2 + 2 text blocks x 2 x 64^2
@@ -251,10 +299,28 @@ def test_count_params_prints_json_last():
 
 
 # paper Table 6 (M learnable parameters incl. the 5.8M head); qv_img is 0.6M above the arithmetic in the paper
-TABLE6 = {"freeze": 5.8, "prompt": 7.0, "full": 393.2, "attn": 134.9, "qk": 70.3, "kv": 70.3,
-          "qv_img": 56.7, "qv_txt": 19.9, "qv": 70.3}
-CLIP_ARITHMETIC = {"qv": 64_487_424, "attn": 129_110_016, "full": 387_363_840, "freeze": 0,
-                   "qk": 64_487_424, "kv": 64_487_424, "qv_img": 50_331_648, "qv_txt": 14_155_776, "prompt": 1_228_800}
+TABLE6 = {
+    "freeze": 5.8,
+    "prompt": 7.0,
+    "full": 393.2,
+    "attn": 134.9,
+    "qk": 70.3,
+    "kv": 70.3,
+    "qv_img": 56.7,
+    "qv_txt": 19.9,
+    "qv": 70.3,
+}
+CLIP_ARITHMETIC = {
+    "qv": 64_487_424,
+    "attn": 129_110_016,
+    "full": 387_363_840,
+    "freeze": 0,
+    "qk": 64_487_424,
+    "kv": 64_487_424,
+    "qv_img": 50_331_648,
+    "qv_txt": 14_155_776,
+    "prompt": 1_228_800,
+}
 
 
 @pytest.mark.slow
@@ -272,10 +338,13 @@ def test_vitl_counts_match_table6(finetune):
 
 # ---------------------------------------------------------------------------- in-place evaluation path
 @pytest.mark.parametrize("pool", [1, 2])
-@pytest.mark.parametrize("elements,decoder_pixels", [
-    (100 * 16, 3 * 64),  # 1 class slice (Swin), 14 pixels (class aggregation), 3 classes (decoder) per step
-    (500 * 16, 7 * 64),  # one whole image (7 classes x 8x8 = 448 tokens) per step
-])
+@pytest.mark.parametrize(
+    "elements,decoder_pixels",
+    [
+        (100 * 16, 3 * 64),  # 1 class slice (Swin), 14 pixels (class aggregation), 3 classes (decoder) per step
+        (500 * 16, 7 * 64),  # one whole image (7 classes x 8x8 = 448 tokens) per step
+    ],
+)
 def test_head_in_place_chunked_path_equals_autograd_path(pool, elements, decoder_pixels, monkeypatch):
     """Without autograd the head works in place on its pixel-major tensor, a few classes / pixels / images per
     step; with autograd the same computation runs out of place in one step. Same logits (fp32 sums reordered
@@ -283,9 +352,19 @@ def test_head_in_place_chunked_path_equals_autograd_path(pool, elements, decoder
     import ovseg_lab.models.catseg as catseg
 
     torch.manual_seed(0)
-    head = CATSegHead(32, 48, hidden_dim=16, num_heads=2, window_size=4, appearance_guidance_proj_dim=8,
-                      text_guidance_proj_dim=8, decoder_dims=(16, 8), decoder_guidance_dims=(8, 8),
-                      decoder_guidance_proj_dims=(4, 4), pad_len=10).eval()
+    head = CATSegHead(
+        32,
+        48,
+        hidden_dim=16,
+        num_heads=2,
+        window_size=4,
+        appearance_guidance_proj_dim=8,
+        text_guidance_proj_dim=8,
+        decoder_dims=(16, 8),
+        decoder_guidance_dims=(8, 8),
+        decoder_guidance_proj_dims=(4, 4),
+        pad_len=10,
+    ).eval()
     for p in head.parameters():  # no constant weights: norms, biases and padding tokens matter too
         p.data.add_(0.1 * torch.randn_like(p))
     dense, text = torch.randn(2, 32, 8, 8), torch.randn(2, 7, 1, 32)
@@ -325,7 +404,7 @@ def test_train_class_chunk_keeps_gradients_and_bounds_saved_activations():
     for chunk in (None, 3):
         model = tiny_catseg(seed=1).train()
         model.train_class_chunk = chunk
-        logits, saved = _saved_bytes(lambda: model(images, names))
+        logits, saved = _saved_bytes(lambda model=model: model(images, names))
         model.loss(logits, labels).backward()
         grads = {k: p.grad.clone() for k, p in model.head.named_parameters() if p.grad is not None}
         results.append((logits.detach(), grads, saved))

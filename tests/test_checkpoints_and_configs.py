@@ -80,22 +80,27 @@ def test_unknown_keys_fail_at_compose_time_with_hydras_message():
         compose("train", ["experiment=quickstart", "finetune=qv_both"])  # no such option of the group
 
 
-@pytest.mark.parametrize("override, message", [
-    ("trainer.max_steps=abc", "trainer.max_steps='abc' must be an integer"),
-    ("data.batch_size=0", "data.batch_size=0 must be >= 1"),
-    ("data.max_bad_fraction=2", "data.max_bad_fraction=2 must be a number in [0, 1]"),
-    ("trainer.precision=15", "trainer.precision=15 is not a Lightning precision"),
-    ("model.nonfinite_loss=ignore", "model.nonfinite_loss='ignore' must be one of"),
-    ("finetune.strategy=qvk", "Unknown finetune strategy 'qvk'"),
-    ("model.inference.mode=tile", "inference.mode must be 'whole', 'slide' or 'multiscale'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.max_steps=abc", "trainer.max_steps='abc' must be an integer"),
+        ("data.batch_size=0", "data.batch_size=0 must be >= 1"),
+        ("data.max_bad_fraction=2", "data.max_bad_fraction=2 must be a number in [0, 1]"),
+        ("trainer.precision=15", "trainer.precision=15 is not a Lightning precision"),
+        ("model.nonfinite_loss=ignore", "model.nonfinite_loss='ignore' must be one of"),
+        ("finetune.strategy=qvk", "Unknown finetune strategy 'qvk'"),
+        ("model.inference.mode=tile", "inference.mode must be 'whole', 'slide' or 'multiscale'"),
+    ],
+)
 def test_invalid_values_are_named(override, message):
     cfg = compose("train", ["experiment=quickstart", override])
     assert any(message in p for p in config_problems(cfg)), config_problems(cfg)
 
 
 def test_incompatible_combinations_are_named():
-    cfg = compose("train", ["experiment=quickstart", "finetune=prompt", "finetune.prompt_length=4", "finetune.prompt_depth=9"])
+    cfg = compose(
+        "train", ["experiment=quickstart", "finetune=prompt", "finetune.prompt_length=4", "finetune.prompt_depth=9"]
+    )
     assert any("prompt_depth=9 exceeds the 4 blocks of the image tower" in p for p in config_problems(cfg))
     cfg = compose("train", ["experiment=quickstart", "model=catseg", "aggregation.input=pixels"])
     assert any("aggregation.input must be 'cost' or 'feature'" in p for p in config_problems(cfg))
@@ -121,8 +126,11 @@ def test_a_bad_config_fails_before_any_data_is_touched(tmp_path):
     from ovseg_lab.runner import train
 
     data_dir = tmp_path / "data"
-    cfg = compose("train", ["experiment=quickstart", "model=costvolume", f"paths.data_dir={data_dir}",
-                            "finetune.strategy=qvk"], run_dir=tmp_path / "run")
+    cfg = compose(
+        "train",
+        ["experiment=quickstart", "model=costvolume", f"paths.data_dir={data_dir}", "finetune.strategy=qvk"],
+        run_dir=tmp_path / "run",
+    )
     with pytest.raises(SetupError, match="Invalid configuration.*finetune strategy 'qvk'"):
         train(cfg)
     assert not data_dir.exists()  # the toy benchmark was not even generated
@@ -140,7 +148,9 @@ def _dense_module(policy: str):
             return logits.mean() * float("nan")
 
     module = DenseSupervisedModule(NanNet(), nonfinite_loss=policy)
-    module._trainer = SimpleNamespace(is_global_zero=True, global_step=12, progress_bar_callback=None)  # what the hooks read of the trainer
+    module._trainer = SimpleNamespace(
+        is_global_zero=True, global_step=12, progress_bar_callback=None
+    )  # what the hooks read of the trainer
     module.training_logits = lambda batch, images: images * module.net.w
     return module
 
@@ -148,9 +158,14 @@ def _dense_module(policy: str):
 def test_nonfinite_loss_stops_naming_the_batch_or_skips_it():
     from ovseg_lab.lit.dense import NonFiniteLossError
 
-    batch = {"image": torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "label": torch.zeros(2, 4, 4, dtype=torch.long),
-             "stem": ["img_007", "img_042"]}
-    with pytest.raises(NonFiniteLossError, match=r"global step 12, batch 5 \(images \['img_007', 'img_042'\]\).*nonfinite_loss=skip"):
+    batch = {
+        "image": torch.zeros(2, 3, 4, 4, dtype=torch.uint8),
+        "label": torch.zeros(2, 4, 4, dtype=torch.long),
+        "stem": ["img_007", "img_042"],
+    }
+    with pytest.raises(
+        NonFiniteLossError, match=r"global step 12, batch 5 \(images \['img_007', 'img_042'\]\).*nonfinite_loss=skip"
+    ):
         _dense_module("raise").training_step(batch, 5)
     module = _dense_module("skip")
     assert module.training_step(batch, 5) is None and module.skipped_batches == 1  # no loss: no update

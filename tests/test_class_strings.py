@@ -20,7 +20,9 @@ def release_dir(tmp_path, monkeypatch):
     strings = {n: n for n in names} | {"aeroplane": "airplane", "bicycle": "bike, cycle"}
     (tmp_path / "fake").mkdir()
     (tmp_path / "fake" / "voc20.json").write_text(json.dumps({"citation": "test", "strings": strings}))
-    monkeypatch.setattr(vocab_module, "_class_strings_path", lambda release, source: tmp_path / release / f"{source}.json")
+    monkeypatch.setattr(
+        vocab_module, "_class_strings_path", lambda release, source: tmp_path / release / f"{source}.json"
+    )
     vocab_module.release_class_strings.cache_clear()
     yield tmp_path
     vocab_module.release_class_strings.cache_clear()

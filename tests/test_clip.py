@@ -51,8 +51,10 @@ def test_dense_features_match_reference_formula():
     for block in visual.transformer.resblocks[:-1]:
         y = block.ln_1(x)
         attn = block.attn
-        q, k, v = (F.linear(y, w, b) for w, b in zip(
-            (attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight), attn.in_proj_bias.chunk(3)))
+        q, k, v = (
+            F.linear(y, w, b)
+            for w, b in zip((attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight), attn.in_proj_bias.chunk(3))
+        )
         heads = lambda t: t.reshape(2, -1, 2, 32).transpose(1, 2)  # noqa: E731 (2 heads of 32)
         weights = (heads(q) @ heads(k).transpose(-1, -2) / 32**0.5).softmax(-1)
         x = x + attn.out_proj((weights @ heads(v)).transpose(1, 2).reshape(2, -1, 64))
@@ -66,7 +68,9 @@ def test_dense_features_match_reference_formula():
     ref_dense = ref[:, 1:].transpose(1, 2).reshape(2, 32, 4, 4)
 
     torch.testing.assert_close(out.dense, ref_dense, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(out.intermediates[1], hidden[1][:, 1:].transpose(1, 2).reshape(2, 64, 4, 4), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        out.intermediates[1], hidden[1][:, 1:].transpose(1, 2).reshape(2, 64, 4, 4), atol=1e-5, rtol=1e-4
+    )
     assert out.dense.shape == (2, 32, 4, 4) and len(out.intermediates) == 2
 
 
@@ -81,17 +85,32 @@ def test_strategy_trains_exactly_its_parameters(strategy):
     finetune = {"strategy": strategy, "prompt_length": 3 if strategy == "prompt" else 0, "prompt_depth": 0}
     clip = tiny_clip(finetune=finetune)
     trainable = {n for n, p in clip.named_parameters() if p.requires_grad}
-    frozen_always = ("model.visual.conv1", "model.visual.class_embedding", "model.visual.positional_embedding",
-                     "model.visual.ln_pre", "model.visual.ln_post", "model.visual.proj", "model.token_embedding",
-                     "model.positional_embedding", "model.ln_final", "model.text_projection", "model.logit_scale")
+    frozen_always = (
+        "model.visual.conv1",
+        "model.visual.class_embedding",
+        "model.visual.positional_embedding",
+        "model.visual.ln_pre",
+        "model.visual.ln_post",
+        "model.visual.proj",
+        "model.token_embedding",
+        "model.positional_embedding",
+        "model.ln_final",
+        "model.text_projection",
+        "model.logit_scale",
+    )
     assert not [n for n in trainable if n.startswith(frozen_always)]
     visual = {n for n in trainable if n.startswith("model.visual.transformer")}
     text = {n for n in trainable if n.startswith("model.transformer")}
     suffixes = {n.split(".attn.")[-1] for n in visual | text if ".attn." in n}
     expected = {
-        "freeze": set(), "prompt": set(), "full": None, "attn": {"q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"},
-        "qk": {"q_proj_weight", "k_proj_weight"}, "kv": {"k_proj_weight", "v_proj_weight"},
-        "qv": {"q_proj_weight", "v_proj_weight"}, "qv_img": {"q_proj_weight", "v_proj_weight"},
+        "freeze": set(),
+        "prompt": set(),
+        "full": None,
+        "attn": {"q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"},
+        "qk": {"q_proj_weight", "k_proj_weight"},
+        "kv": {"k_proj_weight", "v_proj_weight"},
+        "qv": {"q_proj_weight", "v_proj_weight"},
+        "qv_img": {"q_proj_weight", "v_proj_weight"},
         "qv_txt": {"q_proj_weight", "v_proj_weight"},
     }[strategy]
     if expected is not None:

@@ -12,47 +12,62 @@ from ovseg_lab.config_checks import config_problems
 from tests.conftest import ROOT, compose, small_toy_overrides
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.optimizer.lr=-0.001"], "model.optimizer.lr=-0.001 must be > 0"),
-    (["model.optimizer.lr=0"], "model.optimizer.lr=0 must be > 0"),
-    (["model.backbone_lr_multiplier=-1"], "model.backbone_lr_multiplier=-1 must be >= 0"),
-    (["data.transform.crop_size=7"], "crop_size=7 is below the 8 px patch of the model's CLIP image tower"),
-    (["data.transform.crop_size=0"], "crop_size=0 must be a positive integer"),
-    (["trainer.max_steps=0"], "trainer.max_steps=0 trains nothing"),
-    (["trainer.max_steps=-5"], "trainer.max_steps=-5 must be >= -1"),
-    (["trainer.max_steps=-1"], "trainer.max_steps=-1 (train by epochs) needs trainer.max_epochs > 0"),
-    (["model=lseg", "finetune=qv"], "finetune=qv: model=lseg does not read the finetune group"),
-    (["model=ovseg", "aggregation=feature"], "aggregation=feature: model=ovseg does not read the aggregation group"),
-    (["model=costvolume", "aggregation.input=feature"], "model=costvolume does not read the aggregation group"),
-    (["model=ovsegmentor", "clip=vitl14"], "clip=vitl14: model=ovsegmentor does not read the clip group"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.optimizer.lr=-0.001"], "model.optimizer.lr=-0.001 must be > 0"),
+        (["model.optimizer.lr=0"], "model.optimizer.lr=0 must be > 0"),
+        (["model.backbone_lr_multiplier=-1"], "model.backbone_lr_multiplier=-1 must be >= 0"),
+        (["data.transform.crop_size=7"], "crop_size=7 is below the 8 px patch of the model's CLIP image tower"),
+        (["data.transform.crop_size=0"], "crop_size=0 must be a positive integer"),
+        (["trainer.max_steps=0"], "trainer.max_steps=0 trains nothing"),
+        (["trainer.max_steps=-5"], "trainer.max_steps=-5 must be >= -1"),
+        (["trainer.max_steps=-1"], "trainer.max_steps=-1 (train by epochs) needs trainer.max_epochs > 0"),
+        (["model=lseg", "finetune=qv"], "finetune=qv: model=lseg does not read the finetune group"),
+        (
+            ["model=ovseg", "aggregation=feature"],
+            "aggregation=feature: model=ovseg does not read the aggregation group",
+        ),
+        (["model=costvolume", "aggregation.input=feature"], "model=costvolume does not read the aggregation group"),
+        (["model=ovsegmentor", "clip=vitl14"], "clip=vitl14: model=ovsegmentor does not read the clip group"),
+    ],
+)
 def test_new_config_checks_name_the_key(overrides, message):
     cfg = compose("train", ["experiment=quickstart", *overrides])
     assert any(message in p for p in config_problems(cfg)), config_problems(cfg)
 
 
-@pytest.mark.parametrize("overrides", [
-    [],
-    ["model=catseg", "finetune=qv", "aggregation=feature"],  # the groups CAT-Seg reads
-    ["model=costvolume", "finetune=attn"],
-    ["model=ovseg"],  # max_steps: 0 in a pipeline's assembling run (its stages train)
-    ["model=lseg"],  # the experiment's own finetune choice is not the user's
-    ["trainer.max_steps=-1", "trainer.max_epochs=2"],
-    ["model.backbone_lr_multiplier=0"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["model=catseg", "finetune=qv", "aggregation=feature"],  # the groups CAT-Seg reads
+        ["model=costvolume", "finetune=attn"],
+        ["model=ovseg"],  # max_steps: 0 in a pipeline's assembling run (its stages train)
+        ["model=lseg"],  # the experiment's own finetune choice is not the user's
+        ["trainer.max_steps=-1", "trainer.max_epochs=2"],
+        ["model.backbone_lr_multiplier=0"],
+    ],
+)
 def test_valid_settings_pass(overrides):
     assert config_problems(compose("train", ["experiment=quickstart", *overrides])) == []
 
 
-@pytest.mark.parametrize("overrides, minimum, what", [
-    (["experiment=catseg_vitb16_coco"], 16, "patch of the model's CLIP image tower"),
-    (["experiment=quickstart", "model=costvolume"], 8, "patch of the model's CLIP image tower"),
-    (["experiment=lseg_ade20k"], 32, "1/32 level of LSeg's DPT pyramid"),  # ViT-L/16: the pyramid, not the patch
-    (["experiment=ovseg"], 32, "MaskFormer's size divisibility"),
-    (["experiment=quickstart", "model=ovsegmentor", "model.net.image_encoder.patch_size=16"], 16,
-     "patch of the group ViT image encoder"),
-    (["experiment=quickstart", "model=groupvit"], 8, "patch of the group ViT image encoder"),
-])
+@pytest.mark.parametrize(
+    "overrides, minimum, what",
+    [
+        (["experiment=catseg_vitb16_coco"], 16, "patch of the model's CLIP image tower"),
+        (["experiment=quickstart", "model=costvolume"], 8, "patch of the model's CLIP image tower"),
+        (["experiment=lseg_ade20k"], 32, "1/32 level of LSeg's DPT pyramid"),  # ViT-L/16: the pyramid, not the patch
+        (["experiment=ovseg"], 32, "MaskFormer's size divisibility"),
+        (
+            ["experiment=quickstart", "model=ovsegmentor", "model.net.image_encoder.patch_size=16"],
+            16,
+            "patch of the group ViT image encoder",
+        ),
+        (["experiment=quickstart", "model=groupvit"], 8, "patch of the group ViT image encoder"),
+    ],
+)
 def test_the_crop_check_asks_the_chosen_model_for_its_minimum(overrides, minimum, what):
     """Each family's own minimum (one cell of its coarsest map), from its config: below it refused, at it accepted."""
     from omegaconf import open_dict
@@ -99,9 +114,22 @@ def test_a_setup_error_inside_instantiation_reaches_the_user_unwrapped(toy_data_
     """A missing clip.weights file raises our SetupError inside Hydra's instantiate; the user (and error.txt, which
     make_table quotes) gets our paragraph, not 'InstantiationException: Error in call to target'."""
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "train.py", "experiment=quickstart", "model=costvolume", "logger=csv",
-                           f"clip.weights={tmp_path / 'missing.pt'}", f"hydra.run.dir={run}",
-                           *small_toy_overrides(toy_data_dir)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "experiment=quickstart",
+            "model=costvolume",
+            "logger=csv",
+            f"clip.weights={tmp_path / 'missing.pt'}",
+            f"hydra.run.dir={run}",
+            *small_toy_overrides(toy_data_dir),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "missing.pt" in proc.stderr
     assert "InstantiationException" not in proc.stderr + proc.stdout and "Error in call to target" not in proc.stderr
@@ -112,9 +140,21 @@ def test_a_setup_error_inside_instantiation_reaches_the_user_unwrapped(toy_data_
 
 def test_a_bad_ckpt_path_stops_before_any_pipeline_stage(toy_data_dir, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "train.py", "experiment=quickstart", "logger=csv",  # CAT-Seg: a 2-stage chain
-                           f"ckpt_path={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={run}",
-                           *small_toy_overrides(toy_data_dir)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "experiment=quickstart",
+            "logger=csv",  # CAT-Seg: a 2-stage chain
+            f"ckpt_path={tmp_path / 'nope.ckpt'}",
+            f"hydra.run.dir={run}",
+            *small_toy_overrides(toy_data_dir),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "no such checkpoint file" in proc.stderr, proc.stderr[-3000:]
     assert "[pipeline]" not in proc.stdout and not (run / "stages").exists()
 
@@ -129,5 +169,6 @@ def test_the_preflight_names_an_unavailable_bert_for_ovsegmentor(monkeypatch, tm
     assert "BERT text encoder 'bert-base-uncased'" in problem and "not in the Hugging Face cache" in problem
     cfg = compose("train", ["experiment=ovsegmentor_stage1", f"model.net.text_encoder.pretrained={tmp_path / 'bert'}"])
     assert preflight.missing_text_encoders(cfg) == [
-        f"the BERT text encoder folder {tmp_path / 'bert'} (model.net.text_encoder.pretrained) does not exist"]
+        f"the BERT text encoder folder {tmp_path / 'bert'} (model.net.text_encoder.pretrained) does not exist"
+    ]
     assert preflight.missing_text_encoders(compose("train", ["experiment=quickstart"])) == []

@@ -18,8 +18,11 @@ def _options(group: str) -> list[str]:
 def test_every_group_option_composes(group, option):
     cfg = compose("train", [f"{group}={option}"])
     # every interpolation resolves
-    container = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-                 for k in cfg if k != "hydra"}
+    container = {
+        k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+        for k in cfg
+        if k != "hydra"
+    }
     assert container["model"]["_target_"]
     assert container["data"]["_target_"]
 
@@ -59,8 +62,17 @@ def test_unknown_key_fails_at_compose_time():
 
 def test_slurm_launcher_starts_one_task_per_device():
     """hydra/launcher=slurm: SLURM (not Lightning) starts the DDP ranks, one task per device on each node."""
-    cfg = compose("train", ["experiment=catseg_table6", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
-                            "hydra/launcher=slurm", "hydra.sweep.dir=/sweep"])
+    cfg = compose(
+        "train",
+        [
+            "experiment=catseg_table6",
+            "trainer=ddp",
+            "trainer.devices=4",
+            "trainer.num_nodes=2",
+            "hydra/launcher=slurm",
+            "hydra.sweep.dir=/sweep",
+        ],
+    )
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
     assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (cfg.hydra.launcher.tasks_per_node, cfg.hydra.launcher.gpus_per_node, cfg.hydra.launcher.nodes) == (4, 4, 2)

@@ -17,8 +17,13 @@ from torch import nn
 from tests.conftest import ROOT
 
 LSEG_TOY = ["experiment=quickstart", "model=lseg"]  # tiny ViT (4 blocks, width 96, 8x8 patches), DPT width 32
-OVSEG_TOY = ["experiment=quickstart", "model=ovseg", "clip.mask_prompt_depth=3",
-             "model.net.maskformer_weights=null", "model.net.clip_weights=null"]
+OVSEG_TOY = [
+    "experiment=quickstart",
+    "model=ovseg",
+    "clip.mask_prompt_depth=3",
+    "model.net.maskformer_weights=null",
+    "model.net.clip_weights=null",
+]
 
 
 def openai_layout_clip(mask_prompt_depth: int = 0, context_length: int = 16) -> nn.Module:
@@ -34,7 +39,9 @@ def openai_layout_clip(mask_prompt_depth: int = 0, context_length: int = 16) -> 
     model = open_clip.CLIP(**cfg)
     if mask_prompt_depth:
         grid = model.visual.grid_size
-        model.visual.mask_embedding = nn.Parameter(torch.randn(mask_prompt_depth, grid[0] * grid[1], model.visual.conv1.out_channels))
+        model.visual.mask_embedding = nn.Parameter(
+            torch.randn(mask_prompt_depth, grid[0] * grid[1], model.visual.conv1.out_channels)
+        )
     return model.eval()
 
 
@@ -68,12 +75,16 @@ def official_lseg_state_dict(embed_dim: int) -> dict[str, torch.Tensor]:
     net = nn.Module()
     net.clip_pretrained = openai_layout_clip()
     net.pretrained = nn.Module()
-    net.pretrained.model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3)
+    net.pretrained.model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3
+    )
     channels, width = (24, 48, 96, 96), 96
     # patch stride 8 -> strides 4, 8, 16, 32: x2 transposed conv, nothing, stride-2 conv, stride-4 (two stride-2)
     resample = [nn.ConvTranspose2d(24, 24, 2, 2), None, nn.Conv2d(96, 96, 3, 2, 1), nn.Conv2d(96, 96, 3, 2, 1)]
     for i, (c, res) in enumerate(zip(channels, resample), start=1):
-        layers = [ProjectReadout(width), nn.Identity(), nn.Identity(), nn.Conv2d(width, c, 1)] + ([res] if res is not None else [])
+        layers = [ProjectReadout(width), nn.Identity(), nn.Identity(), nn.Conv2d(width, c, 1)] + (
+            [res] if res is not None else []
+        )
         setattr(net.pretrained, f"act_postprocess{i}", nn.Sequential(*layers))
     net.scratch = nn.Module()
     for i, c in enumerate(channels, start=1):
@@ -99,15 +110,24 @@ def test_lseg_conversion_loads_with_no_missing_or_unexpected_keys_and_reproduces
     assert all(converted[k].shape == own[k].shape for k in own)
     net.load_state_dict(converted)
     # anchors: the official coarse-to-fine order (refinenet4 takes layer4) is our fuse[3] / project[3]
-    torch.testing.assert_close(net.decoder.fusion.fuse[3].out_conv.weight, official["net.scratch.refinenet4.out_conv.weight"])
-    torch.testing.assert_close(net.decoder.fusion.fuse[0].skip_unit.bn2.running_var, official["net.scratch.refinenet1.resConfUnit1.bn2.running_var"])
-    torch.testing.assert_close(net.encoder.reassemble[0].resample.weight, official["net.pretrained.act_postprocess1.4.weight"])
+    torch.testing.assert_close(
+        net.decoder.fusion.fuse[3].out_conv.weight, official["net.scratch.refinenet4.out_conv.weight"]
+    )
+    torch.testing.assert_close(
+        net.decoder.fusion.fuse[0].skip_unit.bn2.running_var,
+        official["net.scratch.refinenet1.resConfUnit1.bn2.running_var"],
+    )
+    torch.testing.assert_close(
+        net.encoder.reassemble[0].resample.weight, official["net.pretrained.act_postprocess1.4.weight"]
+    )
     torch.testing.assert_close(net.log_scale.exp(), torch.tensor(1 / 0.07))
     # reference: the OpenAI-layout CLIP itself encodes text exactly as our q/k/v-split copy
     reference = openai_layout_clip()
     tokens = net.clip.tokenize(["red circle", "plain sky"])
     with torch.no_grad():
-        torch.testing.assert_close(net.clip.model.encode_text(tokens), reference.encode_text(tokens), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            net.clip.model.encode_text(tokens), reference.encode_text(tokens), atol=1e-5, rtol=1e-5
+        )
     # and the whole network runs on the converted weights
     from ovseg_lab.vocab import Vocabulary
 
@@ -135,31 +155,41 @@ def test_ovseg_clip_conversion_matches_the_open_clip_reference(layout):
         state = {f"module.{k}": v for k, v in state.items()}
     elif layout == "ovseg_detectron2":  # the full OVSeg checkpoint: MaskFormer parts beside the CLIP adapter
         state = {f"clip_adapter.clip_model.{k}": v for k, v in state.items()}
-        state |= {"backbone.patch_embed.proj.weight": torch.zeros(2), "sem_seg_head.predictor.query_embed.weight": torch.zeros(2),
-                  "clip_adapter.non_object_embedding": torch.zeros(1, 64)}
+        state |= {
+            "backbone.patch_embed.proj.weight": torch.zeros(2),
+            "sem_seg_head.predictor.query_embed.weight": torch.zeros(2),
+            "clip_adapter.non_object_embedding": torch.zeros(1, 64),
+        }
     converted = convert_ovseg_clip_state_dict(state, prefix="")
     net = build_net(OVSEG_TOY)
     own = {k: v for k, v in net.state_dict().items() if k.startswith("clip.")}
     assert set(converted) == set(own)
-    net.clip.load_state_dict({k[len("clip."):]: v for k, v in converted.items()})
+    net.clip.load_state_dict({k[len("clip.") :]: v for k, v in converted.items()})
     torch.testing.assert_close(net.clip.mask_prompts, reference.visual.mask_embedding)
     images = torch.randn(2, 3, 64, 64)
     tokens = net.clip.tokenize(["red circle", "plain sky"])
     with torch.no_grad():
-        torch.testing.assert_close(net.clip.model.encode_text(tokens), reference.encode_text(tokens), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(net.clip.model.encode_image(images), reference.encode_image(images), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            net.clip.model.encode_text(tokens), reference.encode_text(tokens), atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            net.clip.model.encode_image(images), reference.encode_image(images), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_convert_script_writes_ovseg_clip_weights_that_ovseg_loads(tmp_path):
-    from scripts.convert_checkpoint import convert
-
     from ovseg_lab.build import build_net
+    from scripts.convert_checkpoint import convert
 
     source = tmp_path / "ovseg_clip.pth"
     reference = openai_layout_clip(mask_prompt_depth=3, context_length=32)
     torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, source)
-    out, _ = convert("ovseg_clip", source, tmp_path / "clip.pt", ["experiment=quickstart", "model=ovseg", "model.net.maskformer_weights=null",
-                                                              "model.net.clip_weights=null"])
+    out, _ = convert(
+        "ovseg_clip",
+        source,
+        tmp_path / "clip.pt",
+        ["experiment=quickstart", "model=ovseg", "model.net.maskformer_weights=null", "model.net.clip_weights=null"],
+    )
     net = build_net(OVSEG_TOY[:-1] + [f"model.net.clip_weights={out}"])  # OVSeg loads it as its adapted CLIP
     torch.testing.assert_close(net.clip.mask_prompts, reference.visual.mask_embedding)
 
@@ -168,11 +198,28 @@ def test_convert_script_refuses_a_checkpoint_of_another_model(tmp_path):
     bad = tmp_path / "lseg_like.pth"
     state = {f"module.{k}": v for k, v in openai_layout_clip(context_length=32).state_dict().items()}  # no mask prompts
     torch.save(state, bad)
-    proc = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", "--format", "ovseg_clip", "--input", str(bad),
-                           "--output", str(tmp_path / "o.pt"), "--", "experiment=quickstart", "model=ovseg",
-                           "model.net.maskformer_weights=null", "model.net.clip_weights=null",
-                           "clip.mask_prompt_depth=3"],  # a model with prompts: the user's override beats detection
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/convert_checkpoint.py",
+            "--format",
+            "ovseg_clip",
+            "--input",
+            str(bad),
+            "--output",
+            str(tmp_path / "o.pt"),
+            "--",
+            "experiment=quickstart",
+            "model=ovseg",
+            "model.net.maskformer_weights=null",
+            "model.net.clip_weights=null",
+            "clip.mask_prompt_depth=3",
+        ],  # a model with prompts: the user's override beats detection
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "missing" in proc.stderr and "mask_prompts" in proc.stderr
     assert not (tmp_path / "o.pt").exists()
@@ -190,9 +237,14 @@ def test_converted_lseg_checkpoint_predicts_through_the_predict_path(tmp_path):
     torch.save({"epoch": 200, "state_dict": official_lseg_state_dict(64)}, source)
     out, _ = convert("lseg", source, tmp_path / "lseg.ckpt", LSEG_TOY)
     module, _ = model_from_checkpoint(out)
-    torch.testing.assert_close(module.net.decoder.head.weight, torch.load(source, weights_only=True)["state_dict"]["net.scratch.head1.weight"])
-    labels = predict_image(module, np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8),
-                           vocabulary_from_names("cat,sofa,wall"))
+    torch.testing.assert_close(
+        module.net.decoder.head.weight, torch.load(source, weights_only=True)["state_dict"]["net.scratch.head1.weight"]
+    )
+    labels = predict_image(
+        module,
+        np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8),
+        vocabulary_from_names("cat,sofa,wall"),
+    )
     assert labels.shape == (50, 70) and labels.max() < 3
 
 
@@ -204,14 +256,22 @@ def test_ovsegmentor_release_layouts_convert_to_the_same_weights():
 
     pos = torch.randn(1, 196, 8)
     conv = torch.randn(4096, 8, 1)
-    base = {"img_encoder.pos_embed": pos, "img_projector.linear_hidden.0.weight": conv,
-            "multimodal_groupingblock.blocks.0.assign.q_proj.weight": torch.randn(8, 8),
-            "text_encoder.transformer.pooler.dense.weight": torch.randn(8, 8), "logit_scale_mask": torch.zeros(()),
-            "img_encoder_momentum.norm.weight": torch.ones(8),
-            "multimodal_groupingblock.blocks.0.post_attn.attn.qkv.weight": torch.randn(24, 8)}
+    base = {
+        "img_encoder.pos_embed": pos,
+        "img_projector.linear_hidden.0.weight": conv,
+        "multimodal_groupingblock.blocks.0.assign.q_proj.weight": torch.randn(8, 8),
+        "text_encoder.transformer.pooler.dense.weight": torch.randn(8, 8),
+        "logit_scale_mask": torch.zeros(()),
+        "img_encoder_momentum.norm.weight": torch.ones(8),
+        "multimodal_groupingblock.blocks.0.post_attn.attn.qkv.weight": torch.randn(24, 8),
+    }
     batched = convert_ovsegmentor_state_dict(base)
     dino = convert_ovsegmentor_state_dict({**base, "img_encoder.pos_embed": pos[0]})
-    assert set(batched) == {"net.image_encoder.pos_embed", "net.image_head.fc1.weight", "net.decoder.self_attn.attn.qkv.weight"}
+    assert set(batched) == {
+        "net.image_encoder.pos_embed",
+        "net.image_head.fc1.weight",
+        "net.decoder.self_attn.attn.qkv.weight",
+    }
     assert torch.equal(batched["net.image_encoder.pos_embed"], dino["net.image_encoder.pos_embed"])
     assert torch.equal(batched["net.image_head.fc1.weight"], conv[..., 0])
     with pytest.raises(SetupError, match="Unrecognised OVSegmentor"):

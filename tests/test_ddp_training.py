@@ -17,8 +17,15 @@ import pytest
 
 from tests.conftest import ROOT, small_toy_overrides
 
-COMMON = ["experiment=quickstart", "model=costvolume", "logger=csv", "trainer.accelerator=cpu", "trainer.max_steps=6",
-          "trainer.val_check_interval=6", "data.transform.flip=false"]
+COMMON = [
+    "experiment=quickstart",
+    "model=costvolume",
+    "logger=csv",
+    "trainer.accelerator=cpu",
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=6",
+    "data.transform.flip=false",
+]
 
 
 def _train(run_dir, toy_data_dir, *extra) -> dict:
@@ -45,8 +52,15 @@ def test_ddp_two_cpu_processes_match_one_process(toy_data_dir, tmp_path):
 
 def test_ddp_refuses_a_local_multirun(toy_data_dir, tmp_path):
     """Lightning starts DDP ranks by re-running sys.argv: under a local -m sweep every rank would run the sweep."""
-    cmd = [sys.executable, "train.py", "-m", *COMMON, "trainer=ddp", f"hydra.sweep.dir={tmp_path}",
-           *small_toy_overrides(toy_data_dir)]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        *COMMON,
+        "trainer=ddp",
+        f"hydra.sweep.dir={tmp_path}",
+        *small_toy_overrides(toy_data_dir),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "hydra/launcher=slurm" in proc.stderr
     assert not list(tmp_path.glob("*/metrics.json")) and not list(tmp_path.glob("*/checkpoints"))  # nothing trained

@@ -27,7 +27,10 @@ CLASSES = "red circle, striped grass, plain sky, blue square"
 REQUESTED = [c.strip() for c in CLASSES.split(",")]
 TINY_SAM = {
     "config": TINY_SAM_CONFIG,
-    "points_per_side": 3, "points_per_batch": 9, "pred_iou_thresh": -1e9, "stability_score_thresh": 0.0,
+    "points_per_side": 3,
+    "points_per_batch": 9,
+    "pred_iou_thresh": -1e9,
+    "stability_score_thresh": 0.0,
     "box_nms_thresh": 1.0,
 }
 START_TIMEOUT_S = 180
@@ -96,8 +99,20 @@ def demo_server(gradio_available, demo_checkpoints, tmp_path_factory):
     (folder / "sam.json").write_text(json.dumps(TINY_SAM))
     port = free_port()
     log = folder / "server.log"
-    cmd = [sys.executable, "scripts/demo.py", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-           "--sam-config", str(folder / "sam.json"), "--output-dir", str(folder / "requests")]
+    cmd = [
+        sys.executable,
+        "scripts/demo.py",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--sam-config",
+        str(folder / "sam.json"),
+        "--output-dir",
+        str(folder / "requests"),
+    ]
     for name in ("quickstart", "catseg", "ovseg", "official"):
         cmd += ["--checkpoint", str(demo_checkpoints[name])]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -163,8 +178,15 @@ def test_demo_serves_the_cli_prediction_through_gradio_client(demo_server, tmp_p
     image = tmp_path / "photo.png"
     picture.save(image)
 
-    overlay_file, areas, info, *_ = client.predict(handle_file(str(image)), CLASSES, "(the class names above)",
-                                                   labels["quickstart"], "MaskFormer", 0.8, api_name="/segment")
+    overlay_file, areas, info, *_ = client.predict(
+        handle_file(str(image)),
+        CLASSES,
+        "(the class names above)",
+        labels["quickstart"],
+        "MaskFormer",
+        0.8,
+        api_name="/segment",
+    )
     overlay = read_overlay(overlay_file)
     rows = areas["data"] if isinstance(areas, dict) else areas
     present = [row[0] for row in rows]
@@ -177,8 +199,21 @@ def test_demo_serves_the_cli_prediction_through_gradio_client(demo_server, tmp_p
 
     # one path with the CLI: scripts/predict.py writes the same overlay for the same image and classes
     out = tmp_path / "cli"
-    assert predict_main(["--checkpoint", str(demo_server["ckpts"]["quickstart"]), "--image", str(image),
-                         "--classes", CLASSES, "--output", str(out)]) == 0
+    assert (
+        predict_main(
+            [
+                "--checkpoint",
+                str(demo_server["ckpts"]["quickstart"]),
+                "--image",
+                str(image),
+                "--classes",
+                CLASSES,
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     cli = read_overlay(out / "photo_overlay.png")
     np.testing.assert_array_equal(np.array(overlay.convert("RGB")), np.array(cli.convert("RGB")))
     cli_areas = json.loads((out / "photo_areas.json").read_text())["areas"]
@@ -193,8 +228,14 @@ def test_demo_catseg_score_map_and_ovseg_proposals(demo_server):
     image = example_image()
     width, height = Image.open(image).size
     overlay_file, areas, info, score_class, score_map, *_ = client.predict(
-        handle_file(str(image)), CLASSES, "(the class names above)", labels["catseg"], "MaskFormer", 0.8,
-        api_name="/segment")
+        handle_file(str(image)),
+        CLASSES,
+        "(the class names above)",
+        labels["catseg"],
+        "MaskFormer",
+        0.8,
+        api_name="/segment",
+    )
     score_map = file_of(score_map)
     assert score_map is not None and Image.open(score_map).size == (width, height)
     assert file_of(score_class) in REQUESTED
@@ -203,16 +244,24 @@ def test_demo_catseg_score_map_and_ovseg_proposals(demo_server):
     assert not np.array_equal(np.array(Image.open(file_of(picked))), np.array(Image.open(score_map)))
 
     for proposals in ("MaskFormer", "SAM"):
-        overlay_file, areas, info, *_ = client.predict(handle_file(str(image)), CLASSES, "(the class names above)",
-                                                       labels["ovseg"], proposals, 0.5, api_name="/segment")
+        overlay_file, areas, info, *_ = client.predict(
+            handle_file(str(image)),
+            CLASSES,
+            "(the class names above)",
+            labels["ovseg"],
+            proposals,
+            0.5,
+            api_name="/segment",
+        )
         rows = areas["data"] if isinstance(areas, dict) else areas
         assert {row[0] for row in rows} <= set(REQUESTED)
         assert read_overlay(overlay_file).height == height
         assert f"{proposals} proposals" in info
 
     # a benchmark vocabulary instead of typed names
-    overlay_file, areas, info, *_ = client.predict(handle_file(str(image)), "", "toy_seen", labels["quickstart"],
-                                                   "MaskFormer", 0.8, api_name="/segment")
+    overlay_file, areas, info, *_ = client.predict(
+        handle_file(str(image)), "", "toy_seen", labels["quickstart"], "MaskFormer", 0.8, api_name="/segment"
+    )
     from ovseg_lab.data.toy import split_vocabularies
 
     rows = areas["data"] if isinstance(areas, dict) else areas
@@ -233,25 +282,36 @@ def test_demo_error_paths_are_clear_messages(demo_server, tmp_path):
             client.predict(*args, api_name=api_name)
         return str(caught.value)
 
-    assert "No classes given" in error_of(handle_file(str(image)), " , ", "(the class names above)",
-                                         labels["quickstart"], "MaskFormer", 0.8)
-    assert "repeats names" in error_of(handle_file(str(image)), "sky, Sky", "(the class names above)",
-                                       labels["quickstart"], "MaskFormer", 0.8)
+    assert "No classes given" in error_of(
+        handle_file(str(image)), " , ", "(the class names above)", labels["quickstart"], "MaskFormer", 0.8
+    )
+    assert "repeats names" in error_of(
+        handle_file(str(image)), "sky, Sky", "(the class names above)", labels["quickstart"], "MaskFormer", 0.8
+    )
     assert "No image" in error_of(None, CLASSES, "(the class names above)", labels["quickstart"], "MaskFormer", 0.8)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 20)
-    message = error_of(handle_file(str(broken)), CLASSES, "(the class names above)", labels["quickstart"],
-                       "MaskFormer", 0.8)
+    message = error_of(
+        handle_file(str(broken)), CLASSES, "(the class names above)", labels["quickstart"], "MaskFormer", 0.8
+    )
     assert "Cannot read the image broken.png" in message and "Traceback" not in message
     # a checkpoint of another layout: on the page since start, and refused when loaded from the page
     assert "carries no ovseg-lab config" in json.dumps(client.config)
     message = error_of(str(demo_server["ckpts"]["official"]), labels["quickstart"], api_name="/load_checkpoint")
     assert "carries no ovseg-lab config" in message and "convert" in message.lower()
-    assert "Checkpoint not found" in error_of(str(tmp_path / "nope.ckpt"), labels["quickstart"],
-                                              api_name="/load_checkpoint")
+    assert "Checkpoint not found" in error_of(
+        str(tmp_path / "nope.ckpt"), labels["quickstart"], api_name="/load_checkpoint"
+    )
     # the server is still serving after all of that
-    overlay_file, *_ = client.predict(handle_file(str(image)), CLASSES, "(the class names above)",
-                                      labels["quickstart"], "MaskFormer", 0.8, api_name="/segment")
+    overlay_file, *_ = client.predict(
+        handle_file(str(image)),
+        CLASSES,
+        "(the class names above)",
+        labels["quickstart"],
+        "MaskFormer",
+        0.8,
+        api_name="/segment",
+    )
     assert read_overlay(overlay_file).height == Image.open(image).height
 
 
@@ -265,7 +325,9 @@ def test_text_embedding_cache_is_kept_across_requests(demo_checkpoints, tmp_path
     assert clips
     for clip in clips:
         original = clip.encode_text
-        monkeypatch.setattr(clip, "encode_text", lambda prompts, _f=original: (calls.append(len(prompts)), _f(prompts))[1])
+        monkeypatch.setattr(
+            clip, "encode_text", lambda prompts, _f=original: (calls.append(len(prompts)), _f(prompts))[1]
+        )
     image = load_examples()[0]["image"]
     first = app.segment(image, CLASSES)
     assert len(calls) == 1
@@ -281,7 +343,9 @@ def test_sam_offline_is_a_clear_message(demo_checkpoints, tmp_path, monkeypatch)
     from ovseg_lab.errors import SetupError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    app = DemoApp([demo_checkpoints["ovseg"]], device="cpu", sam_model=str(tmp_path / "no-sam-here"), output_dir=tmp_path)
+    app = DemoApp(
+        [demo_checkpoints["ovseg"]], device="cpu", sam_model=str(tmp_path / "no-sam-here"), output_dir=tmp_path
+    )
     with pytest.raises(SetupError, match="Could not load Segment Anything"):
         app.segment(load_examples()[0]["image"], CLASSES, proposals="SAM")
     with pytest.raises(SetupError, match="granularity"):
@@ -316,8 +380,9 @@ def test_demo_starts_without_a_checkpoint_and_offers_one(gradio_available, demo_
         assert "make quickstart" in page
         image = load_examples()[0]["image"]
         with pytest.raises(AppError, match="No model is loaded"):
-            client.predict(handle_file(image), CLASSES, "(the class names above)", None, "MaskFormer", 0.8,
-                           api_name="/segment")
+            client.predict(
+                handle_file(image), CLASSES, "(the class names above)", None, "MaskFormer", 0.8, api_name="/segment"
+            )
         with pytest.raises(AppError, match="No quickstart checkpoint"):
             client.predict(None, api_name="/load_quickstart")
         quick = tmp_path / "outputs" / "quickstart" / "checkpoints" / "last.ckpt"
@@ -325,8 +390,15 @@ def test_demo_starts_without_a_checkpoint_and_offers_one(gradio_available, demo_
         quick.write_bytes(demo_checkpoints["quickstart"].read_bytes())
         client.predict(None, api_name="/load_quickstart")
         assert len(app.models) == 1
-        overlay_file, areas, info, *_ = client.predict(handle_file(image), CLASSES, "(the class names above)",
-                                                       list(app.models)[0], "MaskFormer", 0.8, api_name="/segment")
+        overlay_file, areas, info, *_ = client.predict(
+            handle_file(image),
+            CLASSES,
+            "(the class names above)",
+            list(app.models)[0],
+            "MaskFormer",
+            0.8,
+            api_name="/segment",
+        )
         assert Image.open(overlay_file).height == Image.open(image).height
     finally:
         demo.close()
@@ -335,13 +407,17 @@ def test_demo_starts_without_a_checkpoint_and_offers_one(gradio_available, demo_
 @pytest.mark.slow
 def test_train_toy_button_trains_and_loads_a_model(toy_data_dir, tmp_path):
     """The page's "train the toy model" path, with a few steps on the small toy set."""
+    from ovseg_lab.demo import TOY_TRAIN_OVERRIDES, DemoApp, load_examples
     from tests.conftest import small_toy_overrides
 
-    from ovseg_lab.demo import DemoApp, TOY_TRAIN_OVERRIDES, load_examples
-
     overrides = [o for o in TOY_TRAIN_OVERRIDES if "steps" not in o and "val_check" not in o]
-    overrides += ["trainer.max_steps=4", "trainer.val_check_interval=4", "callbacks.model_checkpoint.every_n_train_steps=4",
-                  "pipeline.params.pretrain_steps=4", *small_toy_overrides(toy_data_dir)]
+    overrides += [
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "callbacks.model_checkpoint.every_n_train_steps=4",
+        "pipeline.params.pretrain_steps=4",
+        *small_toy_overrides(toy_data_dir),
+    ]
     app = DemoApp([], device="cpu", root=tmp_path, output_dir=tmp_path / "requests", toy_overrides=overrides)
     lines = list(app.train_toy(poll_s=0.5))
     assert lines[-1].startswith("Loaded") and len(app.models) == 1
@@ -380,8 +456,13 @@ class DevTools:
             os.dup2(high_w, 4)
 
         with open(log, "w") as handle:
-            self.proc = subprocess.Popen([*cmd, "--remote-debugging-pipe"], stdout=handle, stderr=subprocess.STDOUT,
-                                         preexec_fn=child_fds, close_fds=False)
+            self.proc = subprocess.Popen(
+                [*cmd, "--remote-debugging-pipe"],
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                preexec_fn=child_fds,
+                close_fds=False,
+            )
         os.close(high_r)
         os.close(high_w)
         self.buffer = b""
@@ -456,28 +537,49 @@ def test_demo_in_headless_chromium(demo_server, tmp_path):
     if browser is None:
         pytest.skip("no Chromium: apt-get install -y chromium")
     profile = tmp_path / "profile"
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-           "--window-size=1280,1000", "about:blank"]
+    cmd = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,1000",
+        "about:blank",
+    ]
     devtools = DevTools(cmd, tmp_path / "chromium.log")
     try:
         devtools.call("Page.enable")
         devtools.call("Emulation.setDeviceMetricsOverride", width=1280, height=1000, deviceScaleFactor=1, mobile=False)
         devtools.call("Page.navigate", url=demo_server["url"])
-        devtools.wait_for("!!document.querySelector('#segment') && document.readyState === 'complete'", 90,
-                          "the page to render")
+        devtools.wait_for(
+            "!!document.querySelector('#segment') && document.readyState === 'complete'", 90, "the page to render"
+        )
         # pick the first example: Gradio fills the image and the class names
-        devtools.wait_for("(() => { const t = document.querySelector('#examples');"
-                          " const b = t && t.querySelector('button, tbody tr, .gallery-item');"
-                          " if (b) { b.click(); return true; } return false; })()", 30, "the examples")
-        devtools.wait_for("(() => { const t = document.querySelector('#classes textarea, #classes input');"
-                          " return !!t && t.value.length > 0 && !!document.querySelector('#image img'); })()", 30,
-                          "the example to fill the inputs")
+        devtools.wait_for(
+            "(() => { const t = document.querySelector('#examples');"
+            " const b = t && t.querySelector('button, tbody tr, .gallery-item');"
+            " if (b) { b.click(); return true; } return false; })()",
+            30,
+            "the examples",
+        )
+        devtools.wait_for(
+            "(() => { const t = document.querySelector('#classes textarea, #classes input');"
+            " return !!t && t.value.length > 0 && !!document.querySelector('#image img'); })()",
+            30,
+            "the example to fill the inputs",
+        )
         devtools.js("document.querySelector('#segment').click()")
-        devtools.wait_for("(() => { const img = document.querySelector('#overlay img');"
-                          " const rows = document.querySelectorAll('#areas tbody tr');"
-                          " return !!img && img.complete && img.naturalWidth > 0 && rows.length > 0; })()", 120,
-                          "the overlay and the areas")
+        devtools.wait_for(
+            "(() => { const img = document.querySelector('#overlay img');"
+            " const rows = document.querySelectorAll('#areas tbody tr');"
+            " return !!img && img.complete && img.naturalWidth > 0 && rows.length > 0; })()",
+            120,
+            "the overlay and the areas",
+        )
         time.sleep(1.0)  # let the last frame settle
         table = devtools.js("document.querySelector('#areas').innerText")
         legend_text = devtools.js("document.querySelector('#info').innerText")

@@ -12,19 +12,22 @@ def parser() -> EntityParser:
     return EntityParser(EntityVocabulary.load("ovsegmentor"), nouns=["dog", "street", "bus", "photo"])
 
 
-@pytest.mark.parametrize("caption,expected", [
-    ("A red bus.", ["bus"]),  # str.strip("'s") made this "bu"
-    ("two buses parked near the glasses", ["bus", "glass"]),
-    ("the sheep's wool and a sofa, a sink; a spoon!", ["sheep", "sofa", "sink", "spoon"]),
-    ("my dog's bowl", ["dog", "bowl"]),
-    ("the dogs' owner on a bike", ["dog", "bicycle"]),  # plural possessive; synonym map
-    ("Children with their Mothers' T-shirts", ["people", "shirt"]),  # lemma + synonym + hyphenated word
-    ("a man, two women and a baby", ["people"]),
-    ("a TV on a desk", ["tv", "table"]),
-    ("skis leaning on a glass door", ["skis", "glass"]),
-    ("a business card with no entities", []),  # "bus" inside "business" is not a mention
-    ("sunset over the sea", []),
-])
+@pytest.mark.parametrize(
+    "caption,expected",
+    [
+        ("A red bus.", ["bus"]),  # str.strip("'s") made this "bu"
+        ("two buses parked near the glasses", ["bus", "glass"]),
+        ("the sheep's wool and a sofa, a sink; a spoon!", ["sheep", "sofa", "sink", "spoon"]),
+        ("my dog's bowl", ["dog", "bowl"]),
+        ("the dogs' owner on a bike", ["dog", "bicycle"]),  # plural possessive; synonym map
+        ("Children with their Mothers' T-shirts", ["people", "shirt"]),  # lemma + synonym + hyphenated word
+        ("a man, two women and a baby", ["people"]),
+        ("a TV on a desk", ["tv", "table"]),
+        ("skis leaning on a glass door", ["skis", "glass"]),
+        ("a business card with no entities", []),  # "bus" inside "business" is not a mention
+        ("sunset over the sea", []),
+    ],
+)
 def test_entities_of_hand_written_captions(parser, caption, expected):
     assert parser.entities(caption) == expected
 
@@ -42,8 +45,11 @@ def test_multi_word_entities_match_longest_first():
     vocabulary = EntityVocabulary.from_names(["red circle", "circle", "plain grass"])
     parser = EntityParser(vocabulary)
     caption = "a red circles, a circle and a plain grass"
-    assert [(caption[m.start:m.end], m.entity) for m in parser.mentions(caption)] == [
-        ("red circles", "red circle"), ("circle", "circle"), ("plain grass", "plain grass")]
+    assert [(caption[m.start : m.end], m.entity) for m in parser.mentions(caption)] == [
+        ("red circles", "red circle"),
+        ("circle", "circle"),
+        ("plain grass", "plain grass"),
+    ]
 
 
 def test_toy_captions_parse_to_the_generator_entities(toy_data_dir):
@@ -80,7 +86,7 @@ def test_official_parser_reproduces_the_release_bugs_and_ours_fixes_them():
     question, mentions = official.parse(caption)
     # capital "Sheep" survives strip("'s"), lower-case "sheep" -> "heep", "bus," keeps its comma, glass -> "gla"
     assert question == "[MASK] and heep near a bus, a gla and two [MASK]"
-    assert [caption[m.start:m.end] for m in mentions] == ["Sheep", "dogs."]
+    assert [caption[m.start : m.end] for m in mentions] == ["Sheep", "dogs."]
     assert ours.entities(caption) == ["sheep", "bus", "glass", "dog"]
     # synonyms after lower-casing ("TV" works through the unique list, "T-shirt" never), irregular plurals
     assert official.entities("Children watching TV in T-shirts") == ["people", "tv"]

@@ -17,8 +17,14 @@ def _env(tmp_path):
 
 def test_paper_defaults_stop_fast_with_one_paragraph(tmp_path):
     start = time.time()
-    proc = subprocess.run([sys.executable, "train.py", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, env=_env(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "train.py", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(tmp_path),
+    )
     elapsed = time.time() - start
     assert proc.returncode != 0
     assert elapsed < 60
@@ -37,8 +43,14 @@ def test_eval_without_checkpoint_and_with_a_foreign_one(toy_data_dir, tmp_path):
 
     from tests.conftest import small_toy_overrides
 
-    common = [sys.executable, "eval.py", "experiment=quickstart", "logger=csv", *small_toy_overrides(toy_data_dir),
-              f"hydra.run.dir={tmp_path / 'ev'}"]
+    common = [
+        sys.executable,
+        "eval.py",
+        "experiment=quickstart",
+        "logger=csv",
+        *small_toy_overrides(toy_data_dir),
+        f"hydra.run.dir={tmp_path / 'ev'}",
+    ]
     proc = subprocess.run(common, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "ckpt=" in proc.stderr and "Traceback" not in proc.stderr
     foreign = tmp_path / "foreign.ckpt"

@@ -55,11 +55,19 @@ def test_toy_experiment_runs_one_step(experiment, toy_data_dir, tmp_path):
 
     from ovseg_lab.runner import train
 
-    overrides = [f"experiment={experiment}", "logger=csv", "trainer.max_steps=1", "trainer.val_check_interval=1",
-                 f"paths.log_dir={tmp_path / 'logs'}", *small_toy_overrides(toy_data_dir)]
+    overrides = [
+        f"experiment={experiment}",
+        "logger=csv",
+        "trainer.max_steps=1",
+        "trainer.val_check_interval=1",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        *small_toy_overrides(toy_data_dir),
+    ]
     if experiment.startswith("ovseg_"):  # the toy OVSeg chain: every stage for a step or two
         overrides += ["ovseg.pretrain_steps=2", "ovseg.maskformer_steps=2", "ovseg.adapt_steps=2"]
-    if experiment.startswith("catseg_") or experiment == "quickstart":  # the toy CAT-Seg chain: 2 CLIP pre-training steps
+    if (
+        experiment.startswith("catseg_") or experiment == "quickstart"
+    ):  # the toy CAT-Seg chain: 2 CLIP pre-training steps
         overrides += ["pipeline.params.pretrain_steps=2"]
     cfg = compose("train", overrides, tmp_path)
     with open_dict(cfg):  # a Hydra task function never sees the hydra node
@@ -67,7 +75,9 @@ def test_toy_experiment_runs_one_step(experiment, toy_data_dir, tmp_path):
     train(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     # every benchmark was scored: a percentage, not NaN (MESS's domain / mean entries aggregate those)
-    scored = {name: m["mIoU"] for name, m in metrics.items() if isinstance(m, dict) and "mIoU" in m and "aggregate" not in m}
+    scored = {
+        name: m["mIoU"] for name, m in metrics.items() if isinstance(m, dict) and "mIoU" in m and "aggregate" not in m
+    }
     assert scored and all(0 <= miou <= 100 for miou in scored.values()), metrics
 
 

@@ -173,8 +173,9 @@ def test_toy_protocols_never_train_on_held_out_classes(toy_data_dir):
 
 
 def test_datamodule_batches_episodes_and_reports_missing_data(toy_data_dir, tmp_path):
-    module = FewShotDataModule("toy_folds", str(toy_data_dir / "toy"), fold=0, image_size=64, batch_size=4,
-                               eval_batch_size=5, num_workers=0)
+    module = FewShotDataModule(
+        "toy_folds", str(toy_data_dir / "toy"), fold=0, image_size=64, batch_size=4, eval_batch_size=5, num_workers=0
+    )
     bench = module.eval_benchmarks[0]
     assert bench.name == "toy_folds_fold0" and bench.class_ids == interleaved_fold_classes(36, 0)
     assert bench.episode_vocabulary(bench.class_ids[0]).classes == ("others", module.class_names[0])
@@ -227,7 +228,9 @@ def test_lseg_paper_tables_match_their_sweeps(table):
         for row in spec["rows"]:
             for key, value in (row.get("toy_overrides", row["overrides"]) if flavour else row["overrides"]).items():
                 assert value in str(params[key]).split(","), (flavour, key, value)
-    real = {Pascal5i("/x", fold=i).benchmark_name for i in range(4)} | {Coco20i("/x", fold=i).benchmark_name for i in range(4)}
+    real = {Pascal5i("/x", fold=i).benchmark_name for i in range(4)} | {
+        Coco20i("/x", fold=i).benchmark_name for i in range(4)
+    }
     toy = {ToyFolds("/x", fold=i).benchmark_name for i in range(4)} | {ToyClassSplit("/x").benchmark_name}
     for column in spec["columns"]:
         assert column["benchmark"] in real | {Fss1000("/x").benchmark_name} and column["toy"] in toy

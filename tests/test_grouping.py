@@ -28,7 +28,9 @@ def test_straight_through_gradient_equals_the_softmax_gradient():
     b = logits.clone().requires_grad_(True)
     (b.softmax(dim=1) * weights).sum().backward()
     assert torch.allclose(a.grad, b.grad, atol=1e-6)
-    assert torch.equal(hard_softmax(logits, 1), torch.nn.functional.one_hot(logits.argmax(1), 5).permute(0, 2, 1).float())
+    assert torch.equal(
+        hard_softmax(logits, 1), torch.nn.functional.one_hot(logits.argmax(1), 5).permute(0, 2, 1).float()
+    )
 
 
 def test_assign_attention_hard_in_training_and_deterministic_in_eval():
@@ -41,7 +43,9 @@ def test_assign_attention_hard_in_training_and_deterministic_in_eval():
     assert torch.equal(assignment.hard.detach().sum(dim=1), torch.ones(2, 30))
     assert torch.allclose(assignment.soft.sum(dim=1), torch.ones(2, 30), atol=1e-5)
     out.sum().backward()
-    assert tokens.grad.abs().sum() > 0 and layer.q_proj.weight.grad.abs().sum() > 0  # q gets gradients through the assignment
+    assert (
+        tokens.grad.abs().sum() > 0 and layer.q_proj.weight.grad.abs().sum() > 0
+    )  # q gets gradients through the assignment
     layer.eval()
     first, a1 = layer(groups, tokens)
     second, a2 = layer(groups, tokens)
@@ -55,7 +59,9 @@ def test_grouping_block_pools_tokens_into_the_requested_number_of_groups():
     tokens, group_tokens = torch.randn(3, 40, 32), torch.randn(3, 16, 32)
     new, assignment = block(tokens, group_tokens)
     assert new.shape == (3, 5, 48)
-    assert assignment.hard.shape == (3, 5, 40) and assignment.q.shape == (3, 5, 32) and assignment.k.shape == (3, 40, 32)
+    assert (
+        assignment.hard.shape == (3, 5, 40) and assignment.q.shape == (3, 5, 32) and assignment.k.shape == (3, 40, 32)
+    )
     # permuting the image tokens permutes the assignment and leaves the segments unchanged (in eval mode)
     block.eval()
     perm = torch.randperm(40)

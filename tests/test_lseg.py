@@ -27,14 +27,19 @@ def tiny_clip():
 
 def make_net(clip, encoder="vit_large_16_384", kind="none", depth=2, share=True, features=16):
     torch.manual_seed(0)
-    net = LSegNet(clip, build_encoder(encoder, pretrained=False, tiny=True), features=features,
-                  regularization=SpatialRegularization(kind, depth, "relu", share))
+    net = LSegNet(
+        clip,
+        build_encoder(encoder, pretrained=False, tiny=True),
+        features=features,
+        regularization=SpatialRegularization(kind, depth, "relu", share),
+    )
     return net.eval()
 
 
 # ---------------------------------------------------------------------------------------------- DPT layers
-@pytest.mark.parametrize("token_stride,target_stride,expected", [(16, 4, 32), (16, 8, 16), (16, 16, 8), (16, 32, 4),
-                                                                 (32, 4, 32), (8, 32, 4)])
+@pytest.mark.parametrize(
+    "token_stride,target_stride,expected", [(16, 4, 32), (16, 8, 16), (16, 16, 8), (16, 32, 4), (32, 4, 32), (8, 32, 4)]
+)
 def test_reassemble_puts_tokens_at_the_target_stride(token_stride, target_stride, expected):
     grid = 128 // token_stride
     layer = Reassemble(width=24, channels=12, token_stride=token_stride, target_stride=target_stride, readout="project")
@@ -75,8 +80,10 @@ def test_inputs_off_the_32_grid_are_resized_to_it(tiny_clip):
 
 
 # ---------------------------------------------------------------------------------------------- equivariance
-@pytest.mark.parametrize("kind,share", [("none", True), ("depthwise", True), ("bottleneck", True),
-                                        ("depthwise", False), ("bottleneck", False)])
+@pytest.mark.parametrize(
+    "kind,share",
+    [("none", True), ("depthwise", True), ("bottleneck", True), ("depthwise", False), ("bottleneck", False)],
+)
 def test_permuting_labels_permutes_the_logits(tiny_clip, kind, share):
     net = make_net(tiny_clip, kind=kind, depth=3, share=share)
     for block in net.decoder.regularization.blocks:  # non-trivial kernels, so the blocks change the maps

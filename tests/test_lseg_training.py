@@ -18,9 +18,17 @@ from tests.conftest import ROOT, compose, small_toy_overrides
 
 
 def _trainer(steps: int) -> L.Trainer:
-    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False,
-                     use_distributed_sampler=False, num_sanity_val_steps=0)
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+    )
 
 
 def _fit_and_measure(cfg, steps: int):
@@ -49,8 +57,18 @@ def _fit_and_measure(cfg, steps: int):
 
 
 def test_lseg_dense_training_lowers_the_loss(toy_data_dir, tmp_path):
-    cfg = compose("train", ["experiment=quickstart", "model=lseg", "logger=none", "callbacks=none",
-                            "data.batch_size=8", *small_toy_overrides(toy_data_dir)], tmp_path)
+    cfg = compose(
+        "train",
+        [
+            "experiment=quickstart",
+            "model=lseg",
+            "logger=none",
+            "callbacks=none",
+            "data.batch_size=8",
+            *small_toy_overrides(toy_data_dir),
+        ],
+        tmp_path,
+    )
     assert cfg.model.net.encoder.tiny and not cfg.model.net.encoder.pretrained  # data_model/toy_lseg.yaml
     module, _, before, after = _fit_and_measure(cfg, 25)
     assert after < 0.8 * before, (before, after)
@@ -58,13 +76,28 @@ def test_lseg_dense_training_lowers_the_loss(toy_data_dir, tmp_path):
 
 
 def test_episodic_training_and_evaluation_on_toy_folds(toy_data_dir, tmp_path):
-    cfg = compose("train", ["experiment=lseg_folds_toy", "data.fold=2", "data.batch_size=8", "logger=none",
-                            "callbacks=none", *small_toy_overrides(toy_data_dir)], tmp_path)
+    cfg = compose(
+        "train",
+        [
+            "experiment=lseg_folds_toy",
+            "data.fold=2",
+            "data.batch_size=8",
+            "logger=none",
+            "callbacks=none",
+            *small_toy_overrides(toy_data_dir),
+        ],
+        tmp_path,
+    )
     module, datamodule, before, after = _fit_and_measure(cfg, 20)
     assert after < 0.8 * before, (before, after)
 
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
     trainer.validate(module, datamodule=datamodule, verbose=False)
     scores = module.eval_results["toy_folds_fold2"]
     bench = datamodule.eval_benchmarks[0]
@@ -87,14 +120,26 @@ def test_episodic_training_and_evaluation_on_toy_folds(toy_data_dir, tmp_path):
 
 def test_episodes_without_per_image_vocabularies_are_run_per_class(toy_data_dir, tmp_path):
     """A net that takes one vocabulary per call (the cost-volume baseline) gets one call per distinct episode."""
-    cfg = compose("train", ["experiment=quickstart", "model=costvolume", "logger=none", "callbacks=none",
-                            "model._target_=ovseg_lab.lit.episodes.EpisodicModule", *small_toy_overrides(toy_data_dir)],
-                  tmp_path)
+    cfg = compose(
+        "train",
+        [
+            "experiment=quickstart",
+            "model=costvolume",
+            "logger=none",
+            "callbacks=none",
+            "model._target_=ovseg_lab.lit.episodes.EpisodicModule",
+            *small_toy_overrides(toy_data_dir),
+        ],
+        tmp_path,
+    )
     module = instantiate(cfg.model).eval()
     assert not getattr(module.net, "per_image_vocabulary", False)
     images = torch.rand(3, 3, 64, 64)
-    vocabularies = [Vocabulary("a", ("others", "red circle")), Vocabulary("b", ("others", "plain sky")),
-                    Vocabulary("c", ("others", "red circle"))]
+    vocabularies = [
+        Vocabulary("a", ("others", "red circle")),
+        Vocabulary("b", ("others", "plain sky")),
+        Vocabulary("c", ("others", "red circle")),
+    ]
     with torch.no_grad():
         grouped = module.episode_logits(images, vocabularies)
         one_by_one = torch.cat([module.net(images[i : i + 1], v) for i, v in enumerate(vocabularies)])
@@ -105,11 +150,22 @@ def test_episodes_without_per_image_vocabularies_are_run_per_class(toy_data_dir,
 
 def test_quickstart_lseg_writes_metrics_for_the_toy_table(toy_data_dir, tmp_path):
     cfg = compose("train", ["experiment=quickstart", "model=lseg"])
-    assert str(cfg.hydra.run.dir).endswith("quickstart_lseg")  # beside outputs/quickstart (CAT-Seg), outputs/quickstart_costvolume
+    assert str(cfg.hydra.run.dir).endswith(
+        "quickstart_lseg"
+    )  # beside outputs/quickstart (CAT-Seg), outputs/quickstart_costvolume
     run_dir = tmp_path / "qs_lseg"
-    cmd = [sys.executable, "train.py", "experiment=quickstart", "model=lseg", "logger=csv", "trainer.max_steps=4",
-           "trainer.val_check_interval=1000", "data.batch_size=4", f"hydra.run.dir={run_dir}",
-           *small_toy_overrides(toy_data_dir)]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "experiment=quickstart",
+        "model=lseg",
+        "logger=csv",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=1000",
+        "data.batch_size=4",
+        f"hydra.run.dir={run_dir}",
+        *small_toy_overrides(toy_data_dir),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -120,8 +176,16 @@ def test_quickstart_lseg_writes_metrics_for_the_toy_table(toy_data_dir, tmp_path
 
 @pytest.mark.slow
 def test_lseg_folds_toy_sweep_runs_every_job(toy_data_dir, tmp_path):
-    cmd = [sys.executable, "train.py", "-m", "experiment=lseg_folds_toy", "trainer.max_steps=3",
-           "trainer.val_check_interval=3", f"hydra.sweep.dir={tmp_path}", *small_toy_overrides(toy_data_dir)]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "experiment=lseg_folds_toy",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        f"hydra.sweep.dir={tmp_path}",
+        *small_toy_overrides(toy_data_dir),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = sorted(p.parent.name for p in tmp_path.glob("*/metrics.json"))

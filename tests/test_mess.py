@@ -26,22 +26,29 @@ def test_catalog_holds_mess_22_datasets_in_five_domains():
     datasets = {e["dataset"]: e["domain"] for e in catalog.values()}
     assert len(catalog) == 25 and len(datasets) == 22  # PAXRay-4 = four binary benchmarks
     counts = {d: list(datasets.values()).count(d) for d in set(datasets.values())}
-    assert counts == {"General": 6, "Earth Monitoring": 5, "Medical Sciences": 4, "Engineering": 4,
-                      "Agriculture and Biology": 3}
+    assert counts == {
+        "General": 6,
+        "Earth Monitoring": 5,
+        "Medical Sciences": 4,
+        "Engineering": 4,
+        "Agriculture and Biology": 3,
+    }
     assert {e["ignore_index"] for e in catalog.values()} == {255}
     # MESS's prompt-ready names, not the official ones (kvasir: 'tool', not 'surgical instrument')
     assert catalog["chase_db1"]["classes"] == ["others", "blood vessels"]
     assert catalog["kvasir_instrument"]["classes"] == ["others", "tool"]
-    assert catalog["isaid"]["classes"][:3] == ["others", "boat", "storage tank"] and len(catalog["isaid"]["classes"]) == 16
+    assert (
+        catalog["isaid"]["classes"][:3] == ["others", "boat", "storage tank"] and len(catalog["isaid"]["classes"]) == 16
+    )
     assert catalog["isprs_potsdam"]["images"].endswith("irrg")  # MESS scores the IRRG images
 
 
 def test_fake_folders_read_with_mess_ids_and_class_lists(tmp_path):
-    write_fake_dataset(tmp_path, "chase_db1", num_images=2, size=(12, 16))     # binary medical, .jpg images
-    write_fake_dataset(tmp_path, "isaid", num_images=3, size=(20, 24))         # 16-class aerial, .png images
+    write_fake_dataset(tmp_path, "chase_db1", num_images=2, size=(12, 16))  # binary medical, .jpg images
+    write_fake_dataset(tmp_path, "isaid", num_images=3, size=(20, 24))  # 16-class aerial, .png images
     write_fake_dataset(tmp_path, "suim", num_images=2, size=(10, 10), ignore_fraction=0.3)  # with ignore pixels
-    write_fake_dataset(tmp_path, "dark_zurich", num_images=2, size=(8, 8))     # paired by '_rgb_anon.png' endings
-    write_fake_dataset(tmp_path, "cwfid", num_images=2, size=(8, 8))           # 'image.png' / 'annotation.png'
+    write_fake_dataset(tmp_path, "dark_zurich", num_images=2, size=(8, 8))  # paired by '_rgb_anon.png' endings
+    write_fake_dataset(tmp_path, "cwfid", num_images=2, size=(8, 8))  # 'image.png' / 'annotation.png'
     # a hand-made label: ids pass through unchanged, 255 stays ignore
     label = np.array([[0, 1, 255, 1]] * 3 + [[1] * 4] * 9, dtype=np.uint8)
     label = np.pad(label, ((0, 0), (0, 12)), constant_values=0)
@@ -60,16 +67,19 @@ def test_fake_folders_read_with_mess_ids_and_class_lists(tmp_path):
     assert (sets["mess_suim"][1]["label"] == 255).any()
     for name in ("mess_dark_zurich", "mess_cwfid"):
         image, label_path = sets[name].samples[1]
-        assert image.name.removesuffix(load_catalog()[name[5:]]["image_ext"]) == \
-            label_path.name.removesuffix(load_catalog()[name[5:]]["label_ext"])
+        assert image.name.removesuffix(load_catalog()[name[5:]]["image_ext"]) == label_path.name.removesuffix(
+            load_catalog()[name[5:]]["label_ext"]
+        )
 
 
 def test_missing_dataset_is_one_bullet_naming_the_mess_command(tmp_path):
     from ovseg_lab.errors import SetupError
     from ovseg_lab.preflight import check_run
 
-    cfg = compose("eval", ["experiment=catseg_mess", f"data.root={tmp_path}", "data/eval=[mess_chase_db1]",
-                           "clip.pretrained=null"])
+    cfg = compose(
+        "eval",
+        ["experiment=catseg_mess", f"data.root={tmp_path}", "data/eval=[mess_chase_db1]", "clip.pretrained=null"],
+    )
     from hydra.utils import instantiate
 
     with pytest.raises(SetupError) as err:
@@ -77,21 +87,31 @@ def test_missing_dataset_is_one_bullet_naming_the_mess_command(tmp_path):
     message = str(err.value)
     bullets = [line for line in message.splitlines() if line.startswith("  - ")]
     assert len(bullets) == 1 and "CHASEDB1" in bullets[0]  # the preflight's list: one missing dataset, one line
-    assert (f'pip install -e ".[mess]" && DETECTRON2_DATASETS={tmp_path} '
-            "python -m mess.prepare_datasets.prepare_chase_db1") in message
+    assert (
+        f'pip install -e ".[mess]" && DETECTRON2_DATASETS={tmp_path} python -m mess.prepare_datasets.prepare_chase_db1'
+    ) in message
     assert str(tmp_path / "CHASEDB1/images_detectron2/test") in message
 
 
 def test_summary_on_hand_made_numbers():
     from ovseg_lab.data.mess import mess_spec
 
-    keys = {"chase_db1": 40.0, "kvasir_instrument": 60.0, "isaid": 30.0,
-            "paxray_lungs": 20.0, "paxray_bones": 40.0, "paxray_mediastinum": 60.0, "paxray_diaphragm": 80.0}
+    keys = {
+        "chase_db1": 40.0,
+        "kvasir_instrument": 60.0,
+        "isaid": 30.0,
+        "paxray_lungs": 20.0,
+        "paxray_bones": 40.0,
+        "paxray_mediastinum": 60.0,
+        "paxray_diaphragm": 80.0,
+    }
     specs = [mess_spec(f"mess_{k}", k, "/mess") for k in keys]
-    results = {f"mess_{k}": {"mIoU": v, "pixel_accuracy": 2 * v, "fwIoU": v, "num_classes": 2, "convention": "mmseg"}
-               for k, v in keys.items()}
+    results = {
+        f"mess_{k}": {"mIoU": v, "pixel_accuracy": 2 * v, "fwIoU": v, "num_classes": 2, "convention": "mmseg"}
+        for k, v in keys.items()
+    }
     summary = summarize(results, specs)
-    assert summary["mess_paxray_4"]["mIoU"] == pytest.approx(50.0)           # mean of its four parts
+    assert summary["mess_paxray_4"]["mIoU"] == pytest.approx(50.0)  # mean of its four parts
     assert summary["mess_paxray_4"]["pixel_accuracy"] == pytest.approx(100.0)
     assert summary["mess_domain_medical_sciences"]["mIoU"] == pytest.approx((40 + 60 + 50) / 3)
     assert summary["mess_domain_earth_monitoring"]["mIoU"] == pytest.approx(30.0)
@@ -129,20 +149,44 @@ def test_eval_entry_point_writes_per_dataset_domain_and_means(tmp_path):
         write_fake_dataset(tmp_path / "mess", key, num_images=1, size=(64, 64), seed=i, ignore_fraction=0.1)
     run_dir = tmp_path / "run"
     # the CAT-Seg recipe's truncation switch has no meaning for the baseline's net: removed with the model swap
-    cfg = compose("eval", ["experiment=catseg_mess", "model=costvolume", "~model.net.truncate_classes", "clip=tiny", "finetune=full",
-                           "allow_untrained=true", f"data.root={tmp_path / 'mess'}", "data.num_workers=0",
-                           f"data/eval=[{','.join('mess_' + k for k in keys)}]", "logger=none", "trainer=cpu"], run_dir)
+    cfg = compose(
+        "eval",
+        [
+            "experiment=catseg_mess",
+            "model=costvolume",
+            "~model.net.truncate_classes",
+            "clip=tiny",
+            "finetune=full",
+            "allow_untrained=true",
+            f"data.root={tmp_path / 'mess'}",
+            "data.num_workers=0",
+            f"data/eval=[{','.join('mess_' + k for k in keys)}]",
+            "logger=none",
+            "trainer=cpu",
+        ],
+        run_dir,
+    )
     with open_dict(cfg):
         del cfg["hydra"]
     evaluate(cfg)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    for name in ("mess_chase_db1", "mess_isaid", "mess_paxray_lungs", "mess_paxray_bones", "mess_paxray_4",
-                 "mess_domain_medical_sciences", "mess_domain_earth_monitoring", "mess_mean", "mess_hmean"):
+    for name in (
+        "mess_chase_db1",
+        "mess_isaid",
+        "mess_paxray_lungs",
+        "mess_paxray_bones",
+        "mess_paxray_4",
+        "mess_domain_medical_sciences",
+        "mess_domain_earth_monitoring",
+        "mess_mean",
+        "mess_hmean",
+    ):
         assert 0 <= metrics[name]["mIoU"] <= 100, (name, metrics[name]["mIoU"])  # a number (NaN fails), a percentage
     assert metrics["mess_isaid"]["convention"] == "mmseg" and metrics["mess_isaid"]["num_classes"] == 16
     datasets = [metrics["mess_chase_db1"]["mIoU"], metrics["mess_isaid"]["mIoU"], metrics["mess_paxray_4"]["mIoU"]]
     assert metrics["mess_paxray_4"]["mIoU"] == pytest.approx(
-        (metrics["mess_paxray_lungs"]["mIoU"] + metrics["mess_paxray_bones"]["mIoU"]) / 2)
+        (metrics["mess_paxray_lungs"]["mIoU"] + metrics["mess_paxray_bones"]["mIoU"]) / 2
+    )
     assert metrics["mess_mean"]["mIoU"] == pytest.approx(statistics.fmean(datasets))
     assert metrics["mess_hmean"]["mIoU"] == pytest.approx(statistics.harmonic_mean(datasets))
 
@@ -158,14 +202,24 @@ def test_make_table_lays_out_mess_with_the_paper_column(tmp_path):
     sweep = tmp_path / "sweep"
     job = sweep / "0"
     (job / ".hydra").mkdir(parents=True)
-    (sweep / "multirun.yaml").write_text(yaml.safe_dump(
-        {"hydra": {"overrides": {"task": ["experiment=catseg_mess"]}}, "paper_tables": ["mess"]}))
+    (sweep / "multirun.yaml").write_text(
+        yaml.safe_dump({"hydra": {"overrides": {"task": ["experiment=catseg_mess"]}}, "paper_tables": ["mess"]})
+    )
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["experiment=catseg_mess", "clip=vitb16"]))
-    (job / "metrics.json").write_text(json.dumps({"mess_chase_db1": {"mIoU": 12.5}, "mess_paxray_4": {"mIoU": 40.0},
-                                                  "mess_domain_medical_sciences": {"mIoU": 26.25},
-                                                  "mess_mean": {"mIoU": 26.25}, "mess_hmean": {"mIoU": 19.06}}))
-    proc = subprocess.run([sys.executable, "scripts/make_table.py", str(sweep)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    (job / "metrics.json").write_text(
+        json.dumps(
+            {
+                "mess_chase_db1": {"mIoU": 12.5},
+                "mess_paxray_4": {"mIoU": 40.0},
+                "mess_domain_medical_sciences": {"mIoU": 26.25},
+                "mess_mean": {"mIoU": 26.25},
+                "mess_hmean": {"mIoU": 19.06},
+            }
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, "scripts/make_table.py", str(sweep)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     header = next(line for line in proc.stdout.splitlines() if line.startswith("| row"))
     assert header.count("|") == 31 and "| Medical Sciences |" in header and "| H-mean |" in header
@@ -225,9 +279,19 @@ def test_eval_of_a_toy_checkpoint_with_the_paper_recipe_builds_the_checkpoints_m
     ckpt = _toy_catseg_checkpoint(tmp_path / "toy.ckpt")
     write_fake_root(tmp_path / "mess", ["chase_db1", "cwfid"], num_images=1, size=(32, 48))
     run_dir = tmp_path / "run"
-    cfg = compose("eval", ["experiment=catseg_mess", f"ckpt={ckpt}", f"data.root={tmp_path / 'mess'}",
-                           "data/eval=[mess_chase_db1,mess_cwfid]", "data.num_workers=0", "logger=none", "trainer=cpu"],
-                  run_dir)
+    cfg = compose(
+        "eval",
+        [
+            "experiment=catseg_mess",
+            f"ckpt={ckpt}",
+            f"data.root={tmp_path / 'mess'}",
+            "data/eval=[mess_chase_db1,mess_cwfid]",
+            "data.num_workers=0",
+            "logger=none",
+            "trainer=cpu",
+        ],
+        run_dir,
+    )
     with open_dict(cfg):
         del cfg["hydra"]
     evaluate(cfg)
@@ -265,14 +329,34 @@ def test_must_show_eval_command_on_fake_mess_folders(tmp_path):
 
     ckpt = _toy_catseg_checkpoint(tmp_path / "toy.ckpt")
     write_fake_root(tmp_path / "mess", list(load_catalog()), num_images=1, size=(40, 56))
-    proc = subprocess.run([sys.executable, "eval.py", "experiment=catseg_mess", f"ckpt={ckpt}",
-                           f"data.root={tmp_path / 'mess'}", f"paths.log_dir={tmp_path / 'logs'}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=1500, env={**os.environ, "WANDB_MODE": "offline"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "eval.py",
+            "experiment=catseg_mess",
+            f"ckpt={ckpt}",
+            f"data.root={tmp_path / 'mess'}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (metrics_path,) = (tmp_path / "logs" / "eval" / "toy").glob("*/metrics.json")
     metrics = json.loads(metrics_path.read_text())
     for key in load_catalog():
         assert metrics[f"mess_{key}"]["mIoU"] is not None, key
-    for name in ("mess_paxray_4", "mess_domain_general", "mess_domain_earth_monitoring", "mess_domain_medical_sciences",
-                 "mess_domain_engineering", "mess_domain_agriculture_and_biology", "mess_mean", "mess_hmean"):
+    for name in (
+        "mess_paxray_4",
+        "mess_domain_general",
+        "mess_domain_earth_monitoring",
+        "mess_domain_medical_sciences",
+        "mess_domain_engineering",
+        "mess_domain_agriculture_and_biology",
+        "mess_mean",
+        "mess_hmean",
+    ):
         assert metrics[name]["mIoU"] is not None, name

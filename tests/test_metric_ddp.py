@@ -32,8 +32,11 @@ def dataset() -> list[tuple[torch.Tensor, torch.Tensor]]:
     for i in range(NUM_IMAGES):
         target = torch.randint(0, NUM_CLASSES - 1, (9, 11), generator=gen)  # class 5 never labelled
         target[: i % 3] = 255
-        pred = torch.where(torch.rand(9, 11, generator=gen) < 0.6, target.clamp(max=NUM_CLASSES - 1),
-                           torch.randint(0, NUM_CLASSES, (9, 11), generator=gen))
+        pred = torch.where(
+            torch.rand(9, 11, generator=gen) < 0.6,
+            target.clamp(max=NUM_CLASSES - 1),
+            torch.randint(0, NUM_CLASSES, (9, 11), generator=gen),
+        )
         pairs.append((pred, target))
     pairs[3] = (torch.full((9, 11), 5), pairs[3][1])  # an image predicted all "5": matters for the mmseg convention
     return pairs
@@ -51,16 +54,24 @@ def _rank_main(rank: int, port: int, sampler_kind: str, convention: str, results
     # A forked child must not enter the OpenMP pool its parent already started (it would wait forever):
     # one intra-op thread keeps every torch op inline.
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+    )
     try:
         if sampler_kind == "sharded":
             indices = list(ShardedEvalSampler(NUM_IMAGES, rank, WORLD))
         else:
             indices = list(DistributedSampler(range(NUM_IMAGES), num_replicas=WORLD, rank=rank, shuffle=False))
         scores = score(indices, convention)  # compute() sums the confusion matrices over the ranks
-        results[rank] = (scores["mIoU"], scores["fwIoU"], scores["pixel_accuracy"], scores["num_pixels"], indices,
-                         scores["chance_uniform_mIoU"], scores["chance_present_classes_mIoU"])
+        results[rank] = (
+            scores["mIoU"],
+            scores["fwIoU"],
+            scores["pixel_accuracy"],
+            scores["num_pixels"],
+            indices,
+            scores["chance_uniform_mIoU"],
+            scores["chance_present_classes_mIoU"],
+        )
     finally:
         dist.destroy_process_group()
 
@@ -75,8 +86,13 @@ def run_distributed(sampler_kind: str, convention: str) -> dict:
     manager = mp.get_context("fork").Manager()
     results = manager.dict()
     # fork: the ranks inherit the imported modules (a spawned rank would spend ~15 s importing torchmetrics)
-    context = mp.start_processes(_rank_main, args=(_free_port(), sampler_kind, convention, results), nprocs=WORLD,
-                                 start_method="fork", join=False)
+    context = mp.start_processes(
+        _rank_main,
+        args=(_free_port(), sampler_kind, convention, results),
+        nprocs=WORLD,
+        start_method="fork",
+        join=False,
+    )
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):  # raises if a rank failed
         if time.monotonic() > deadline:

@@ -103,10 +103,14 @@ def test_chance_figures_do_not_depend_on_batching_and_match_sampled_guessing():
     for _ in range(100):
         random_metric, oracle_metric = SegmentationMetric(num_classes), SegmentationMetric(num_classes)
         random_metric.update(torch.randint(0, num_classes, target.shape, generator=gen), target)
-        guesses = torch.stack([
-            image.unique()[image.unique() != 255][torch.randint(0, 10**6, image.shape, generator=gen)
-                                                  % int((image.unique() != 255).sum())]
-            for image in target])
+        guesses = torch.stack(
+            [
+                image.unique()[image.unique() != 255][
+                    torch.randint(0, 10**6, image.shape, generator=gen) % int((image.unique() != 255).sum())
+                ]
+                for image in target
+            ]
+        )
         oracle_metric.update(guesses, target)
         uniform.append(random_metric.compute()["mIoU"])
         oracle.append(oracle_metric.compute()["mIoU"])

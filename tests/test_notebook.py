@@ -22,9 +22,15 @@ def test_qualitative_notebook_executes(toy_data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("QUALITATIVE_TOY", json.dumps(SMALL_TOY))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = nbformat.read(ROOT / "notebooks" / "qualitative.ipynb", as_version=4)
-    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "store the notebook without outputs"
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), (
+        "store the notebook without outputs"
+    )
+    client = NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()  # raises CellExecutionError on any failing cell
     text = "\n".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
     assert "training 20 steps" in text and "raw" in text and "aggregated" in text
-    assert (tmp_path / "qualitative_run" / "checkpoints" / "last.ckpt").is_file()  # outputs stay in the temporary folder
+    assert (
+        tmp_path / "qualitative_run" / "checkpoints" / "last.ckpt"
+    ).is_file()  # outputs stay in the temporary folder

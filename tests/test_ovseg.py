@@ -27,11 +27,24 @@ TINY_CLIP = dict(
     vision_cfg=dict(image_size=32, layers=3, width=64, patch_size=8, head_width=32),
     text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=2),
 )
-TINY_SWIN = dict(name="swin_tiny_patch4_window7_224", pretrained=False,
-                 model_kwargs=dict(img_size=64, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
-                                   window_size=4, strict_img_size=False))
-TINY_MASKFORMER = dict(backbone=TINY_SWIN, num_queries=6, hidden_dim=32, heads=2, ffn_dim=64, dec_layers=2,
-                       conv_dim=16, mask_dim=16, class_hidden=32)
+TINY_SWIN = dict(
+    name="swin_tiny_patch4_window7_224",
+    pretrained=False,
+    model_kwargs=dict(
+        img_size=64, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=4, strict_img_size=False
+    ),
+)
+TINY_MASKFORMER = dict(
+    backbone=TINY_SWIN,
+    num_queries=6,
+    hidden_dim=32,
+    heads=2,
+    ffn_dim=64,
+    dec_layers=2,
+    conv_dim=16,
+    mask_dim=16,
+    class_hidden=32,
+)
 
 
 def tiny_clip(**kwargs) -> CLIPBackbone:
@@ -61,7 +74,7 @@ def test_criterion_matches_queries_to_segments_optimally():
     logits = torch.zeros(1, 3, 3)
     logits[0, 2, 1] = 5.0
     logits[0, 0, 0] = 5.0
-    (queries, segments), = SetCriterion().match(logits, pred_masks, targets)
+    ((queries, segments),) = SetCriterion().match(logits, pred_masks, targets)
     assert dict(zip(queries.tolist(), segments.tolist())) == {0: 1, 2: 0}
     # brute force agrees on the total cost
     crit = SetCriterion()
@@ -124,14 +137,20 @@ def test_maskformer_shapes_deep_supervision_and_class_equivariance():
 def test_paper_parameter_counts():
     """MaskFormer paper: R101c 60M, Swin-B 102M (our class head maps to CLIP space, a few 100k more)."""
     with torch.device("meta"):
-        swin = MaskFormer(dict(type="swin", embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=12),
-                          embed_dim=768)
-        r101c = MaskFormer(dict(name="resnet101c", multi_grid=[1, 2, 4], model_kwargs={"stem_width": 64}), embed_dim=512)
+        swin = MaskFormer(
+            dict(type="swin", embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=12),
+            embed_dim=768,
+        )
+        r101c = MaskFormer(
+            dict(name="resnet101c", multi_grid=[1, 2, 4], model_kwargs={"stem_width": 64}), embed_dim=512
+        )
     for model, paper in ((swin, 102e6), (r101c, 60e6)):
         count = sum(p.numel() for p in model.parameters())
         assert abs(count - paper) / paper < 0.03, (count, paper)
     assert r101c.backbone.body.layer4[2].conv2.dilation == (4, 4)
-    assert r101c.backbone.body.conv1[0].out_channels == 64 and r101c.backbone.body.conv1[6].out_channels == 128  # deeplab stem
+    assert (
+        r101c.backbone.body.conv1[0].out_channels == 64 and r101c.backbone.body.conv1[6].out_channels == 128
+    )  # deeplab stem
 
 
 # ---------------------------------------------------------------------------------------------- stage 2 pieces
@@ -153,8 +172,8 @@ def test_masked_crop_is_the_tight_box_with_background_at_the_clip_mean():
 def test_fully_masked_patch_gets_the_prompt_and_a_partly_masked_one_does_not():
     clip = tiny_clip(mask_prompt_depth=2).eval()
     mask = torch.zeros(1, 32, 32, dtype=torch.bool)
-    mask[0, 0:8, 0:8] = True      # patch 0: all foreground
-    mask[0, 9, 12] = True         # patch 5 (row 1, col 1): a single foreground pixel
+    mask[0, 0:8, 0:8] = True  # patch 0: all foreground
+    mask[0, 9, 12] = True  # patch 5 (row 1, col 1): a single foreground pixel
     keep = patch_keep_mask(mask, clip.patch_size)
     assert keep.shape == (1, 16)
     assert keep[0, 0] == 1 and keep[0, 5] == 1 and keep[0].sum() == 2
@@ -167,8 +186,8 @@ def test_fully_masked_patch_gets_the_prompt_and_a_partly_masked_one_does_not():
     handle.remove()
     tokens = captured["pre"][0, 1:] - clip._positional_embedding((4, 4))[1:]
     patches = visual.conv1(image).flatten(2).transpose(1, 2)[0]
-    torch.testing.assert_close(tokens[0], patches[0].detach(), atol=1e-5, rtol=1e-5)   # kept
-    torch.testing.assert_close(tokens[5], patches[5].detach(), atol=1e-5, rtol=1e-5)   # partly masked: kept
+    torch.testing.assert_close(tokens[0], patches[0].detach(), atol=1e-5, rtol=1e-5)  # kept
+    torch.testing.assert_close(tokens[5], patches[5].detach(), atol=1e-5, rtol=1e-5)  # partly masked: kept
     torch.testing.assert_close(tokens[7], clip.mask_prompts[0, 7].detach(), atol=1e-5, rtol=1e-5)  # replaced
 
 
@@ -196,8 +215,8 @@ def test_semantic_inference_sums_class_scores_over_masks():
 def test_oracle_labels_pick_the_best_overlapping_class():
     label = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 2], [255, 255, 255, 255]])
     masks = torch.zeros(3, 4, 4, dtype=torch.bool)
-    masks[0, :2, 1:4] = True   # 2 px of class 0, 4 px of class 1 -> class 1
-    masks[1, 2:, :] = True     # class 2 (ignore pixels do not count)
+    masks[0, :2, 1:4] = True  # 2 px of class 0, 4 px of class 1 -> class 1
+    masks[1, 2:, :] = True  # class 2 (ignore pixels do not count)
     probs = oracle_class_probs(masks, label, num_classes=4)
     assert probs.argmax(1)[:2].tolist() == [1, 2] and probs[2].sum() == 0 and probs.sum() == 2
 
@@ -238,11 +257,13 @@ def test_classify_modes_follow_the_ensemble_formula():
         out = net.maskformer(net.normalize_for_maskformer(images), text)
         masks = torch.nn.functional.interpolate(out["pred_masks"], size=(64, 64), mode="bilinear")[0].sigmoid()
         p_mf = out["pred_logits"][0].softmax(-1)[:, :-1]
-        (p_clip, valid), = net.region_probs(images, [masks > 0.5], text)
+        ((p_clip, valid),) = net.region_probs(images, [masks > 0.5], text)
         expected = semantic_inference(p_mf.sqrt() * p_clip.sqrt(), masks)
     torch.testing.assert_close(results["ensemble"][0], expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(results["maskformer"][0], semantic_inference(p_mf, masks), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(results["clip"][0], semantic_inference(p_clip * valid[:, None], masks), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        results["clip"][0], semantic_inference(p_clip * valid[:, None], masks), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_lambda_zero_is_clip_only_and_lambda_follows_the_benchmark():
@@ -283,7 +304,7 @@ def test_no_valid_proposal_and_a_single_one_do_not_crash():
     one = torch.zeros(1, 64, 64, dtype=torch.bool)
     one[0, 10:30, 5:40] = True
     with torch.no_grad():
-        (probs, valid), = net.region_probs(images, [one], net.region.text_features(names))
+        ((probs, valid),) = net.region_probs(images, [one], net.region.text_features(names))
     assert valid.tolist() == [True] and torch.allclose(probs.sum(-1), torch.ones(1))
 
 
@@ -303,7 +324,8 @@ def test_analysis_modes_need_labels_and_oracle_labels_score_perfectly_on_exact_m
         # stub proposals: exactly the two ground-truth segments
         oracle.maskformer.forward = lambda images, text: {
             "pred_logits": torch.zeros(1, 2, 4),
-            "pred_masks": torch.stack([(label[0] != 2).float(), (label[0] == 2).float()])[None] * 40 - 20}
+            "pred_masks": torch.stack([(label[0] != 2).float(), (label[0] == 2).float()])[None] * 40 - 20,
+        }
         pred = oracle(torch.rand(1, 3, 64, 64), ["a", "b", "c"], labels=label).argmax(1)
     assert torch.equal(pred, label)
 
@@ -321,14 +343,33 @@ def test_adapted_weights_without_mask_prompts_switch_prompts_off(tmp_path):
 
 def test_sam_proposals_feed_the_region_classifier():
     sam_cfg = dict(
-        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=8,
-                           output_channels=16, window_size=4, global_attn_indexes=[1], mlp_dim=64, num_pos_feats=8),
+        vision_config=dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=8,
+            output_channels=16,
+            window_size=4,
+            global_attn_indexes=[1],
+            mlp_dim=64,
+            num_pos_feats=8,
+        ),
         prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=16, mlp_dim=32, num_hidden_layers=2, num_attention_heads=2, iou_head_hidden_dim=16),
+        mask_decoder_config=dict(
+            hidden_size=16, mlp_dim=32, num_hidden_layers=2, num_attention_heads=2, iou_head_hidden_dim=16
+        ),
     )
     torch.manual_seed(0)
-    sam = SAMProposals(None, sam_cfg, points_per_side=3, points_per_batch=9, pred_iou_thresh=-1e9,
-                       stability_score_thresh=0.0, box_nms_thresh=1.0)
+    sam = SAMProposals(
+        None,
+        sam_cfg,
+        points_per_side=3,
+        points_per_batch=9,
+        pred_iou_thresh=-1e9,
+        stability_score_thresh=0.0,
+        box_nms_thresh=1.0,
+    )
     masks, scores = sam(torch.rand(3, 40, 56))
     assert masks.dtype == torch.bool and masks.shape[1:] == (40, 56) and masks.shape[0] == scores.shape[0] >= 1
     net = OVSeg(tiny_clip(), None, proposals="sam", sam=sam, templates=["a {}"], granularity=1.0)

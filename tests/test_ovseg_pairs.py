@@ -6,25 +6,27 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ovseg_lab.data.mask_pairs import PairShards, decode_pair, load_captions, shard_urls
-from ovseg_lab.ovseg_chain import mine_pairs
 from ovseg_lab.data.nouns import noun_phrases
 from ovseg_lab.data.toy import SURFACES, THING_COLOURS
 from ovseg_lab.errors import SetupError
 from ovseg_lab.layers.contrastive import info_nce
 from ovseg_lab.lit.ovseg import CLIPAdaptModule, parse_adapt
 from ovseg_lab.models.ovseg import OVSeg
+from ovseg_lab.ovseg_chain import mine_pairs
 from tests.conftest import ROOT, small_toy_overrides
 from tests.test_ovseg import tiny_clip
 
 
 def test_noun_phrases_recover_every_toy_entity(toy_data_dir):
-    rows = [json.loads(line) for line in (toy_data_dir / "toy" / "toy_seen" / "captions" / "train.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (toy_data_dir / "toy" / "toy_seen" / "captions" / "train.jsonl").read_text().splitlines()
+    ]
     assert rows
     for row in rows:
         assert noun_phrases(row["caption"], "phrase") == row["entities"], row
@@ -33,14 +35,19 @@ def test_noun_phrases_recover_every_toy_entity(toy_data_dir):
 
 
 def test_coco_captions_format_is_read(tmp_path):
-    coco = {"images": [{"id": 7, "file_name": "000007.jpg"}],
-            "annotations": [{"image_id": 7, "caption": "A cat."}, {"image_id": 7, "caption": "A sofa."}]}
+    coco = {
+        "images": [{"id": 7, "file_name": "000007.jpg"}],
+        "annotations": [{"image_id": 7, "caption": "A cat."}, {"image_id": 7, "caption": "A sofa."}],
+    }
     (tmp_path / "c.json").write_text(json.dumps(coco))
     assert load_captions(tmp_path / "c.json") == {"000007": ["A cat.", "A sofa."]}
 
 
 PALETTE = list(THING_COLOURS.values()) + list(SURFACES.values())
-WORD_COLOUR = {**{w: i for i, w in enumerate(THING_COLOURS)}, **{w: len(THING_COLOURS) + i for i, w in enumerate(SURFACES)}}
+WORD_COLOUR = {
+    **{w: i for i, w in enumerate(THING_COLOURS)},
+    **{w: len(THING_COLOURS) + i for i, w in enumerate(SURFACES)},
+}
 
 
 def _colour_oracle(net):
@@ -55,7 +62,10 @@ def _colour_oracle(net):
         return F.one_hot(nearest, len(PALETTE)).float()
 
     def text_features(names):
-        index = [WORD_COLOUR[n.split(" ")[0]] if n.split(" ")[0] in WORD_COLOUR else WORD_COLOUR[n.split(" ")[-1]] for n in names]
+        index = [
+            WORD_COLOUR[n.split(" ")[0]] if n.split(" ")[0] in WORD_COLOUR else WORD_COLOUR[n.split(" ")[-1]]
+            for n in names
+        ]
         return F.one_hot(torch.tensor(index), len(PALETTE)).float()
 
     net.region.region_features = region_features
@@ -69,9 +79,18 @@ def test_mining_on_toy_captions_pairs_nouns_with_their_masks(toy_data_dir, tmp_p
     toy = toy_data_dir / "toy" / "toy_seen"
     vocab = json.loads((toy / "vocab.json").read_text())
     net = _colour_oracle(OVSeg(tiny_clip(), None, analysis="gt_masks"))
-    report = mine_pairs(net, toy / "images" / "train", tmp_path / "shards", captions=toy / "captions" / "train.jsonl",
-                        labels=toy / "labels" / "train", vocabulary=vocab, masks="gt", nouns="captions",
-                        noun_mode="phrase", progress=False)
+    report = mine_pairs(
+        net,
+        toy / "images" / "train",
+        tmp_path / "shards",
+        captions=toy / "captions" / "train.jsonl",
+        labels=toy / "labels" / "train",
+        vocabulary=vocab,
+        masks="gt",
+        nouns="captions",
+        noun_mode="phrase",
+        progress=False,
+    )
     assert report["images"] == 64 and report["pairs"] == report["nouns"] == report["checked"] > 100
     assert report["match_rate"] > 0.8, report
     assert json.loads((tmp_path / "shards" / "report.json").read_text()) == report
@@ -203,15 +222,29 @@ def test_pipeline_stage_folders_are_content_addressed_and_reused(tmp_path):
     from ovseg_lab.pipeline import run_stages
 
     def config(seed: int):
-        return OmegaConf.create({
-            "seed": seed,
-            "pipeline": {"dir": str(tmp_path), "reuse": True, "inherit": ["seed"], "stages": {
-                "a": {"run": "tests.test_ovseg_pairs.fake_stage", "config": "mine", "overrides": ["proposals_ckpt=none"]},
-                "b": {"run": "tests.test_ovseg_pairs.fake_stage", "config": "mine",
-                      "overrides": ["proposals_ckpt=${stage:a}/out.txt"]},
-            }},
-            "uses": "${stage:b}/out.txt",
-        })
+        return OmegaConf.create(
+            {
+                "seed": seed,
+                "pipeline": {
+                    "dir": str(tmp_path),
+                    "reuse": True,
+                    "inherit": ["seed"],
+                    "stages": {
+                        "a": {
+                            "run": "tests.test_ovseg_pairs.fake_stage",
+                            "config": "mine",
+                            "overrides": ["proposals_ckpt=none"],
+                        },
+                        "b": {
+                            "run": "tests.test_ovseg_pairs.fake_stage",
+                            "config": "mine",
+                            "overrides": ["proposals_ckpt=${stage:a}/out.txt"],
+                        },
+                    },
+                },
+                "uses": "${stage:b}/out.txt",
+            }
+        )
 
     calls = lambda: (tmp_path / "calls.txt").read_text().splitlines()  # noqa: E731
     cfg = config(1)
@@ -227,9 +260,18 @@ def test_pipeline_stage_folders_are_content_addressed_and_reused(tmp_path):
 @pytest.mark.slow
 def test_ovseg_quickstart_chain_runs_end_to_end(toy_data_dir, tmp_path):
     run_dir = tmp_path / "qs"
-    cmd = [sys.executable, "train.py", "model=ovseg", "experiment=quickstart", "logger=csv",
-           "ovseg.pretrain_steps=20", "ovseg.maskformer_steps=20", "ovseg.adapt_steps=10", f"hydra.run.dir={run_dir}",
-           *small_toy_overrides(toy_data_dir)]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "model=ovseg",
+        "experiment=quickstart",
+        "logger=csv",
+        "ovseg.pretrain_steps=20",
+        "ovseg.maskformer_steps=20",
+        "ovseg.adapt_steps=10",
+        f"hydra.run.dir={run_dir}",
+        *small_toy_overrides(toy_data_dir),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -18,12 +18,33 @@ WORDS = ["red", "blue", "green", "circle", "square", "grass", "sky", "a", "photo
 
 def tiny_net(objective: str = "all_entities", **kwargs) -> OVSegmentor:
     torch.manual_seed(0)
-    encoder = GroupViTEncoder(image_size=32, patch_size=8, embed_dim=32, depths=[1, 1], num_heads=2,
-                              num_group_tokens=[8, 0], num_output_groups=[4], drop_path_rate=0.0)
-    text = BertTextEncoder(pretrained=None, vocab_words=WORDS, max_length=24,
-                           config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64})
-    return OVSegmentor(encoder, text, embed_dim=16, proj_hidden=32, objective=objective, decoder_heads=2,
-                       mask_size=32, answer_templates="photo", **kwargs)
+    encoder = GroupViTEncoder(
+        image_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depths=[1, 1],
+        num_heads=2,
+        num_group_tokens=[8, 0],
+        num_output_groups=[4],
+        drop_path_rate=0.0,
+    )
+    text = BertTextEncoder(
+        pretrained=None,
+        vocab_words=WORDS,
+        max_length=24,
+        config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
+    )
+    return OVSegmentor(
+        encoder,
+        text,
+        embed_dim=16,
+        proj_hidden=32,
+        objective=objective,
+        decoder_heads=2,
+        mask_size=32,
+        answer_templates="photo",
+        **kwargs,
+    )
 
 
 def caption_batch(b: int = 4) -> dict:
@@ -36,17 +57,35 @@ def caption_batch(b: int = 4) -> dict:
             if start >= 0:
                 found.append([start, start + len(phrase), phrase])
         mentions.append(sorted(found))
-    return {"image": torch.rand(b, 3, 32, 32), "caption": captions, "mentions": mentions,
-            "entities": [[m[2] for m in ms] for ms in mentions],
-            "noun_mentions": [[m for m in ms if m[2] in ("grass", "sky", "dog", "bus")] for ms in mentions]}
+    return {
+        "image": torch.rand(b, 3, 32, 32),
+        "caption": captions,
+        "mentions": mentions,
+        "entities": [[m[2] for m in ms] for ms in mentions],
+        "noun_mentions": [[m for m in ms if m[2] in ("grass", "sky", "dog", "bus")] for ms in mentions],
+    }
 
 
 def test_group_vit_configurations_produce_the_paper_group_counts():
     images = torch.rand(2, 3, 64, 64)
-    ovseg = GroupViTEncoder(image_size=64, patch_size=16, embed_dim=32, depths=[2, 2], num_heads=2,
-                            num_group_tokens=[64, 0], num_output_groups=[8])
-    groupvit = GroupViTEncoder(image_size=64, patch_size=16, embed_dim=32, depths=[2, 1, 1], num_heads=2,
-                               num_group_tokens=[64, 8, 0], num_output_groups=[64, 8])
+    ovseg = GroupViTEncoder(
+        image_size=64,
+        patch_size=16,
+        embed_dim=32,
+        depths=[2, 2],
+        num_heads=2,
+        num_group_tokens=[64, 0],
+        num_output_groups=[8],
+    )
+    groupvit = GroupViTEncoder(
+        image_size=64,
+        patch_size=16,
+        embed_dim=32,
+        depths=[2, 1, 1],
+        num_heads=2,
+        num_group_tokens=[64, 8, 0],
+        num_output_groups=[64, 8],
+    )
     for encoder, stages in ((ovseg, 1), (groupvit, 2)):
         out = encoder(images)
         assert out.tokens.shape == (2, 8, 32) and len(out.assignments) == stages and out.grid == (4, 4)
@@ -64,12 +103,22 @@ def test_parameter_counts_match_vit_and_bert_base():
     from transformers import BertConfig, BertModel
 
     with torch.device("meta"):
-        ours = GroupViTEncoder(image_size=224, patch_size=16, embed_dim=768, depths=[6, 6], num_heads=12,
-                               num_group_tokens=[64, 0], num_output_groups=[8], patch_norm=False)
+        ours = GroupViTEncoder(
+            image_size=224,
+            patch_size=16,
+            embed_dim=768,
+            depths=[6, 6],
+            num_heads=12,
+            num_group_tokens=[64, 0],
+            num_output_groups=[8],
+            patch_norm=False,
+        )
         reference = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
         bert = BertModel(BertConfig())  # bert-base-uncased's configuration
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    vit_part = count(ours.patch_embed) + ours.pos_embed.numel() + sum(count(s.blocks) for s in ours.stages) + count(ours.norm)
+    vit_part = (
+        count(ours.patch_embed) + ours.pos_embed.numel() + sum(count(s.blocks) for s in ours.stages) + count(ours.norm)
+    )
     assert vit_part == count(reference) - reference.cls_token.numel() - 768  # timm's pos_embed has a CLS slot
     assert vit_part == 85_797_120
     grouping = count(ours.stages[0].grouping) + ours.stages[0].group_token.numel()
@@ -130,10 +179,23 @@ def test_every_objective_trains(objective):
 
 def test_multi_label_objective_with_the_groupvit_text_transformer():
     torch.manual_seed(0)
-    encoder = GroupViTEncoder(image_size=32, patch_size=8, embed_dim=32, depths=[1, 1, 1], num_heads=2,
-                              num_group_tokens=[8, 4, 0], num_output_groups=[8, 4])
-    net = OVSegmentor(encoder, GroupViTTextEncoder(context_length=16, width=32, layers=1), embed_dim=16, proj_hidden=32,
-                      objective="multi_label", num_prompts=2)
+    encoder = GroupViTEncoder(
+        image_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depths=[1, 1, 1],
+        num_heads=2,
+        num_group_tokens=[8, 4, 0],
+        num_output_groups=[8, 4],
+    )
+    net = OVSegmentor(
+        encoder,
+        GroupViTTextEncoder(context_length=16, width=32, layers=1),
+        embed_dim=16,
+        proj_hidden=32,
+        objective="multi_label",
+        num_prompts=2,
+    )
     losses = net.training_losses(caption_batch())
     assert torch.isfinite(losses["multi_label"])
     losses["loss"].backward()
@@ -151,7 +213,10 @@ def test_entity_masking_masks_whole_words_and_answers_name_them():
     assert tokens[0][:7] == ["[CLS]", "a", "[MASK]", "[MASK]", "on", "a", "[MASK]"]
     assert tokens[2][:7] == ["[CLS]", "a", "[MASK]", "on", "a", "[MASK]", "[SEP]"]  # "bus" is masked
     assert answers[0] == "a photo of a red circle and grass"  # the release: template prefix + " and ".join
-    assert tiny_net("all_entities", entity_prompts="ours").masked_questions(batch)[1][0] == "a photo of a red circle and a grass."
+    assert (
+        tiny_net("all_entities", entity_prompts="ours").masked_questions(batch)[1][0]
+        == "a photo of a red circle and a grass."
+    )
     single = tiny_net("single_entity")
     spans, answers = single.masked_questions(batch)
     assert all(len({batch["caption"][i][s:e] for s, e in sp}) == 1 for i, sp in enumerate(spans))
@@ -169,7 +234,9 @@ def test_info_nce_equals_a_reference_computation():
     one = multi_label_info_nce(image, text[:, None], torch.ones(5, 1, dtype=torch.bool), scale)
     assert torch.allclose(one, reference, atol=1e-6)
     # padding prompts are ignored
-    padded = multi_label_info_nce(image, torch.stack([text, torch.randn(5, 8)], 1), torch.tensor([[True, False]] * 5), scale)
+    padded = multi_label_info_nce(
+        image, torch.stack([text, torch.randn(5, 8)], 1), torch.tensor([[True, False]] * 5), scale
+    )
     assert torch.allclose(padded, reference, atol=1e-6)
 
 
@@ -227,8 +294,11 @@ def test_stage_two_cross_image_loss_and_momentum_update():
     net = tiny_net("all_entities", cross_image_weight=0.1, momentum=0.9).train()
     assert not any(p.requires_grad for p in net.momentum_encoder.parameters())
     batch = caption_batch()
-    batch.update(pair_image=torch.rand(4, 3, 32, 32), pair_entity=["red circle", "sky", "dog", "dog"],
-                 has_pair=torch.tensor([True, True, False, True]))
+    batch.update(
+        pair_image=torch.rand(4, 3, 32, 32),
+        pair_entity=["red circle", "sky", "dog", "dog"],
+        has_pair=torch.tensor([True, True, False, True]),
+    )
     losses = net.training_losses(batch)
     assert torch.isfinite(losses["cross_image"]) and losses["cross_image"] > 0
     losses["loss"].backward()
@@ -256,8 +326,13 @@ def test_bert_offline_error_says_which_files_to_place_where():
     from ovseg_lab.errors import SetupError
 
     files = Path(__file__).resolve().parent / "fixtures" / "bert_base_uncased"  # config + tokenizer, no weights
-    with pytest.raises(SetupError, match=r"config\.json, vocab\.txt and tokenizer_config\.json.*model\.safetensors.*pretrained="):
+    with pytest.raises(
+        SetupError, match=r"config\.json, vocab\.txt and tokenizer_config\.json.*model\.safetensors.*pretrained="
+    ):
         BertTextEncoder(pretrained=str(files))
-    tiny = BertTextEncoder(pretrained=str(files), pretrained_weights=False,
-                           config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 32})
+    tiny = BertTextEncoder(
+        pretrained=str(files),
+        pretrained_weights=False,
+        config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 32},
+    )
     assert tiny.width == 16 and tiny.mask_token_id == 103 and tiny.tokenize(["a dog"])["input_ids"].shape[1] == 77

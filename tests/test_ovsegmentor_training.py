@@ -15,18 +15,32 @@ from hydra.utils import instantiate
 from tests.conftest import ROOT, compose, small_toy_overrides
 
 TINY = [
-    "model.net.image_encoder.embed_dim=64", "model.net.image_encoder.num_heads=2",
-    "model.net.image_encoder.depths=[1,1]", "model.net.proj_hidden=128", "model.net.embed_dim=64",
-    "model.net.text_encoder.config.hidden_size=64", "model.net.text_encoder.config.num_attention_heads=2",
-    "model.net.text_encoder.config.num_hidden_layers=1", "model.net.decoder_heads=2",
-    "data.batch_size=16", "data.shuffle_buffer=64", "data.num_workers=0",
+    "model.net.image_encoder.embed_dim=64",
+    "model.net.image_encoder.num_heads=2",
+    "model.net.image_encoder.depths=[1,1]",
+    "model.net.proj_hidden=128",
+    "model.net.embed_dim=64",
+    "model.net.text_encoder.config.hidden_size=64",
+    "model.net.text_encoder.config.num_attention_heads=2",
+    "model.net.text_encoder.config.num_hidden_layers=1",
+    "model.net.decoder_heads=2",
+    "data.batch_size=16",
+    "data.shuffle_buffer=64",
+    "data.num_workers=0",
 ]
 
 
 def test_caption_training_lowers_the_loss_without_reading_masks(toy_data_dir, tmp_path, monkeypatch):
-    overrides = ["model=ovsegmentor", "experiment=quickstart", "logger=none", "callbacks=none", *TINY,
-                 "model.scheduler.warmup_steps=0", "trainer.max_steps=40",
-                 *small_toy_overrides(toy_data_dir)]
+    overrides = [
+        "model=ovsegmentor",
+        "experiment=quickstart",
+        "logger=none",
+        "callbacks=none",
+        *TINY,
+        "model.scheduler.warmup_steps=0",
+        "trainer.max_steps=40",
+        *small_toy_overrides(toy_data_dir),
+    ]
     cfg = compose("train", overrides, tmp_path)
     L.seed_everything(0)
     datamodule = instantiate(cfg.data)
@@ -47,8 +61,17 @@ def test_caption_training_lowers_the_loss_without_reading_masks(toy_data_dir, tm
             return module.net.training_losses(batch)["contrastive"].item()
 
     before = loss_on_batch()
-    trainer = L.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        limit_val_batches=0, enable_model_summary=False, use_distributed_sampler=False, gradient_clip_val=5.0)
+    trainer = L.Trainer(
+        max_steps=40,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        gradient_clip_val=5.0,
+    )
     trainer.fit(module, train_dataloaders=loader)
     after = loss_on_batch()
     assert after < 0.92 * before, (before, after)
@@ -56,9 +79,19 @@ def test_caption_training_lowers_the_loss_without_reading_masks(toy_data_dir, tm
 
 def test_quickstart_ovsegmentor_reduced(toy_data_dir, tmp_path):
     run_dir = tmp_path / "qs"
-    cmd = [sys.executable, "train.py", "model=ovsegmentor", "experiment=quickstart", "logger=csv", *TINY,
-           "trainer.max_steps=6", "trainer.val_check_interval=6", "trainer.log_every_n_steps=2", f"hydra.run.dir={run_dir}",
-           *small_toy_overrides(toy_data_dir)]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "model=ovsegmentor",
+        "experiment=quickstart",
+        "logger=csv",
+        *TINY,
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=6",
+        "trainer.log_every_n_steps=2",
+        f"hydra.run.dir={run_dir}",
+        *small_toy_overrides(toy_data_dir),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -87,12 +120,26 @@ def test_quickstart_ovsegmentor_beats_the_untrained_model(tmp_path):
     """The issue's acceptance run: the full toy quickstart against the same model evaluated untrained."""
     data = [f"paths.data_dir={tmp_path / 'data'}"]
     trained_dir, untrained_dir = tmp_path / "trained", tmp_path / "untrained"
-    train = [sys.executable, "train.py", "model=ovsegmentor", "experiment=quickstart", "logger=csv", *data,
-             f"hydra.run.dir={trained_dir}"]
+    train = [
+        sys.executable,
+        "train.py",
+        "model=ovsegmentor",
+        "experiment=quickstart",
+        "logger=csv",
+        *data,
+        f"hydra.run.dir={trained_dir}",
+    ]
     proc = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    untrained = [sys.executable, "eval.py", "model=ovsegmentor", "experiment=quickstart", "allow_untrained=true", *data,
-                 f"hydra.run.dir={untrained_dir}"]
+    untrained = [
+        sys.executable,
+        "eval.py",
+        "model=ovsegmentor",
+        "experiment=quickstart",
+        "allow_untrained=true",
+        *data,
+        f"hydra.run.dir={untrained_dir}",
+    ]
     proc = subprocess.run(untrained, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = json.loads((trained_dir / "metrics.json").read_text())

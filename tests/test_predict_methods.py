@@ -26,7 +26,9 @@ def _run_config(data_dir: Path, model: str, run_dir: Path, extra: list[str] = ()
 
     from ovseg_lab.preflight import resolved_yaml
 
-    cfg = compose("train", ["experiment=quickstart", f"model={model}", f"paths.data_dir={data_dir}", *extra], run_dir=run_dir)
+    cfg = compose(
+        "train", ["experiment=quickstart", f"model={model}", f"paths.data_dir={data_dir}", *extra], run_dir=run_dir
+    )
     stored = cfg.copy()
     with open_dict(stored):
         del stored["hydra"]  # train.py's config has no hydra node
@@ -118,5 +120,20 @@ def test_background_threshold_makes_background_win_where_no_class_is_confident(t
     assert main(args + ["--output", str(tmp_path / "bad"), "--background-threshold", "2"]) == 2
     ck2 = tmp_path / "costvolume.ckpt"
     save_toy_checkpoint(toy_data_dir, "costvolume", ck2)
-    assert main(["--checkpoint", str(ck2), "--image", str(image), "--classes", "background,sky",
-                 "--output", str(tmp_path / "cv"), "--background-threshold", "0.9"]) == 2
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(ck2),
+                "--image",
+                str(image),
+                "--classes",
+                "background,sky",
+                "--output",
+                str(tmp_path / "cv"),
+                "--background-threshold",
+                "0.9",
+            ]
+        )
+        == 2
+    )

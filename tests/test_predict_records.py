@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,7 +34,9 @@ def test_output_names_are_unique_per_input_and_own_outputs_are_not_inputs(tmp_pa
         Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / name)
     stems = output_stems(list_images(tmp_path))
     assert sorted(stems.values()) == ["x_jpg", "x_png", "y"]
-    write_outputs("y", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.int64), vocabulary_from_names("a,b"), tmp_path)
+    write_outputs(
+        "y", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.int64), vocabulary_from_names("a,b"), tmp_path
+    )
     assert (tmp_path / "y_overlay.png").is_file()
     Image.new("RGB", (8, 8)).save(tmp_path / "holiday_overlay.png")  # a user's photo with that name is still an input
     assert [p.name for p in list_images(tmp_path)] == ["holiday_overlay.png", "x.jpg", "x.png", "y.png"]
@@ -53,7 +54,7 @@ def test_exif_orientation_is_applied_and_16_bit_images_are_scaled_with_a_warning
     assert shown.shape == (40, 20, 3)
     assert shown[5, 10, 0] > 200 and shown[35, 10, 0] < 60  # red on top after the rotation
 
-    ramp = (np.arange(64, dtype=np.uint16)[None].repeat(8, 0) * 1000)  # 0 .. 63000
+    ramp = np.arange(64, dtype=np.uint16)[None].repeat(8, 0) * 1000  # 0 .. 63000
     Image.fromarray(ramp).save(tmp_path / "depth16.png")
     with pytest.warns(UserWarning, match="scaled to 8 bits"):
         grey = read_photo(tmp_path / "depth16.png")
@@ -73,7 +74,17 @@ def test_legend_renders_any_script_and_scales_with_the_image():
 
     from ovseg_lab.viz import FALLBACK_FONT, _font_files, draw_text, font_runs, with_legend
 
-    names = ["красный круг", "Ελληνικά", "straße café", "猫 (12.3%)", "고양이 (1.0%)", "ねこ", "قطة", "חתול", "猫 cat кот"]
+    names = [
+        "красный круг",
+        "Ελληνικά",
+        "straße café",
+        "猫 (12.3%)",
+        "고양이 (1.0%)",
+        "ねこ",
+        "قطة",
+        "חתול",
+        "猫 cat кот",
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "no font has glyphs for ..." would fail here
         for name in names:
@@ -104,7 +115,7 @@ def test_legend_renders_any_script_and_scales_with_the_image():
     def panel(size: int) -> tuple[int, int]:
         picture = np.full((size, size * 4 // 3, 3), 128, np.uint8)
         canvas = with_legend(picture, [(0, "красный круг", 0.6), (1, "sky", 0.4)], 2)
-        ink = np.array(canvas)[:, picture.shape[1]:].min(axis=2) < 100  # dark pixels of the legend panel
+        ink = np.array(canvas)[:, picture.shape[1] :].min(axis=2) < 100  # dark pixels of the legend panel
         rows = np.flatnonzero(ink.any(axis=1))
         return canvas.size[0] - picture.shape[1], rows[-1] - rows[0]
 
@@ -157,22 +168,49 @@ def test_a_messy_folder_predicts_the_good_images_and_reports_the_bad_one(quickst
     Image.open(source).convert("RGB").save(folder / "x.jpg", quality=95)
     shutil.copy(source, folder / "x.png")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    cmd = [sys.executable, "scripts/predict.py", "--checkpoint", str(run / "checkpoints" / "last.ckpt"),
-           "--image", str(folder), "--classes", "red circle,blue square,striped grass"]
+    cmd = [
+        sys.executable,
+        "scripts/predict.py",
+        "--checkpoint",
+        str(run / "checkpoints" / "last.ckpt"),
+        "--image",
+        str(folder),
+        "--classes",
+        "red circle,blue square,striped grass",
+    ]
     for _ in range(2):
         proc = subprocess.run(cmd + ["--output", str(folder)], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 1, proc.stderr[-3000:]
         assert "1 of 3 image(s) failed" in proc.stderr and "broken.jpg" in proc.stderr
         assert "Traceback" not in proc.stderr
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["broken.jpg", "x.jpg", "x.png", "x_jpg_areas.json", "x_jpg_labels.png", "x_jpg_overlay.png",
-                     "x_png_areas.json", "x_png_labels.png", "x_png_overlay.png"]
+    assert names == [
+        "broken.jpg",
+        "x.jpg",
+        "x.png",
+        "x_jpg_areas.json",
+        "x_jpg_labels.png",
+        "x_jpg_overlay.png",
+        "x_png_areas.json",
+        "x_png_labels.png",
+        "x_png_overlay.png",
+    ]
 
-    proc = subprocess.run(cmd[:-4] + ["--image", str(folder / "x.png"), "--classes", "tree,Tree,tree "],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd[:-4] + ["--image", str(folder / "x.png"), "--classes", "tree,Tree,tree "],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "repeats names" in proc.stderr
-    proc = subprocess.run(cmd[:-4] + ["--image", str(folder / "x.png"), "--classes", "red circle,sky"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd[:-4] + ["--image", str(folder / "x.png"), "--classes", "red circle,sky"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (out,) = (run / "predict").iterdir()
     assert (out / "x_overlay.png").is_file() and sorted(p.name for p in run.iterdir()) == ["checkpoints", "predict"]

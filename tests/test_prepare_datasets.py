@@ -60,13 +60,17 @@ def prepared(out: Path, target: str, split: str, stem: str, suffix: str = ".png"
 
 
 COCO_STUFF_MAP = {e["raw_id"]: e["train_id"] for e in json.loads((VOCAB / "coco_stuff171_id_map.json").read_text())}
-COCO_THINGS = {e["raw_id"]: e["train_id"] for e in json.loads((VOCAB / "coco_stuff171_id_map.json").read_text()) if e["isthing"]}
+COCO_THINGS = {
+    e["raw_id"]: e["train_id"] for e in json.loads((VOCAB / "coco_stuff171_id_map.json").read_text()) if e["isthing"]
+}
 
 
 # ---------------------------------------------------------------------------------------------------- COCO
 # raw stuff-thing ids: person, bicycle, an unused id, toothbrush, unused, banner (first stuff), wood (last), unused, unlabelled
-COCO_RAW_IDS = np.array([[0, 1, 11, 89, 90, 91], [181, 182, 255, 0, 0, 91], [123, 123, 255, 255, 1, 1], [89, 89, 89, 91, 91, 181]],
-                        dtype=np.uint8)
+COCO_RAW_IDS = np.array(
+    [[0, 1, 11, 89, 90, 91], [181, 182, 255, 0, 0, 91], [123, 123, 255, 255, 1, 1], [89, 89, 89, 91, 91, 181]],
+    dtype=np.uint8,
+)
 
 
 @pytest.mark.parametrize("layout", ["cat_seg", "official_zips"])
@@ -87,7 +91,9 @@ def test_coco_stuff_labels_follow_the_id_map(tmp_path, layout):
     assert label[0, 5] == 80 and label[1, 0] == 170 and label[0, 3] == 79  # banner, wood, toothbrush
     assert (out / "coco_stuff" / "images" / "val2017").exists() is False
     assert (out / "coco_stuff" / "images" / "val" / "000000000139.jpg").read_bytes() == image.read_bytes()
-    assert json.loads((out / "coco_stuff" / "vocab.json").read_text()) == json.loads((VOCAB / "coco_stuff171.json").read_text())
+    assert json.loads((out / "coco_stuff" / "vocab.json").read_text()) == json.loads(
+        (VOCAB / "coco_stuff171.json").read_text()
+    )
     summary = summary_of(summaries, "coco_stuff")
     assert summary.images == 1 and summary.classes_seen == len(set(expected.ravel().tolist()) - {255}) == 6
     assert summary.ignored_fraction == pytest.approx(np.isin(COCO_RAW_IDS, [11, 90, 182, 255]).mean())
@@ -124,8 +130,13 @@ def test_coco_object_from_instances_polygon_and_rle(tmp_path):
         "annotations": [
             {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": [[1, 1, 5, 1, 5, 4, 1, 4]]},
             {"id": 2, "image_id": 1, "category_id": 2, "iscrowd": 1, "segmentation": uncompressed_rle(bicycle)},
-            {"id": 3, "image_id": 1, "category_id": 90, "iscrowd": 0,
-             "segmentation": {"size": [height, width], "counts": compressed["counts"].decode("ascii")}},
+            {
+                "id": 3,
+                "image_id": 1,
+                "category_id": 90,
+                "iscrowd": 0,
+                "segmentation": {"size": [height, width], "counts": compressed["counts"].decode("ascii")},
+            },
         ],
     }
     (raw / "annotations").mkdir(parents=True)
@@ -138,9 +149,15 @@ def test_coco_object_from_instances_polygon_and_rle(tmp_path):
     expected[toothbrush == 1] = 79
     np.testing.assert_array_equal(prepared(out, "coco_object", "val", "000000000001"), expected)
     vocab = json.loads((out / "coco_object" / "vocab.json").read_text())
-    assert len(vocab) == 81 and vocab[80] == "background" and vocab[:80] == json.loads((VOCAB / "coco_stuff171.json").read_text())[:80]
+    assert (
+        len(vocab) == 81
+        and vocab[80] == "background"
+        and vocab[:80] == json.loads((VOCAB / "coco_stuff171.json").read_text())[:80]
+    )
     assert summary_of(summaries, "coco_object").classes_seen == 4
-    assert "instances" in json.loads((out / "coco_object" / "prepare_summary.json").read_text())["splits"]["val"]["source"]
+    assert (
+        "instances" in json.loads((out / "coco_object" / "prepare_summary.json").read_text())["splits"]["val"]["source"]
+    )
 
 
 def test_coco_object_from_stuffthing_maps_puts_stuff_into_background(tmp_path):
@@ -171,12 +188,17 @@ def test_ade150_real_and_synthetic_samples(tmp_path):
     out = tmp_path / "out"
     summaries = prepare_benchmark("ade150", tmp_path / "raw", out, splits=["val", "train"], progress=False)
     rule = lambda v: 255 if v == 0 else v - 1  # noqa: E731  (0 = "other" -> ignore)
-    for split, stem, ade_split in (("val", "ADE_val_00000001", "validation"), ("val", "ADE_val_00000002", "validation"),
-                                   ("train", "ADE_train_00000001", "training")):
+    for split, stem, ade_split in (
+        ("val", "ADE_val_00000001", "validation"),
+        ("val", "ADE_val_00000002", "validation"),
+        ("train", "ADE_train_00000001", "training"),
+    ):
         raw_label = read(root / "annotations" / ade_split / f"{stem}.png")
         np.testing.assert_array_equal(prepared(out, "ade150", split, stem), per_pixel(raw_label, rule))
         # images are passed through unchanged
-        assert (out / "ade150" / "images" / split / f"{stem}.jpg").read_bytes() == (root / "images" / ade_split / f"{stem}.jpg").read_bytes()
+        assert (out / "ade150" / "images" / split / f"{stem}.jpg").read_bytes() == (
+            root / "images" / ade_split / f"{stem}.jpg"
+        ).read_bytes()
     real = prepared(out, "ade150", "val", "ADE_val_00000001")
     assert set(np.unique(real)) >= {0, 1, 255}  # wall, building, ignored "other"
     assert summary_of(summaries, "ade150").images == 2 and summary_of(summaries, "ade150", "train").images == 1
@@ -213,7 +235,10 @@ def make_ade847_raw(raw: Path, with_index: bool = True) -> tuple[Path, np.ndarra
     write_png(val_dir / "ADE_val_00000001_seg.png", encode_ade(classes))
     if with_index:
         index = {
-            "folder": ["ADE20K_2021_17_01/images/ADE/training/urban/street", "ADE20K_2021_17_01/images/ADE/validation/abbey"],
+            "folder": [
+                "ADE20K_2021_17_01/images/ADE/training/urban/street",
+                "ADE20K_2021_17_01/images/ADE/validation/abbey",
+            ],
             "filename": ["ADE_train_00016900.jpg", "ADE_val_00000001.jpg"],
             "objectnames": ["-"],
         }
@@ -322,28 +347,48 @@ def test_pascal_context_59_from_merged_json_equals_mat(tmp_path):
     val_id, train_id = pc_ids()
     images, annos = [], []
     for n, (image_id, label, phase) in enumerate(((val_id, PC_LABELS, "val"), (train_id, PC_LABELS[::-1], "train"))):
-        images.append({"image_id": n + 7, "file_name": f"{image_id}.jpg", "height": label.shape[0], "width": label.shape[1], "phase": phase})
+        images.append(
+            {
+                "image_id": n + 7,
+                "file_name": f"{image_id}.jpg",
+                "height": label.shape[0],
+                "width": label.shape[1],
+                "phase": phase,
+            }
+        )
         for category in np.unique(label):
             if category:
                 rle = mask_utils.encode(np.asfortranarray((label == category).astype(np.uint8)))
-                annos.append({"image_id": n + 7, "category_id": int(category),
-                              "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}})
+                annos.append(
+                    {
+                        "image_id": n + 7,
+                        "category_id": int(category),
+                        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                    }
+                )
     (voc / "trainval_merged.json").write_text(json.dumps({"images": images, "annos_segmentation": annos}))
-    prepare_benchmark("pc59", tmp_path / "raw", tmp_path / "json", splits=["val", "train"], source="json", progress=False)
+    prepare_benchmark(
+        "pc59", tmp_path / "raw", tmp_path / "json", splits=["val", "train"], source="json", progress=False
+    )
     prepare_benchmark("pc59", tmp_path / "raw", tmp_path / "mat", splits=["val", "train"], source="mat", progress=False)
     info = json.loads((tmp_path / "json" / "pc59" / "prepare_summary.json").read_text())
     assert info["splits"]["val"]["source"] == "trainval_merged.json"
     for target in ("pc59", "pc59b"):
         for split, image_id in (("val", val_id), ("train", train_id)):
-            np.testing.assert_array_equal(prepared(tmp_path / "json", target, split, image_id),
-                                          prepared(tmp_path / "mat", target, split, image_id))
+            np.testing.assert_array_equal(
+                prepared(tmp_path / "json", target, split, image_id),
+                prepared(tmp_path / "mat", target, split, image_id),
+            )
 
 
 # ---------------------------------------------------------------------------------------------------- VOC
 def make_voc_raw(raw: Path) -> Path:
     voc = raw / "VOCdevkit" / "VOC2012"
     for n in (294, 582):
-        shutil.copy(REAL / f"voc_{n}_image.jpg", (voc / "JPEGImages").mkdir(parents=True, exist_ok=True) or voc / "JPEGImages" / f"2007_000{n}.jpg")
+        shutil.copy(
+            REAL / f"voc_{n}_image.jpg",
+            (voc / "JPEGImages").mkdir(parents=True, exist_ok=True) or voc / "JPEGImages" / f"2007_000{n}.jpg",
+        )
         (voc / "SegmentationClass").mkdir(parents=True, exist_ok=True)
         shutil.copy(REAL / f"voc_{n}_label.png", voc / "SegmentationClass" / f"2007_000{n}.png")
     background_only = np.zeros((5, 6), np.uint8)
@@ -370,7 +415,9 @@ def test_voc20_and_voc20b_from_real_samples(tmp_path):
         np.testing.assert_array_equal(prepared(out, "voc20", "val", stem), per_pixel(raw_label, VOC20_RULE))
         np.testing.assert_array_equal(prepared(out, "voc20b", "val", stem), per_pixel(raw_label, VOC20B_RULE))
         # one image file, two benchmarks
-        assert (out / "voc20b" / "images" / "val" / f"{stem}.jpg").read_bytes() == (voc / "JPEGImages" / f"{stem}.jpg").read_bytes()
+        assert (out / "voc20b" / "images" / "val" / f"{stem}.jpg").read_bytes() == (
+            voc / "JPEGImages" / f"{stem}.jpg"
+        ).read_bytes()
     names = json.loads((out / "voc20" / "vocab.json").read_text())
     assert names[prepared(out, "voc20", "val", "2007_000582")[read(REAL / "voc_582_label.png") == 15][0]] == "person"
     # an image with background only: nothing to score in PAS-20 (left out, as officially), kept in PAS-20b
@@ -405,7 +452,11 @@ def test_rgb_encoded_voc_labels_decode_to_class_indices():
     for n in (294, 582):
         np.testing.assert_array_equal(read_voc_label(REAL / f"voc_{n}_target.png"), read(REAL / f"voc_{n}_label.png"))
     palette = voc_colormap()
-    assert palette[1].tolist() == [128, 0, 0] and palette[15].tolist() == [192, 128, 128] and palette[255].tolist() == [224, 224, 192]
+    assert (
+        palette[1].tolist() == [128, 0, 0]
+        and palette[15].tolist() == [192, 128, 128]
+        and palette[255].tolist() == [224, 224, 192]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- engine
@@ -437,11 +488,15 @@ def test_rerun_skips_finished_files_rebuilds_missing_ones_and_leaves_no_temporar
 def test_worker_processes_give_the_same_result(tmp_path):
     make_ade847_raw(tmp_path / "raw")
     one = prepare_benchmark("ade847", tmp_path / "raw", tmp_path / "one", splits=["val", "train"], progress=False)
-    two = prepare_benchmark("ade847", tmp_path / "raw", tmp_path / "two", splits=["val", "train"], workers=2, progress=False)
+    two = prepare_benchmark(
+        "ade847", tmp_path / "raw", tmp_path / "two", splits=["val", "train"], workers=2, progress=False
+    )
     assert [s.line() for s in one] == [s.line() for s in two]
     for split, stem in (("val", "ADE_val_00000001"), ("train", "ADE_train_00016900")):
-        np.testing.assert_array_equal(prepared(tmp_path / "one", "ade847", split, stem, ".tif"),
-                                      prepared(tmp_path / "two", "ade847", split, stem, ".tif"))
+        np.testing.assert_array_equal(
+            prepared(tmp_path / "one", "ade847", split, stem, ".tif"),
+            prepared(tmp_path / "two", "ade847", split, stem, ".tif"),
+        )
 
 
 def test_bad_raw_data_is_reported_with_the_file_it_concerns(tmp_path):
@@ -449,7 +504,9 @@ def test_bad_raw_data_is_reported_with_the_file_it_concerns(tmp_path):
         prepare_benchmark("ade150", tmp_path, tmp_path / "out", progress=False)
     root = make_ade150_raw(tmp_path / "raw")
     write_png(root / "annotations" / "validation" / "ADE_val_00000002.png", np.zeros((3, 3), np.uint8))  # wrong size
-    with pytest.raises(DataError, match=r"ADE_val_00000002.jpg is 3x2 but its annotation .*ADE_val_00000002.png is 3x3"):
+    with pytest.raises(
+        DataError, match=r"ADE_val_00000002.jpg is 3x2 but its annotation .*ADE_val_00000002.png is 3x3"
+    ):
         prepare_benchmark("ade150", tmp_path / "raw", tmp_path / "out", progress=False)
     (root / "annotations" / "validation" / "ADE_val_00000002.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="Cannot read label .*ADE_val_00000002.png"):
@@ -465,14 +522,36 @@ def test_command_line_prepares_and_explains_failures(tmp_path):
     make_voc_raw(tmp_path / "raw")
     script = [sys.executable, "scripts/prepare_datasets.py"]
     env = dict(os.environ, OVSEG_DATA_DIR=str(tmp_path / "unused"))
-    proc = subprocess.run([*script, "voc20", "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "out"), "--workers", "2",
-                           "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [
+            *script,
+            "voc20",
+            "--raw",
+            str(tmp_path / "raw"),
+            "--out",
+            str(tmp_path / "out"),
+            "--workers",
+            "2",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "voc20b" in proc.stdout and "21/59 classes seen" not in proc.stdout
     assert "data/eval=[voc20,voc20b]" in proc.stdout
     assert (tmp_path / "out" / "voc20b" / "labels" / "val" / "2007_000001.png").is_file()
-    proc = subprocess.run([*script, "pc459", "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "out")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [*script, "pc459", "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("ERROR:") and "trainval" in proc.stderr
 
@@ -504,8 +583,18 @@ def test_ade847_image_resize_matches_half_pixel_bilinear_and_nearest_sampling():
     assert short_side_resize_shape(512, 4000) is None and short_side_resize_shape(300, 200) is None
     image = np.random.default_rng(0).integers(0, 256, (61, 83, 3), dtype=np.uint8)
     ours = resize_bilinear(image, (40, 52)).astype(int)
-    reference = F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].double(), size=(40, 52), mode="bilinear",
-                              align_corners=False, antialias=False)[0].permute(1, 2, 0).round().numpy()
+    reference = (
+        F.interpolate(
+            torch.from_numpy(image).permute(2, 0, 1)[None].double(),
+            size=(40, 52),
+            mode="bilinear",
+            align_corners=False,
+            antialias=False,
+        )[0]
+        .permute(1, 2, 0)
+        .round()
+        .numpy()
+    )
     assert np.abs(ours - reference).max() <= 1
     label = np.arange(7 * 9).reshape(7, 9)
     np.testing.assert_array_equal(resize_nearest(label, (3, 4)), label[np.ix_([0, 2, 4], [0, 2, 4, 6])])

@@ -25,15 +25,19 @@ def _ade150_raw(raw: Path, count: int) -> None:
     for i in range(count):
         stem = f"ADE_val_{i + 1:08d}"
         Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(
-            raw / "ADEChallengeData2016" / "images" / "validation" / f"{stem}.jpg")
+            raw / "ADEChallengeData2016" / "images" / "validation" / f"{stem}.jpg"
+        )
         Image.fromarray(rng.integers(0, 151, (96, 128), dtype=np.uint8)).save(
-            raw / "ADEChallengeData2016" / "annotations" / "validation" / f"{stem}.png")
+            raw / "ADEChallengeData2016" / "annotations" / "validation" / f"{stem}.png"
+        )
 
 
 def _spec(out: Path):
     from ovseg_lab.data.benchmark import BenchmarkSpec
 
-    return BenchmarkSpec(name="ade150", root=str(out / "ade150"), split="val", prepare="python scripts/prepare_datasets.py ade150 ...")
+    return BenchmarkSpec(
+        name="ade150", root=str(out / "ade150"), split="val", prepare="python scripts/prepare_datasets.py ade150 ..."
+    )
 
 
 def test_an_interrupted_split_is_marked_incomplete_and_refused_until_finished(tmp_path, monkeypatch):
@@ -52,9 +56,14 @@ def test_an_interrupted_split_is_marked_incomplete_and_refused_until_finished(tm
 
     monkeypatch.setattr(core, "process_sample", flaky)
     with pytest.raises(core.PrepareInterrupted, match="rerun the same command to resume"):
-        prepare_benchmark("ade150", tmp_path / "raw", out, progress=False, command="python scripts/prepare_datasets.py ade150 --raw R")
+        prepare_benchmark(
+            "ade150", tmp_path / "raw", out, progress=False, command="python scripts/prepare_datasets.py ade150 --raw R"
+        )
     summary = json.loads((out / "ade150" / "prepare_summary.json").read_text())
-    assert summary["splits"]["val"] == {"complete": False, "command": "python scripts/prepare_datasets.py ade150 --raw R"}
+    assert summary["splits"]["val"] == {
+        "complete": False,
+        "command": "python scripts/prepare_datasets.py ade150 --raw R",
+    }
     problem = _spec(out).missing()
     assert "incomplete" in problem and "finish it with: python scripts/prepare_datasets.py ade150 --raw R" in problem
 
@@ -68,10 +77,21 @@ def test_an_interrupted_split_is_marked_incomplete_and_refused_until_finished(tm
 def test_ctrl_c_with_two_workers_leaves_no_temporaries_and_says_how_to_resume(tmp_path):
     _ade150_raw(tmp_path / "raw", 400)
     out = tmp_path / "out"
-    cmd = [sys.executable, "scripts/prepare_datasets.py", "ade150", "--raw", str(tmp_path / "raw"), "--out", str(out),
-           "--workers", "2", "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "scripts/prepare_datasets.py",
+        "ade150",
+        "--raw",
+        str(tmp_path / "raw"),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     labels = out / "ade150" / "labels" / "val"
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline and not (labels.is_dir() and any(labels.glob("*.png"))):

@@ -20,9 +20,17 @@ def test_quickstart_reduced_runs_the_catseg_chain(toy_data_dir, tmp_path):
     starts from its weights, writes the run files, and eval.py scores its checkpoint without the stage folder
     (the checkpoint carries every weight)."""
     run_dir = tmp_path / "qs"
-    cmd = [sys.executable, "train.py", "experiment=quickstart", "logger=csv", "trainer.max_steps=8",
-           "trainer.val_check_interval=4", "pipeline.params.pretrain_steps=4", f"hydra.run.dir={run_dir}",
-           *small_toy_overrides(toy_data_dir)]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "experiment=quickstart",
+        "logger=csv",
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=4",
+        "pipeline.params.pretrain_steps=4",
+        f"hydra.run.dir={run_dir}",
+        *small_toy_overrides(toy_data_dir),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -57,10 +65,22 @@ def test_quickstart_reduced_runs_the_catseg_chain(toy_data_dir, tmp_path):
     torch.testing.assert_close(tuned["net.clip.model.token_embedding.weight"], pretrained, rtol=0, atol=0)
 
     eval_dir = tmp_path / "ev"
-    proc = subprocess.run([sys.executable, "eval.py", "experiment=quickstart", "logger=csv",
-                           *small_toy_overrides(toy_data_dir), "data/eval=[toy_seen]",
-                           f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={eval_dir}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "eval.py",
+            "experiment=quickstart",
+            "logger=csv",
+            *small_toy_overrides(toy_data_dir),
+            "data/eval=[toy_seen]",
+            f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}",
+            f"hydra.run.dir={eval_dir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     evaluated = json.loads((eval_dir / "metrics.json").read_text())["toy_seen"]
     assert math.isclose(evaluated["mIoU"], metrics["toy_seen"]["mIoU"], abs_tol=1e-6)
@@ -68,9 +88,17 @@ def test_quickstart_reduced_runs_the_catseg_chain(toy_data_dir, tmp_path):
 
 def test_eval_reproduces_training_metrics_from_checkpoint(quickstart_run, toy_data_dir, tmp_path):
     eval_dir = tmp_path / "ev"
-    evaluate = [sys.executable, "eval.py", "experiment=quickstart", "model=costvolume", "logger=csv",
-                *small_toy_overrides(toy_data_dir), "data/eval=[toy_seen,toy_unseen]",
-                f"ckpt={quickstart_run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={eval_dir}"]
+    evaluate = [
+        sys.executable,
+        "eval.py",
+        "experiment=quickstart",
+        "model=costvolume",
+        "logger=csv",
+        *small_toy_overrides(toy_data_dir),
+        "data/eval=[toy_seen,toy_unseen]",
+        f"ckpt={quickstart_run / 'checkpoints' / 'last.ckpt'}",
+        f"hydra.run.dir={eval_dir}",
+    ]
     proc = subprocess.run(evaluate, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trained = json.loads((quickstart_run / "metrics.json").read_text())

@@ -39,9 +39,21 @@ def test_readme_quickstart_then_readme_eval_leaves_the_training_run_byte_identic
     files are group-readable (process umask, not mkstemp's 0600)."""
     logs = tmp_path / "outputs"
     common = ["experiment=quickstart", "model=costvolume", f"paths.log_dir={logs}", *small_toy_overrides(toy_data_dir)]
-    proc = subprocess.run([sys.executable, "train.py", *common, "trainer.max_steps=6", "trainer.val_check_interval=6",
-                           "callbacks.model_checkpoint.every_n_train_steps=6"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=_umask_022)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            *common,
+            "trainer.max_steps=6",
+            "trainer.val_check_interval=6",
+            "callbacks.model_checkpoint.every_n_train_steps=6",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_umask_022,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the console: one line per log message (Lightning's INFO lines were printed twice), benchmark names on the
     # evaluation bars, the global step out of max_steps on the training bar
@@ -49,8 +61,15 @@ def test_readme_quickstart_then_readme_eval_leaves_the_training_run_byte_identic
     assert console.count("GPU available") == 1, console[:2000]
     assert "Validation toy_unseen" in console and "step=6/6" in console
     run = logs / "quickstart_costvolume"
-    for name in ("metrics.json", "run_info.json", "config_resolved.yaml", ".hydra/overrides.yaml", "csv/metrics.csv",
-                 "checkpoints/last.ckpt", "wandb/run_id"):
+    for name in (
+        "metrics.json",
+        "run_info.json",
+        "config_resolved.yaml",
+        ".hydra/overrides.yaml",
+        "csv/metrics.csv",
+        "checkpoints/last.ckpt",
+        "wandb/run_id",
+    ):
         assert (run / name).is_file(), name
     assert not (run / ".lock").exists(), "the lock is released when the run ends"
     listing = subprocess.run(["ls", "-l", str(run), str(run / "checkpoints")], capture_output=True, text=True).stdout
@@ -60,8 +79,13 @@ def test_readme_quickstart_then_readme_eval_leaves_the_training_run_byte_identic
     before = _snapshot(run)
 
     ckpt = run / "checkpoints" / "last.ckpt"
-    proc = subprocess.run([sys.executable, "eval.py", *common, "data/eval=[toy_seen,toy_unseen]", f"ckpt={ckpt}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "eval.py", *common, "data/eval=[toy_seen,toy_unseen]", f"ckpt={ckpt}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _snapshot(run, skip="eval") == before
     (eval_dir,) = (run / "eval").iterdir()
@@ -72,8 +96,16 @@ def test_readme_quickstart_then_readme_eval_leaves_the_training_run_byte_identic
 
 def test_two_runs_on_one_folder_the_second_exits_2_naming_the_first(quickstart_run, toy_data_dir, tmp_path):
     run = tmp_path / "busy"
-    cmd = [sys.executable, "train.py", "experiment=quickstart", "model=costvolume", "logger=csv",
-           "trainer.max_steps=100000", f"hydra.run.dir={run}", *small_toy_overrides(toy_data_dir)]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "experiment=quickstart",
+        "model=costvolume",
+        "logger=csv",
+        "trainer.max_steps=100000",
+        f"hydra.run.dir={run}",
+        *small_toy_overrides(toy_data_dir),
+    ]
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
@@ -81,8 +113,15 @@ def test_two_runs_on_one_folder_the_second_exits_2_naming_the_first(quickstart_r
             time.sleep(0.1)
         assert first.poll() is None, "the first run stopped early"
         overrides_before = (run / ".hydra" / "overrides.yaml").read_bytes()
-        second = subprocess.run(cmd[:-len(small_toy_overrides(toy_data_dir))] + ["trainer.max_steps=7"]
-                                + small_toy_overrides(toy_data_dir), cwd=ROOT, capture_output=True, text=True, timeout=120)
+        second = subprocess.run(
+            cmd[: -len(small_toy_overrides(toy_data_dir))]
+            + ["trainer.max_steps=7"]
+            + small_toy_overrides(toy_data_dir),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert second.returncode == 2, second.stderr[-3000:]
         assert f"pid {first.pid}" in second.stderr and "in use" in second.stderr
         assert "Traceback" not in second.stderr
@@ -122,10 +161,18 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_notice(tmp_path, ca
 
 def _lock_holder(folder: Path) -> subprocess.Popen:
     """Another process that holds the run-folder lock of ``folder`` until killed."""
-    code = ("import sys; from ovseg_lab.run_folder import RunLock; RunLock.acquire(sys.argv[1]); "
-            "print('locked', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code = (
+        "import sys; from ovseg_lab.run_folder import RunLock; RunLock.acquire(sys.argv[1]); "
+        "print('locked', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert holder.stdout.readline().strip() == "locked"
     return holder
 
@@ -137,7 +184,16 @@ def test_a_second_predict_into_a_busy_output_folder_exits_2_naming_the_first(tmp
     import predict as script
 
     out = tmp_path / "pred"
-    args = ["--checkpoint", str(tmp_path / "none.ckpt"), "--image", str(tmp_path), "--classes", "a,b", "--output", str(out)]
+    args = [
+        "--checkpoint",
+        str(tmp_path / "none.ckpt"),
+        "--image",
+        str(tmp_path),
+        "--classes",
+        "a,b",
+        "--output",
+        str(out),
+    ]
     holder = _lock_holder(out)
     try:
         assert script.main(args) == 2
@@ -161,8 +217,22 @@ def test_a_pipeline_stage_folder_is_locked_while_its_stage_runs(tmp_path, capsys
     from ovseg_lab.errors import RunFolderBusy
     from ovseg_lab.pipeline import run_stages, stage_dir
 
-    cfg = OmegaConf.create({"seed": 1, "pipeline": {"dir": str(tmp_path), "inherit": ["seed"], "stages": {
-        "a": {"run": "tests.test_ovseg_pairs.fake_stage", "config": "mine", "overrides": ["proposals_ckpt=none"]}}}})
+    cfg = OmegaConf.create(
+        {
+            "seed": 1,
+            "pipeline": {
+                "dir": str(tmp_path),
+                "inherit": ["seed"],
+                "stages": {
+                    "a": {
+                        "run": "tests.test_ovseg_pairs.fake_stage",
+                        "config": "mine",
+                        "overrides": ["proposals_ckpt=none"],
+                    }
+                },
+            },
+        }
+    )
     folder = Path(stage_dir("a", _root_=cfg))
     holder = _lock_holder(folder)  # another job of a parallel sweep training the same stage
     try:
@@ -219,12 +289,21 @@ def test_a_full_disk_is_named_with_the_path(tmp_path, monkeypatch):
 def test_a_resume_with_another_learning_rate_is_refused_with_a_diff(quickstart_run, toy_data_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(quickstart_run, run)
-    base = [sys.executable, "train.py", "experiment=quickstart", "model=costvolume", "logger=csv",
-            "trainer.val_check_interval=12", f"hydra.run.dir={run}", *small_toy_overrides(toy_data_dir),
-            "ckpt_path=last"]
+    base = [
+        sys.executable,
+        "train.py",
+        "experiment=quickstart",
+        "model=costvolume",
+        "logger=csv",
+        "trainer.val_check_interval=12",
+        f"hydra.run.dir={run}",
+        *small_toy_overrides(toy_data_dir),
+        "ckpt_path=last",
+    ]
     before = _snapshot(run)
-    proc = subprocess.run(base + ["trainer.max_steps=12", "model.optimizer.lr=0.5"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        base + ["trainer.max_steps=12", "model.optimizer.lr=0.5"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Resume refused" in proc.stderr and "model.optimizer.lr: 0.001 -> 0.5" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -240,11 +319,25 @@ def test_resume_config_differences_ignore_length_and_logging():
 
     from ovseg_lab.lit.resume import config_differences
 
-    stored = OmegaConf.create({"seed": 1, "trainer": {"max_steps": 10}, "sched": {"total": "${trainer.max_steps}"},
-                               "logger": {"csv": {"name": "a"}}, "ckpt_path": None})
+    stored = OmegaConf.create(
+        {
+            "seed": 1,
+            "trainer": {"max_steps": 10},
+            "sched": {"total": "${trainer.max_steps}"},
+            "logger": {"csv": {"name": "a"}},
+            "ckpt_path": None,
+        }
+    )
     stored_yaml = OmegaConf.to_yaml(stored, resolve=True)
-    same = OmegaConf.merge(stored, {"trainer": {"max_steps": 20}, "logger": {"csv": {"name": "b"}}, "ckpt_path": "last",
-                                    "data": {"num_workers": 4}})
+    same = OmegaConf.merge(
+        stored,
+        {
+            "trainer": {"max_steps": 20},
+            "logger": {"csv": {"name": "b"}},
+            "ckpt_path": "last",
+            "data": {"num_workers": 4},
+        },
+    )
     assert config_differences(stored_yaml, same) == []
     other = OmegaConf.merge(stored, {"seed": 2})
     assert config_differences(stored_yaml, other) == ["seed: 1 -> 2"]

@@ -23,10 +23,22 @@ STEPS, EVERY = 21, 7
 
 
 def _command(data_dir: Path, run_dir: Path, *extra: str, logger: str = "csv") -> list[str]:
-    return [sys.executable, "train.py", "experiment=quickstart", "model=costvolume", f"logger={logger}",
-            f"trainer.max_steps={STEPS}", "trainer.val_check_interval=1000",
-            f"callbacks.model_checkpoint.every_n_train_steps={EVERY}", "data.batch_size=8", "data.num_workers=1",
-            "+data.train.max_images=40", f"hydra.run.dir={run_dir}", *small_toy_overrides(data_dir), *extra]
+    return [
+        sys.executable,
+        "train.py",
+        "experiment=quickstart",
+        "model=costvolume",
+        f"logger={logger}",
+        f"trainer.max_steps={STEPS}",
+        "trainer.val_check_interval=1000",
+        f"callbacks.model_checkpoint.every_n_train_steps={EVERY}",
+        "data.batch_size=8",
+        "data.num_workers=1",
+        "+data.train.max_images=40",
+        f"hydra.run.dir={run_dir}",
+        *small_toy_overrides(data_dir),
+        *extra,
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -36,13 +48,20 @@ def _env() -> dict[str, str]:
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(toy_data_dir, tmp_path):
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    proc = subprocess.run(_command(toy_data_dir, reference), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        _command(toy_data_dir, reference), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     # the interrupted run: SIGKILL (no handler, no cleanup) as soon as the first step checkpoint exists
     last = resumed / "checkpoints" / "last.ckpt"
-    victim = subprocess.Popen(_command(toy_data_dir, resumed, logger="default"), cwd=ROOT, env=_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen(
+        _command(toy_data_dir, resumed, logger="default"),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while not last.exists() and victim.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -57,8 +76,14 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(toy_data_dir, t
     assert 0 < position["batches_in_epoch"] < 5, position  # mid-epoch
     assert not list(last.parent.glob(".*.tmp")), "a temporary checkpoint file was left behind"
 
-    proc = subprocess.run(_command(toy_data_dir, resumed, "ckpt_path=last", logger="default"), cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        _command(toy_data_dir, resumed, "ckpt_path=last", logger="default"),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Resuming from" in proc.stdout
     assert "taking over the lock" in proc.stderr  # the killed run's lock
@@ -80,8 +105,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(toy_data_dir, t
     # curves before the kill kept), and the resumed run continued the same W&B run
     def rows(run: Path) -> list[tuple[str, ...]]:
         with open(run / "csv" / "metrics.csv", newline="") as handle:
-            return sorted(tuple(sorted(k for k, v in row.items() if v not in ("", None))) + (row["step"],)
-                          for row in csv.DictReader(handle))
+            return sorted(
+                tuple(sorted(k for k, v in row.items() if v not in ("", None))) + (row["step"],)
+                for row in csv.DictReader(handle)
+            )
 
     assert rows(resumed) == rows(reference)
     assert any(int(r[-1]) < killed_at for r in rows(resumed)), "the curves before the kill are kept"
@@ -93,9 +120,19 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(toy_data_dir, t
 @pytest.mark.slow
 def test_a_failing_sweep_job_does_not_stop_the_others(toy_data_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "train.py", "-m", "experiment=quickstart", "model=costvolume", "logger=none",
-           "trainer.max_steps=2", "trainer.val_check_interval=1000", "data.batch_size=0,8",
-           f"hydra.sweep.dir={sweep}", *small_toy_overrides(toy_data_dir)]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "experiment=quickstart",
+        "model=costvolume",
+        "logger=none",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=1000",
+        "data.batch_size=0,8",
+        f"hydra.sweep.dir={sweep}",
+        *small_toy_overrides(toy_data_dir),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     error = (sweep / "0" / "error.txt").read_text()
     assert "data.batch_size=0 must be >= 1" in error and not (sweep / "0" / "metrics.json").exists()

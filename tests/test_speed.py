@@ -9,7 +9,7 @@ torch.compile (speed.compile). Plus the benchmark script's JSON and growth figur
 from __future__ import annotations
 
 import json
-from functools import lru_cache, partial
+from functools import cache, partial
 
 import pytest
 import torch
@@ -33,7 +33,7 @@ VOCAB = vocab()
 FP32 = dict(atol=1e-5, rtol=1e-4)  # the tolerance of every fp32 equality below: reordered float sums only
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tiny(method: str):
     torch.manual_seed(0)
     return build_net([f"model={method}", "clip=tiny", "data=toy"]).eval()
@@ -85,8 +85,16 @@ def test_math_attention_gives_the_sdpa_outputs(method, expected_layers):
 def test_runner_applies_the_speed_node(compose_cfg, tmp_path):
     from hydra.utils import instantiate
 
-    cfg = compose_cfg("train", ["experiment=quickstart", "model=catseg", "speed.attention=math", "clip.weights=null",
-                                f"paths.data_dir={tmp_path}"])
+    cfg = compose_cfg(
+        "train",
+        [
+            "experiment=quickstart",
+            "model=catseg",
+            "speed.attention=math",
+            "clip.weights=null",
+            f"paths.data_dir={tmp_path}",
+        ],
+    )
     module = apply_speed(instantiate(cfg.model), cfg.speed)
     assert [m.fused_attn for m in module.net.modules() if hasattr(m, "fused_attn")] == [False] * 10
     with pytest.raises(Exception, match="speed.attention"):
@@ -153,13 +161,30 @@ def test_ovseg_region_batches_equal_one_region_at_a_time():
     from ovseg_lab.models.maskformer import MaskFormer, SetCriterion
     from ovseg_lab.models.ovseg import OVSeg
 
-    tiny_clip = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
-                     text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1))
-    swin = dict(name="swin_tiny_patch4_window7_224", pretrained=False,
-                model_kwargs=dict(img_size=64, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
-                                  window_size=4, strict_img_size=False))
-    maskformer = partial(MaskFormer, backbone=swin, num_queries=6, hidden_dim=32, heads=2, ffn_dim=64, dec_layers=1,
-                         conv_dim=16, mask_dim=16, class_hidden=32)
+    tiny_clip = dict(
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
+        text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1),
+    )
+    swin = dict(
+        name="swin_tiny_patch4_window7_224",
+        pretrained=False,
+        model_kwargs=dict(
+            img_size=64, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=4, strict_img_size=False
+        ),
+    )
+    maskformer = partial(
+        MaskFormer,
+        backbone=swin,
+        num_queries=6,
+        hidden_dim=32,
+        heads=2,
+        ffn_dim=64,
+        dec_layers=1,
+        conv_dim=16,
+        mask_dim=16,
+        class_hidden=32,
+    )
     torch.manual_seed(0)
     clip = CLIPBackbone("tiny", None, model_cfg=tiny_clip, feature_layers=(0,), templates=["a {}"], mask_prompt_depth=1)
     net = OVSeg(clip, maskformer, SetCriterion(), templates=["a {}"], classify="clip", mask_threshold=0.5).eval()
@@ -231,9 +256,11 @@ def test_compiled_net_equals_eager():
 def test_growth_summary_on_hand_made_points():
     from ovseg_lab.tools.benchmark import growth_summary
 
-    points = [{"num_classes": 150, "latency_s": 1.0, "peak_memory_mib": 100.0},
-              {"num_classes": 300, "latency_s": 1.5, "peak_memory_mib": 150.0},
-              {"num_classes": 600, "latency_s": 2.5, "peak_memory_mib": 250.0}]
+    points = [
+        {"num_classes": 150, "latency_s": 1.0, "peak_memory_mib": 100.0},
+        {"num_classes": 300, "latency_s": 1.5, "peak_memory_mib": 150.0},
+        {"num_classes": 600, "latency_s": 2.5, "peak_memory_mib": 250.0},
+    ]
     growth = growth_summary(points, "num_classes", 150, 600)
     assert growth["latency_ratio"] == 2.5 and growth["proportional_ratio"] == 4.0
     assert growth["ratio_vs_linear"] == 0.625 and growth["memory_ratio"] == 2.5
@@ -244,8 +271,27 @@ def test_benchmark_prints_json_last_and_writes_output(tmp_path, capsys):
     from ovseg_lab.tools.benchmark import main
 
     out = tmp_path / "bench.json"
-    main(["--method", "catseg", "--clip", "tiny", "--num-classes", "5", "--image-size", "64", "--device", "cpu",
-          "--repeats", "2", "--profile", "5", "--output", str(out), "data=toy"])
+    main(
+        [
+            "--method",
+            "catseg",
+            "--clip",
+            "tiny",
+            "--num-classes",
+            "5",
+            "--image-size",
+            "64",
+            "--device",
+            "cpu",
+            "--repeats",
+            "2",
+            "--profile",
+            "5",
+            "--output",
+            str(out),
+            "data=toy",
+        ]
+    )
     captured = capsys.readouterr()
     result = json.loads(captured.out.strip().splitlines()[-1])
     assert json.loads(out.read_text()) == result
@@ -260,12 +306,44 @@ def test_benchmark_prints_json_last_and_writes_output(tmp_path, capsys):
 def test_benchmark_class_sweep_and_train_mode(capsys):
     from ovseg_lab.tools.benchmark import main
 
-    sweep = main(["--method", "catseg", "--clip", "tiny", "--sweep", "classes", "--classes-list", "3,12",
-                  "--image-size", "64", "--repeats", "1", "--protocol", "eval", "data=toy"])
+    sweep = main(
+        [
+            "--method",
+            "catseg",
+            "--clip",
+            "tiny",
+            "--sweep",
+            "classes",
+            "--classes-list",
+            "3,12",
+            "--image-size",
+            "64",
+            "--repeats",
+            "1",
+            "--protocol",
+            "eval",
+            "data=toy",
+        ]
+    )
     assert [p["num_classes"] for p in sweep["points"]] == [3, 12]
     assert sweep["growth"]["from"] == 3 and sweep["growth"]["proportional_ratio"] == 4.0
-    train = main(["--method", "catseg", "--clip", "tiny", "--num-classes", "4", "--image-size", "64", "--mode", "train",
-                  "--repeats", "1", "data=toy"])
+    train = main(
+        [
+            "--method",
+            "catseg",
+            "--clip",
+            "tiny",
+            "--num-classes",
+            "4",
+            "--image-size",
+            "64",
+            "--mode",
+            "train",
+            "--repeats",
+            "1",
+            "data=toy",
+        ]
+    )
     assert train["mode"] == "train" and train["latency_s"] > 0
     from ovseg_lab.errors import SetupError
 
@@ -277,8 +355,10 @@ def test_benchmark_class_sweep_and_train_mode(capsys):
 # The official CAT-Seg code never enters the repository: extract it (tests/golden/README.md) and point
 # CATSEG_OFFICIAL at the directory holding cat_seg/ (default /tmp/catseg_official).
 OFFICIAL_CATSEG = __import__("pathlib").Path(__import__("os").environ.get("CATSEG_OFFICIAL", "/tmp/catseg_official"))
-needs_official = pytest.mark.skipif(not (OFFICIAL_CATSEG / "cat_seg" / "modeling" / "transformer" / "model.py").is_file(),
-                                    reason="official CAT-Seg code not extracted (set CATSEG_OFFICIAL)")
+needs_official = pytest.mark.skipif(
+    not (OFFICIAL_CATSEG / "cat_seg" / "modeling" / "transformer" / "model.py").is_file(),
+    reason="official CAT-Seg code not extracted (set CATSEG_OFFICIAL)",
+)
 
 
 @needs_official
@@ -302,8 +382,19 @@ def test_compare_official_tiny_with_truncation(capsys):
     """Above 256 classes with the official top-256 truncation: the dropped classes score -100 on both sides."""
     from ovseg_lab.tools.benchmark import main
 
-    result = main(["--compare-official", str(OFFICIAL_CATSEG), "--tiny", "--num-classes", "260", "--truncate",
-                   "--repeats", "1", "--no-memory"])
+    result = main(
+        [
+            "--compare-official",
+            str(OFFICIAL_CATSEG),
+            "--tiny",
+            "--num-classes",
+            "260",
+            "--truncate",
+            "--repeats",
+            "1",
+            "--no-memory",
+        ]
+    )
     assert result["relative_error"] <= 1e-5 and result["truncate"] and "memory" not in result
     assert result["dropped_classes"] == 260 - 256 and result["relative_error_scored"] <= 1e-5
     assert "T=260 top-256" in capsys.readouterr().err

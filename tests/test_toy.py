@@ -55,7 +55,9 @@ def test_labels_captions_and_vocab_agree(toy_data_dir):
     for bench, split in [("toy_seen", "train"), ("toy_seen", "val"), ("toy_unseen", "val"), ("toy_large", "val")]:
         vocab = json.loads((root / bench / "vocab.json").read_text())
         assert vocab == split_vocabularies()[bench]
-        captions = [json.loads(line) for line in (root / bench / "captions" / f"{split}.jsonl").read_text().splitlines()]
+        captions = [
+            json.loads(line) for line in (root / bench / "captions" / f"{split}.jsonl").read_text().splitlines()
+        ]
         images = sorted((root / bench / "images" / split).iterdir())
         assert len(captions) == len(images) > 0
         for record, image_path in zip(captions, images):
@@ -89,4 +91,3 @@ def test_things_are_drawn_with_their_colour(toy_data_dir):
                 assert np.abs(mean - np.array(THING_COLOURS[colour])).max() < 30
                 checked += 1
     assert checked > 5
-

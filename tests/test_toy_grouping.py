@@ -7,8 +7,6 @@ import math
 import torch
 
 from ovseg_lab.layers.contrastive import multi_label_info_nce, shared_prompt_masks
-
-
 from ovseg_lab.tools.toy_report import grouping_scores  # noqa: E402
 
 
@@ -33,12 +31,20 @@ def test_shared_prompt_masks_hand_made():
     image_side, prompt_side = shared_prompt_masks(prompts, holds)
     # columns: (0,a) (0,b) (1,d) (1,c) (2,b) (2,pad). Image 0 holds d (not sampled) and b: image 1's d and
     # image 2's b are not its negatives; its own columns stay (they are its positives)
-    assert image_side.tolist() == [[False, False, True, False, True, False],
-                                   [True, False, False, False, False, False],
-                                   [False, True, False, False, False, False]]
+    assert image_side.tolist() == [
+        [False, False, True, False, True, False],
+        [True, False, False, False, False, False],
+        [False, True, False, False, False, False],
+    ]
     # rows: prompts in the same order; columns: images 0, 1, 2
-    assert prompt_side.tolist() == [[False, True, False], [False, False, True], [True, False, False],
-                                    [False, False, False], [True, False, False], [False, False, False]]
+    assert prompt_side.tolist() == [
+        [False, True, False],
+        [False, False, True],
+        [True, False, False],
+        [False, False, False],
+        [True, False, False],
+        [False, False, False],
+    ]
 
 
 def test_shared_prompts_are_not_negatives_in_the_multi_label_loss():
@@ -55,5 +61,7 @@ def test_shared_prompts_are_not_negatives_in_the_multi_label_loss():
     # prompts of different entities stay negatives: with distinct ids the option changes nothing
     ids = torch.arange(3)[:, None]
     other = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
-    assert torch.allclose(multi_label_info_nce(other, other[:, None], valid, scale, shared_prompt_masks(ids, ids)),
-                          multi_label_info_nce(other, other[:, None], valid, scale))
+    assert torch.allclose(
+        multi_label_info_nce(other, other[:, None], valid, scale, shared_prompt_masks(ids, ids)),
+        multi_label_info_nce(other, other[:, None], valid, scale),
+    )

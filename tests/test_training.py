@@ -19,14 +19,31 @@ def _loss_on_fixed_batch(module, batch) -> float:
 
 
 def test_short_training_run_lowers_the_loss(toy_data_dir, tmp_path):
-    cfg = compose("train", ["experiment=quickstart", "model=costvolume", "logger=none", "callbacks=none", *small_toy_overrides(toy_data_dir)], tmp_path)
+    cfg = compose(
+        "train",
+        [
+            "experiment=quickstart",
+            "model=costvolume",
+            "logger=none",
+            "callbacks=none",
+            *small_toy_overrides(toy_data_dir),
+        ],
+        tmp_path,
+    )
     L.seed_everything(0)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     module = instantiate(cfg.model)
-    trainer = L.Trainer(max_steps=60, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False,
-                        use_distributed_sampler=False)
+    trainer = L.Trainer(
+        max_steps=60,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
     batch = next(iter(datamodule.train_dataloader()))
     module.trainer = trainer  # to reach the datamodule's vocabulary before fit
     trainer.datamodule = datamodule

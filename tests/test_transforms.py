@@ -7,7 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ovseg_lab.data.transforms import TrainTransform, _hsv_channel_change, resize_pair, short_side_size, ssd_color_jitter
+from ovseg_lab.data.transforms import (
+    TrainTransform,
+    _hsv_channel_change,
+    resize_pair,
+    short_side_size,
+    ssd_color_jitter,
+)
 
 
 def test_short_side_size_follows_resize_shortest_edge():
@@ -23,7 +29,9 @@ def test_resize_matches_pil_as_detectron2_uses_it():
     image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
     label = rng.integers(0, 7, (37, 53)).astype(np.uint8)
     label[:5] = 255
-    out_image, out_label = resize_pair(torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(label.astype(np.int64)), (24, 34))
+    out_image, out_label = resize_pair(
+        torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(label.astype(np.int64)), (24, 34)
+    )
     pil_label = np.array(Image.fromarray(label).resize((34, 24), Image.NEAREST))
     np.testing.assert_array_equal(out_label.numpy(), pil_label)  # no new ids, PIL's pixel-centre sampling
     pil_image = np.array(Image.fromarray(image).resize((34, 24), Image.BILINEAR)).astype(int)
@@ -88,7 +96,9 @@ def test_train_transform_keeps_image_and_label_aligned_and_pads(flip):
     label[0] = 255
     colours = torch.tensor([[10, 0, 0], [60, 0, 0], [110, 0, 0], [160, 0, 0], [210, 0, 0]], dtype=torch.uint8)
     image = colours[label.clamp(max=4)].permute(2, 0, 1).contiguous()  # the colour encodes the class
-    transform = TrainTransform(crop_size=24, short_side=None, color_jitter=False, flip=flip, pad_value=128, ignore_index=255)
+    transform = TrainTransform(
+        crop_size=24, short_side=None, color_jitter=False, flip=flip, pad_value=128, ignore_index=255
+    )
     for _ in range(10):
         out_image, out_label = transform(image, label)
         assert out_image.shape == (3, 24, 24) and out_label.shape == (24, 24)

@@ -18,9 +18,17 @@ from tests.wandb_records import config, history, records
 def test_wandb_offline_run_holds_metrics_table_masks_and_config(toy_data_dir, tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     env.pop("WANDB_API_KEY", None)
-    cmd = [sys.executable, "train.py", "experiment=quickstart", "model=costvolume", "logger=default",
-           "trainer.max_steps=4", "trainer.val_check_interval=4", f"hydra.run.dir={tmp_path}",
-           *small_toy_overrides(toy_data_dir)]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "experiment=quickstart",
+        "model=costvolume",
+        "logger=default",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        f"hydra.run.dir={tmp_path}",
+        *small_toy_overrides(toy_data_dir),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wandb sync" in proc.stdout + proc.stderr  # tells the user how to upload the offline run

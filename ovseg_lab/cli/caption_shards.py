@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         vocabulary = EntityVocabulary.load(args.entities or "ovsegmentor")
         samples = open_source(args.source)
     entity_parser = (
-        OfficialEntityParser.load(args.entities or "ovsegmentor") if args.parser == "official" else EntityParser(vocabulary)
+        OfficialEntityParser.load(args.entities or "ovsegmentor")
+        if args.parser == "official"
+        else EntityParser(vocabulary)
     )
     stats = write_caption_shards(
         samples,

@@ -41,7 +41,7 @@ class SplitQKVAttention(nn.Module):
             nn.init.xavier_uniform_(weight)
 
     @classmethod
-    def from_multihead(cls, mha: nn.MultiheadAttention) -> "SplitQKVAttention":
+    def from_multihead(cls, mha: nn.MultiheadAttention) -> SplitQKVAttention:
         """Copy the weights of a fused ``nn.MultiheadAttention`` into a split module."""
         if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
             raise ValueError("expected a self-attention nn.MultiheadAttention with a fused in_proj_weight")

@@ -7,20 +7,21 @@ mean/std (``normalize`` does it), so callers can pad or fill with 0 = the CLIP m
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ovseg_lab.checkpoints import load_into, load_state_from
 from ovseg_lab.clip.attention import SplitQKVAttention
 from ovseg_lab.clip.finetune import FinetuneSpec, apply_finetune
 from ovseg_lab.clip.loading import build_open_clip
 from ovseg_lab.clip.prompts import SYNONYM_MODES, class_synonyms, resolve_templates
 from ovseg_lab.errors import SetupError
-from ovseg_lab.checkpoints import load_into, load_state_from
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -130,7 +131,9 @@ class CLIPBackbone(nn.Module):
         self.feature_layers = tuple(int(i) for i in (_to_plain(feature_layers) or ()))
         bad = [i for i in self.feature_layers if not 0 <= i < num_layers - 1]
         if bad:
-            raise SetupError(f"clip.feature_layers {bad} out of range for a {num_layers}-block tower (0..{num_layers - 2}).")
+            raise SetupError(
+                f"clip.feature_layers {bad} out of range for a {num_layers}-block tower (0..{num_layers - 2})."
+            )
 
         self.finetune = FinetuneSpec.from_config(_to_plain(finetune))
         width = self.width
@@ -228,7 +231,9 @@ class CLIPBackbone(nn.Module):
         patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic", align_corners=False).to(pos.dtype)
         return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)[0]], dim=0)
 
-    def _embed(self, images: torch.Tensor, patch_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    def _embed(
+        self, images: torch.Tensor, patch_keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patchify, (mask prompt), prepend CLS, add position embeddings, ln_pre: -> (B, 1 + h*w, W)."""
         visual = self.model.visual
         x = visual.conv1(images)
@@ -347,8 +352,14 @@ class CLIPBackbone(nn.Module):
         trains = self._text_trains()
         device = self.model.token_embedding.weight.device
         # inference-mode tensors cannot enter autograd later, so they are cached apart from the others
-        key = (tuple(class_names), tuple(templates), self.synonyms, self.text_version(), str(device),
-               torch.is_inference_mode_enabled())
+        key = (
+            tuple(class_names),
+            tuple(templates),
+            self.synonyms,
+            self.text_version(),
+            str(device),
+            torch.is_inference_mode_enabled(),
+        )
         if self.cache_text and not trains and key in self._text_cache:
             self._text_cache.move_to_end(key)
             return self._text_cache[key]

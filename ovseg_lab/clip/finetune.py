@@ -50,7 +50,7 @@ class FinetuneSpec:
             raise SetupError("prompt_length and prompt_depth must be >= 0.")
 
     @classmethod
-    def from_config(cls, cfg) -> "FinetuneSpec":
+    def from_config(cls, cfg) -> FinetuneSpec:
         if cfg is None:
             return cls()
         if isinstance(cfg, FinetuneSpec):
@@ -80,7 +80,9 @@ def _block_param_trains(local_name: str, rule) -> bool:
     return local_name.split(".", 1)[1] in rule
 
 
-def apply_finetune(visual_blocks: nn.ModuleList, text_blocks: nn.ModuleList, clip_model: nn.Module, spec: FinetuneSpec) -> None:
+def apply_finetune(
+    visual_blocks: nn.ModuleList, text_blocks: nn.ModuleList, clip_model: nn.Module, spec: FinetuneSpec
+) -> None:
     """Set ``requires_grad`` on every CLIP parameter according to ``spec``."""
     clip_model.requires_grad_(False)
     towers, rule = _STRATEGIES[spec.strategy]

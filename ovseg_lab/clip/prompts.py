@@ -15,16 +15,16 @@ A config may also give an explicit list of templates, each containing ``{}``.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from collections.abc import Sequence
+from functools import cache
 from importlib import resources
-from typing import Sequence
 
 from ovseg_lab.errors import SetupError
 
 SYNONYM_MODES = ("first", "mean", "full")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _packaged_templates() -> dict[str, list[str]]:
     path = resources.files("ovseg_lab") / "assets" / "prompt_templates.json"
     return json.loads(path.read_text())

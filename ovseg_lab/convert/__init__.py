@@ -7,19 +7,26 @@ A format with a ``part`` converts one sub-module only (e.g. OVSeg's CLIP, loaded
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import torch
 
 from ovseg_lab.convert.catseg import catseg_overrides, convert_catseg_state_dict
 from ovseg_lab.convert.groupvit import (
-    convert_groupvit_hf_state_dict, convert_groupvit_state_dict, groupvit_hf_overrides, groupvit_overrides,
+    convert_groupvit_hf_state_dict,
+    convert_groupvit_state_dict,
+    groupvit_hf_overrides,
+    groupvit_overrides,
 )
 from ovseg_lab.convert.lseg import convert_lseg_state_dict, lseg_overrides
-from ovseg_lab.convert.ovsegmentor import convert_ovsegmentor_state_dict, ovsegmentor_overrides
 from ovseg_lab.convert.ovseg import (
-    convert_ovseg_clip_state_dict, convert_ovseg_state_dict, ovseg_clip_overrides, ovseg_overrides,
+    convert_ovseg_clip_state_dict,
+    convert_ovseg_state_dict,
+    ovseg_clip_overrides,
+    ovseg_overrides,
 )
+from ovseg_lab.convert.ovsegmentor import convert_ovsegmentor_state_dict, ovsegmentor_overrides
 
 Converter = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -35,26 +42,54 @@ class Format(NamedTuple):
 
 FORMATS: dict[str, Format] = {
     # the paper recipe (ViT-B/16 at 384 or ViT-L/14 at 336) and prompt tokens are read off the checkpoint's shapes
-    "catseg": Format(convert_catseg_state_dict, ["model=catseg"], usage="python eval.py ckpt={out} {overrides}",
-                     detect=catseg_overrides),
+    "catseg": Format(
+        convert_catseg_state_dict,
+        ["model=catseg"],
+        usage="python eval.py ckpt={out} {overrides}",
+        detect=catseg_overrides,
+    ),
     # LSeg's release: ViT-L/16 or ViT-B/32 image encoder (read off the checkpoint), CLIP ViT-B/32 text tower
-    "lseg": Format(convert_lseg_state_dict, ["experiment=lseg_ade20k"], usage="python eval.py ckpt={out} {overrides}",
-                   detect=lseg_overrides),
+    "lseg": Format(
+        convert_lseg_state_dict,
+        ["experiment=lseg_ade20k"],
+        usage="python eval.py ckpt={out} {overrides}",
+        detect=lseg_overrides,
+    ),
     # GroupViT's release (NVlabs .pth, {"model": ...}) and transformers' GroupViTModel layout; sizes read off the file
-    "groupvit": Format(convert_groupvit_state_dict, ["model=groupvit"], usage="python eval.py ckpt={out} {overrides}",
-                       detect=groupvit_overrides),
-    "groupvit_hf": Format(convert_groupvit_hf_state_dict, ["model=groupvit"],
-                          usage="python eval.py ckpt={out} {overrides}", detect=groupvit_hf_overrides),
+    "groupvit": Format(
+        convert_groupvit_state_dict,
+        ["model=groupvit"],
+        usage="python eval.py ckpt={out} {overrides}",
+        detect=groupvit_overrides,
+    ),
+    "groupvit_hf": Format(
+        convert_groupvit_hf_state_dict,
+        ["model=groupvit"],
+        usage="python eval.py ckpt={out} {overrides}",
+        detect=groupvit_hf_overrides,
+    ),
     # OVSegmentor's MultiLabelContrastive (stage 1 or 2): group ViT sizes and BERT size read off the checkpoint,
     # BERT's tokenizer from model.net.text_encoder.pretrained (bert-base-uncased)
-    "ovsegmentor": Format(convert_ovsegmentor_state_dict, ["model=ovsegmentor"],
-                          usage="python eval.py ckpt={out} {overrides}", detect=ovsegmentor_overrides),
+    "ovsegmentor": Format(
+        convert_ovsegmentor_state_dict,
+        ["model=ovsegmentor"],
+        usage="python eval.py ckpt={out} {overrides}",
+        detect=ovsegmentor_overrides,
+    ),
     # the whole OVSeg detectron2 checkpoint (MaskFormer + adapted CLIP): Swin-B + ViT-L/14 or R-101c + ViT-B/16 and
     # the mask prompt depth are read off the checkpoint
-    "ovseg": Format(convert_ovseg_state_dict, ["experiment=ovseg"], usage="python eval.py ckpt={out} {overrides}",
-                    detect=ovseg_overrides),
+    "ovseg": Format(
+        convert_ovseg_state_dict,
+        ["experiment=ovseg"],
+        usage="python eval.py ckpt={out} {overrides}",
+        detect=ovseg_overrides,
+    ),
     # the released adapted CLIP alone (ViT-L/14 at 224 with mask prompts): model.net.clip_weights of model=ovseg
-    "ovseg_clip": Format(convert_ovseg_clip_state_dict, ["experiment=ovseg"], part="net.clip.",
-                         usage="python eval.py ckpt=<MaskFormer last.ckpt> {overrides} "
-                               "model.net.clip_weights={out}", detect=ovseg_clip_overrides),
+    "ovseg_clip": Format(
+        convert_ovseg_clip_state_dict,
+        ["experiment=ovseg"],
+        part="net.clip.",
+        usage="python eval.py ckpt=<MaskFormer last.ckpt> {overrides} model.net.clip_weights={out}",
+        detect=ovseg_clip_overrides,
+    ),
 }

@@ -10,7 +10,7 @@ Official layout (cvlab-kaist/CAT-Seg): the CLIP model (OpenAI layout, attention 
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -79,13 +79,13 @@ def convert_catseg_state_dict(official: Mapping[str, torch.Tensor], prefix: str 
         if _DROPPED.search(key):
             continue
         if key.startswith(CLIP_PREFIX):
-            rest = key[len(CLIP_PREFIX):]
+            rest = key[len(CLIP_PREFIX) :]
             if rest == "visual.transformer.prompt_tokens":
                 converted[prefix + "clip.visual_prompts"] = value
             else:
                 converted[prefix + "clip.model." + rest] = value
         elif key.startswith(AGG_PREFIX):
-            ours = _aggregator_key(key[len(AGG_PREFIX):])
+            ours = _aggregator_key(key[len(AGG_PREFIX) :])
             if ours is None:
                 unknown.append(key)
             else:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -27,7 +28,9 @@ def check_against(converted: Mapping[str, torch.Tensor], expected: Mapping[str, 
         )
 
 
-def lightning_checkpoint(state_dict: Mapping[str, torch.Tensor], net_class: str, config_yaml: str | None = None) -> dict[str, Any]:
+def lightning_checkpoint(
+    state_dict: Mapping[str, torch.Tensor], net_class: str, config_yaml: str | None = None
+) -> dict[str, Any]:
     """Wrap a state dict the way our checkpoints look, so eval.py ckpt=... reads it."""
     ckpt: dict[str, Any] = {"state_dict": dict(state_dict), "ovseg_net_class": net_class, "converted": True}
     if config_yaml is not None:
@@ -54,5 +57,5 @@ def split_attention_projections(clip_state: Mapping[str, torch.Tensor]) -> dict[
 def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Remove ``prefix`` from the keys that all start with it (DDP's ``module.``, Lightning's ``net.``)."""
     if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items()}
+        return {k[len(prefix) :]: v for k, v in state.items()}
     return dict(state)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -58,12 +58,23 @@ _HF_RULES: list[tuple[str, str]] = [
     (r"vision_model\.embeddings\.layernorm\.", "image_encoder.patch_norm."),
     (r"vision_model\.embeddings\.position_embeddings$", "image_encoder.pos_embed"),
     (r"vision_model\.encoder\.stages\.(\d+)\.group_token$", "image_encoder.stages.{0}.group_token"),
-    (r"vision_model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer_norm1\.", "image_encoder.stages.{0}.blocks.{1}.norm1."),
-    (r"vision_model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer_norm2\.", "image_encoder.stages.{0}.blocks.{1}.norm2."),
-    (r"vision_model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.self_attn\.out_proj\.", "image_encoder.stages.{0}.blocks.{1}.attn.proj."),
+    (
+        r"vision_model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer_norm1\.",
+        "image_encoder.stages.{0}.blocks.{1}.norm1.",
+    ),
+    (
+        r"vision_model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer_norm2\.",
+        "image_encoder.stages.{0}.blocks.{1}.norm2.",
+    ),
+    (
+        r"vision_model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.self_attn\.out_proj\.",
+        "image_encoder.stages.{0}.blocks.{1}.attn.proj.",
+    ),
     (r"vision_model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.mlp\.", "image_encoder.stages.{0}.blocks.{1}.mlp."),
-    (r"vision_model\.encoder\.stages\.(\d+)\.downsample\.pre_assign_attn\.attn\.out_proj\.",
-     "image_encoder.stages.{0}.grouping.pre_assign_attn.attn.proj."),
+    (
+        r"vision_model\.encoder\.stages\.(\d+)\.downsample\.pre_assign_attn\.attn\.out_proj\.",
+        "image_encoder.stages.{0}.grouping.pre_assign_attn.attn.proj.",
+    ),
     (r"vision_model\.encoder\.stages\.(\d+)\.downsample\.", "image_encoder.stages.{0}.grouping."),
     (r"vision_model\.encoder\.stages\.(\d+)\.group_projector\.0\.", "image_encoder.stages.{0}.group_projector.norm."),
     (r"vision_model\.encoder\.stages\.(\d+)\.group_projector\.1\.", "image_encoder.stages.{0}.group_projector.mlp."),
@@ -73,9 +84,15 @@ _HF_RULES: list[tuple[str, str]] = [
     (r"text_model\.embeddings\.position_ids$", ""),  # a derived buffer (older transformers save it)
     (r"text_model\.encoder\.layers\.(\d+)\.layer_norm1\.", "text_encoder.transformer.transformer.resblocks.{0}.ln_1."),
     (r"text_model\.encoder\.layers\.(\d+)\.layer_norm2\.", "text_encoder.transformer.transformer.resblocks.{0}.ln_2."),
-    (r"text_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.", "text_encoder.transformer.transformer.resblocks.{0}.attn.out_proj."),
+    (
+        r"text_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.",
+        "text_encoder.transformer.transformer.resblocks.{0}.attn.out_proj.",
+    ),
     (r"text_model\.encoder\.layers\.(\d+)\.mlp\.fc1\.", "text_encoder.transformer.transformer.resblocks.{0}.mlp.c_fc."),
-    (r"text_model\.encoder\.layers\.(\d+)\.mlp\.fc2\.", "text_encoder.transformer.transformer.resblocks.{0}.mlp.c_proj."),
+    (
+        r"text_model\.encoder\.layers\.(\d+)\.mlp\.fc2\.",
+        "text_encoder.transformer.transformer.resblocks.{0}.mlp.c_proj.",
+    ),
     (r"text_model\.final_layer_norm\.", "text_encoder.transformer.ln_final."),
     (r"visual_projection\.0\.", "image_head.fc1."),
     (r"visual_projection\.1\.", "image_head.bn."),
@@ -87,10 +104,14 @@ _HF_RULES: list[tuple[str, str]] = [
 ]
 # q/k/v projections fused into one tensor (ours: timm's qkv, open_clip's in_proj)
 _HF_FUSED = [
-    (r"vision_model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$",
-     "image_encoder.stages.{0}.blocks.{1}.attn.qkv.{3}"),
-    (r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$",
-     "text_encoder.transformer.transformer.resblocks.{0}.attn.in_proj_{2}"),
+    (
+        r"vision_model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$",
+        "image_encoder.stages.{0}.blocks.{1}.attn.qkv.{3}",
+    ),
+    (
+        r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$",
+        "text_encoder.transformer.transformer.resblocks.{0}.attn.in_proj_{2}",
+    ),
 ]
 
 
@@ -98,7 +119,7 @@ def _rename(key: str, rules: list[tuple[str, str]]) -> str | None:
     for pattern, target in rules:
         match = re.match(pattern, key)
         if match:
-            return target.format(*match.groups()) + key[match.end():] if target else ""
+            return target.format(*match.groups()) + key[match.end() :] if target else ""
     return None
 
 
@@ -124,7 +145,9 @@ def convert_groupvit_state_dict(official: Mapping[str, torch.Tensor], prefix: st
     return converted
 
 
-def convert_groupvit_hf_state_dict(official: Mapping[str, torch.Tensor], prefix: str = "net.") -> dict[str, torch.Tensor]:
+def convert_groupvit_hf_state_dict(
+    official: Mapping[str, torch.Tensor], prefix: str = "net."
+) -> dict[str, torch.Tensor]:
     """transformers' ``GroupViTModel`` state dict -> our keys (q/k/v fused, multi-label scale at its initial value)."""
     converted, unknown = {}, []
     fused: dict[str, dict[str, torch.Tensor]] = {}
@@ -142,7 +165,9 @@ def convert_groupvit_hf_state_dict(official: Mapping[str, torch.Tensor], prefix:
             elif ours:
                 converted[prefix + ours] = value
     if unknown:
-        raise SetupError(f"Not a transformers GroupViTModel state dict: {len(unknown)} unknown keys, e.g. {unknown[:5]}.")
+        raise SetupError(
+            f"Not a transformers GroupViTModel state dict: {len(unknown)} unknown keys, e.g. {unknown[:5]}."
+        )
     for target, parts in fused.items():
         if set(parts) != {"q", "k", "v"}:
             raise SetupError(f"{target}: the checkpoint has only the {sorted(parts)} projections of q/k/v.")
@@ -154,15 +179,26 @@ def convert_groupvit_hf_state_dict(official: Mapping[str, torch.Tensor], prefix:
 # where each size sits in a layout: stage blocks, group tokens, grouping output, patch conv, position grid, text
 # blocks, text positions, image projector output
 _LAYOUT_KEYS = {
-    "groupvit": ("img_encoder.layers.{}.blocks.", "img_encoder.layers.{}.group_token",
-                 "img_encoder.layers.{}.downsample.mlp_inter.fc2.weight", "img_encoder.patch_embed.proj.weight",
-                 "img_encoder.pos_embed", "text_encoder.transformer.resblocks.", "text_encoder.positional_embedding",
-                 "img_projector.linear_out.weight"),
-    "groupvit_hf": ("vision_model.encoder.stages.{}.layers.", "vision_model.encoder.stages.{}.group_token",
-                    "vision_model.encoder.stages.{}.downsample.mlp_inter.fc2.weight",
-                    "vision_model.embeddings.patch_embeddings.projection.weight",
-                    "vision_model.embeddings.position_embeddings", "text_model.encoder.layers.",
-                    "text_model.embeddings.position_embedding.weight", "visual_projection.3.weight"),
+    "groupvit": (
+        "img_encoder.layers.{}.blocks.",
+        "img_encoder.layers.{}.group_token",
+        "img_encoder.layers.{}.downsample.mlp_inter.fc2.weight",
+        "img_encoder.patch_embed.proj.weight",
+        "img_encoder.pos_embed",
+        "text_encoder.transformer.resblocks.",
+        "text_encoder.positional_embedding",
+        "img_projector.linear_out.weight",
+    ),
+    "groupvit_hf": (
+        "vision_model.encoder.stages.{}.layers.",
+        "vision_model.encoder.stages.{}.group_token",
+        "vision_model.encoder.stages.{}.downsample.mlp_inter.fc2.weight",
+        "vision_model.embeddings.patch_embeddings.projection.weight",
+        "vision_model.embeddings.position_embeddings",
+        "text_model.encoder.layers.",
+        "text_model.embeddings.position_embedding.weight",
+        "visual_projection.3.weight",
+    ),
 }
 
 
@@ -175,8 +211,17 @@ def groupvit_hf_overrides(official: Mapping[str, torch.Tensor]) -> list[str]:
     return _sizes(_model_state(official), *_LAYOUT_KEYS["groupvit_hf"])
 
 
-def _sizes(state: Mapping[str, torch.Tensor], block: str, group_token: str, grouping_out: str, patch: str,
-           position: str, text_block: str, text_position: str, projector_out: str) -> list[str]:
+def _sizes(
+    state: Mapping[str, torch.Tensor],
+    block: str,
+    group_token: str,
+    grouping_out: str,
+    patch: str,
+    position: str,
+    text_block: str,
+    text_position: str,
+    projector_out: str,
+) -> list[str]:
     """Hydra overrides for the sizes of a checkpoint: stages, group tokens, widths, grid, projection.
 
     Attention heads cannot be read off the weights: the recipe's (6 for the image, width / 64 for the text) stay
@@ -187,7 +232,7 @@ def _sizes(state: Mapping[str, torch.Tensor], block: str, group_token: str, grou
     stage = 0
     while any(k.startswith(block.format(stage)) for k in state):
         prefix = block.format(stage)
-        depths.append(1 + max(int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)))
+        depths.append(1 + max(int(k[len(prefix) :].split(".")[0]) for k in state if k.startswith(prefix)))
         token = state.get(group_token.format(stage))
         tokens.append(int(token.shape[1]) if token is not None else 0)
         if grouping_out.format(stage) in state:
@@ -195,7 +240,7 @@ def _sizes(state: Mapping[str, torch.Tensor], block: str, group_token: str, grou
         stage += 1
     width, _, patch_size, _ = state[patch].shape
     grid = math.isqrt(int(state[position].shape[-2]))
-    text_layers = 1 + max(int(k[len(text_block):].split(".")[0]) for k in state if k.startswith(text_block))
+    text_layers = 1 + max(int(k[len(text_block) :].split(".")[0]) for k in state if k.startswith(text_block))
     context, text_width = state[text_position].shape
     embed_dim, proj_hidden = state[projector_out].shape[:2]
 
@@ -203,8 +248,16 @@ def _sizes(state: Mapping[str, torch.Tensor], block: str, group_token: str, grou
         return "[" + ",".join(map(str, values)) + "]"
 
     image = "model.net.image_encoder"
-    return [f"{image}.embed_dim={width}", f"{image}.patch_size={patch_size}", f"{image}.image_size={grid * patch_size}",
-            f"{image}.depths={listed(depths)}", f"{image}.num_group_tokens={listed(tokens)}",
-            f"{image}.num_output_groups={listed(outputs)}", f"model.net.text_encoder.width={text_width}",
-            f"model.net.text_encoder.layers={text_layers}", f"model.net.text_encoder.context_length={context}",
-            f"model.net.embed_dim={embed_dim}", f"model.net.proj_hidden={proj_hidden}"]
+    return [
+        f"{image}.embed_dim={width}",
+        f"{image}.patch_size={patch_size}",
+        f"{image}.image_size={grid * patch_size}",
+        f"{image}.depths={listed(depths)}",
+        f"{image}.num_group_tokens={listed(tokens)}",
+        f"{image}.num_output_groups={listed(outputs)}",
+        f"model.net.text_encoder.width={text_width}",
+        f"model.net.text_encoder.layers={text_layers}",
+        f"model.net.text_encoder.context_length={context}",
+        f"model.net.embed_dim={embed_dim}",
+        f"model.net.proj_hidden={proj_hidden}",
+    ]

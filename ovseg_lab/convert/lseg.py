@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -62,7 +62,7 @@ def _rename(key: str) -> str | None:
             if not target:
                 return ""
             index = [str(int(g) - 1) for g in match.groups()]  # official levels count from 1
-            return target.format(*index) + key[match.end():]
+            return target.format(*index) + key[match.end() :]
     return None
 
 
@@ -92,7 +92,9 @@ def convert_lseg_state_dict(official: Mapping[str, torch.Tensor], prefix: str = 
     Raises SetupError naming the keys it does not understand.
     """
     state = strip_prefix(official, "net.")
-    clip = split_attention_projections({k[len("clip_pretrained."):]: v for k, v in state.items() if k.startswith("clip_pretrained.")})
+    clip = split_attention_projections(
+        {k[len("clip_pretrained.") :]: v for k, v in state.items() if k.startswith("clip_pretrained.")}
+    )
     converted = {f"{prefix}clip.model.{k}": v for k, v in clip.items()}
     unknown = []
     for key, value in state.items():

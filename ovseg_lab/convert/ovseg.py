@@ -19,7 +19,7 @@ criterion's ``empty_weight``, the adapter's cached text features) are dropped; a
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -30,8 +30,15 @@ ADAPTER_PREFIX = "clip_adapter.clip_model."
 # buffers of the official model that are not weights (recomputed by the modules that own them)
 _DERIVED = ("pixel_mean", "pixel_std", "clip_adapter.pixel_mean", "clip_adapter.pixel_std", "criterion.empty_weight")
 _DERIVED_SUFFIX = ("relative_position_index",)
-_CLIP_ROOTS = ("visual.", "transformer.", "token_embedding.", "positional_embedding", "text_projection", "ln_final.",
-               "logit_scale")
+_CLIP_ROOTS = (
+    "visual.",
+    "transformer.",
+    "token_embedding.",
+    "positional_embedding",
+    "text_projection",
+    "ln_final.",
+    "logit_scale",
+)
 
 # sem_seg_head.* -> maskformer.* (BasePixelDecoder's adapter_i / layer_i; the DETR decoder; the MLP heads)
 _HEAD_RULES = [
@@ -70,7 +77,7 @@ def _rename(key: str, rules) -> str | None:
         match = re.match(pattern, key)
         if match:
             new = target(match) if callable(target) else target
-            return new + key[match.end():]
+            return new + key[match.end() :]
     return None
 
 
@@ -78,13 +85,15 @@ def is_swin(state: Mapping[str, torch.Tensor]) -> bool:
     return any(k.startswith("backbone.patch_embed.") for k in state)
 
 
-def convert_ovseg_clip_state_dict(official: Mapping[str, torch.Tensor], prefix: str = "net.") -> dict[str, torch.Tensor]:
+def convert_ovseg_clip_state_dict(
+    official: Mapping[str, torch.Tensor], prefix: str = "net."
+) -> dict[str, torch.Tensor]:
     """Rename an official OVSeg CLIP (open_clip file, or the CLIP part of a full OVSeg checkpoint) into
     ``<prefix>clip.*`` keys (q/k/v split like :class:`~ovseg_lab.clip.CLIPBackbone`; mask prompts as
     ``clip.mask_prompts``). Raises SetupError naming the keys it does not understand."""
     state = strip_prefix(official, "module.")
     if any(k.startswith(ADAPTER_PREFIX) for k in state):
-        state = {k[len(ADAPTER_PREFIX):]: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
+        state = {k[len(ADAPTER_PREFIX) :]: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
     unknown = [k for k in state if not k.startswith(_CLIP_ROOTS)]
     if unknown:
         raise SetupError(f"Not an open_clip / OVSeg CLIP layout: {len(unknown)} unknown keys, e.g. {unknown[:5]}.")
@@ -97,7 +106,9 @@ def convert_ovseg_clip_state_dict(official: Mapping[str, torch.Tensor], prefix: 
     return converted
 
 
-def convert_maskformer_state_dict(official: Mapping[str, torch.Tensor], prefix: str = "maskformer.") -> dict[str, torch.Tensor]:
+def convert_maskformer_state_dict(
+    official: Mapping[str, torch.Tensor], prefix: str = "maskformer."
+) -> dict[str, torch.Tensor]:
     """The MaskFormer part of a full OVSeg checkpoint (backbone, sem_seg_head, the no-object embedding) ->
     ``<prefix>*`` keys of :class:`~ovseg_lab.models.maskformer.MaskFormer`."""
     swin = is_swin(official)
@@ -109,14 +120,14 @@ def convert_maskformer_state_dict(official: Mapping[str, torch.Tensor], prefix: 
         if key == "clip_adapter.non_object_embedding":
             converted[prefix + "no_object_embedding"] = value
         elif key.startswith("backbone."):
-            rest = key[len("backbone."):]
+            rest = key[len("backbone.") :]
             new = rest if swin else _rename(rest, _RESNET_RULES)
             if new is None:
                 unknown.append(key)
             else:
                 converted[prefix + "backbone." + ("" if swin else "body.") + new] = value
         elif key.startswith("sem_seg_head."):
-            new = _rename(key[len("sem_seg_head."):], _HEAD_RULES)
+            new = _rename(key[len("sem_seg_head.") :], _HEAD_RULES)
             if new is None:
                 unknown.append(key)
             else:
@@ -131,8 +142,10 @@ def convert_maskformer_state_dict(official: Mapping[str, torch.Tensor], prefix: 
 def convert_ovseg_state_dict(official: Mapping[str, torch.Tensor], prefix: str = "net.") -> dict[str, torch.Tensor]:
     """A whole official OVSeg checkpoint -> ``<prefix>maskformer.*`` + ``<prefix>clip.*``."""
     if not any(k.startswith(("backbone.", "sem_seg_head.")) for k in official):
-        raise SetupError("Not a whole OVSeg checkpoint (no backbone./sem_seg_head. keys). For the released adapted "
-                         "CLIP alone (ovseg_clip_l_*.pth) use --format ovseg_clip.")
+        raise SetupError(
+            "Not a whole OVSeg checkpoint (no backbone./sem_seg_head. keys). For the released adapted "
+            "CLIP alone (ovseg_clip_l_*.pth) use --format ovseg_clip."
+        )
     clip = {k: v for k, v in official.items() if k.startswith(ADAPTER_PREFIX)}
     rest = {k: v for k, v in official.items() if not k.startswith(ADAPTER_PREFIX)}
     return convert_maskformer_state_dict(rest, prefix + "maskformer.") | convert_ovseg_clip_state_dict(clip, prefix)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -67,7 +67,7 @@ def _apply(rules: list[tuple[str, str]], key: str) -> str | None:
     for pattern, target in rules:
         match = re.match(pattern, key)
         if match:
-            return target.format(*match.groups()) + key[match.end():] if target else ""
+            return target.format(*match.groups()) + key[match.end() :] if target else ""
     return None
 
 
@@ -79,14 +79,14 @@ def rename_group_vit_key(key: str) -> str | None:
 def _rename(key: str) -> str | None:
     """Our name for an official key ("" = dropped on purpose, None = not understood)."""
     if key.startswith("img_encoder."):
-        inner = rename_group_vit_key(key[len("img_encoder."):])
+        inner = rename_group_vit_key(key[len("img_encoder.") :])
         return None if inner is None else "image_encoder." + inner
     name = _apply(_RULES, key)
     if name and name.split(".", 1)[0] in ("image_head", "text_head", "answer_head"):
         head, rest = name.split(".", 1)
         for official, ours in _PROJECTOR.items():
             if rest.startswith(official):
-                return f"{head}.{ours}{rest[len(official):]}"
+                return f"{head}.{ours}{rest[len(official) :]}"
         return None
     return name
 
@@ -108,8 +108,10 @@ def convert_ovsegmentor_state_dict(official: Mapping[str, torch.Tensor]) -> dict
             value = value.squeeze(-1)  # 1x1 Conv1d (out, in, 1) -> Linear (out, in)
         converted[f"net.{name}"] = value
     if unknown:
-        raise SetupError(f"Unrecognised OVSegmentor checkpoint keys ({len(unknown)}), e.g. {unknown[:4]}: is this a "
-                         "Jazzcharles/OVSegmentor MultiLabelContrastive checkpoint?")
+        raise SetupError(
+            f"Unrecognised OVSegmentor checkpoint keys ({len(unknown)}), e.g. {unknown[:4]}: is this a "
+            "Jazzcharles/OVSegmentor MultiLabelContrastive checkpoint?"
+        )
     return converted
 
 
@@ -124,14 +126,21 @@ def ovsegmentor_overrides(official: Mapping[str, torch.Tensor]) -> list[str]:
     tokens, width = pos.shape[-2], pos.shape[-1]
     patch = state[f"{enc}patch_embed.proj.weight"].shape[-1]
     stages = sorted({int(m.group(1)) for k in state if (m := re.match(rf"{enc}layers\.(\d+)\.", k))})
-    depths = [len({m.group(1) for k in state if (m := re.match(rf"{enc}layers\.{s}\.blocks\.(\d+)\.", k))}) for s in stages]
-    groups = [int(state[f"{enc}layers.{s}.group_token"].shape[1]) if f"{enc}layers.{s}.group_token" in state else 0 for s in stages]
+    depths = [
+        len({m.group(1) for k in state if (m := re.match(rf"{enc}layers\.{s}\.blocks\.(\d+)\.", k))}) for s in stages
+    ]
+    groups = [
+        int(state[f"{enc}layers.{s}.group_token"].shape[1]) if f"{enc}layers.{s}.group_token" in state else 0
+        for s in stages
+    ]
     outputs = [int(state[f"{enc}layers.{s}.downsample.mlp_inter.fc2.weight"].shape[0]) for s in stages[:-1]]
     side = math.isqrt(tokens)
     net = "model.net"
     overrides = [
-        f"{net}.image_encoder.embed_dim={width}", f"{net}.image_encoder.patch_size={patch}",
-        f"{net}.image_encoder.image_size={side * patch}", f"{net}.image_encoder.depths=[{','.join(map(str, depths))}]",
+        f"{net}.image_encoder.embed_dim={width}",
+        f"{net}.image_encoder.patch_size={patch}",
+        f"{net}.image_encoder.image_size={side * patch}",
+        f"{net}.image_encoder.depths=[{','.join(map(str, depths))}]",
         f"{net}.image_encoder.num_group_tokens=[{','.join(map(str, groups))}]",
         f"{net}.image_encoder.num_output_groups=[{','.join(map(str, outputs))}]",
         f"{net}.image_encoder.patch_norm={str(f'{enc}patch_embed.norm.weight' in state).lower()}",
@@ -144,11 +153,21 @@ def ovsegmentor_overrides(official: Mapping[str, torch.Tensor]) -> list[str]:
     words = state[f"{bert}embeddings.word_embeddings.weight"]
     hidden = int(words.shape[1])
     layers = len({m.group(1) for k in state if (m := re.match(rf"{bert}encoder\.layer\.(\d+)\.", k))})
-    sizes = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": max(1, hidden // 64),
-             "intermediate_size": int(state[f"{bert}encoder.layer.0.intermediate.dense.weight"].shape[0]),
-             "vocab_size": int(words.shape[0]),
-             "max_position_embeddings": int(state[f"{bert}embeddings.position_embeddings.weight"].shape[0])}
-    if sizes != {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
-                 "vocab_size": 30522, "max_position_embeddings": 512}:  # not bert-base-uncased: say its size
+    sizes = {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(1, hidden // 64),
+        "intermediate_size": int(state[f"{bert}encoder.layer.0.intermediate.dense.weight"].shape[0]),
+        "vocab_size": int(words.shape[0]),
+        "max_position_embeddings": int(state[f"{bert}embeddings.position_embeddings.weight"].shape[0]),
+    }
+    if sizes != {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "vocab_size": 30522,
+        "max_position_embeddings": 512,
+    }:  # not bert-base-uncased: say its size
         overrides.append(f"{net}.text_encoder.config={{{','.join(f'{k}:{v}' for k, v in sizes.items())}}}")
     return overrides

@@ -13,7 +13,7 @@ Pixels labelled ``ignore_index`` (PASCAL's object boundaries) count for neither 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torchmetrics import Metric

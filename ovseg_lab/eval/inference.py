@@ -22,8 +22,9 @@ images with PIL's bilinear filter, like detectron2. Scores always come back at t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,7 @@ class InferenceConfig:
             raise SetupError(f"inference.resize_short must be a positive size or null, got {self.resize_short}.")
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | "InferenceConfig" | None) -> "InferenceConfig":
+    def from_config(cls, cfg: Mapping[str, Any] | InferenceConfig | None) -> InferenceConfig:
         if cfg is None:
             return cls()
         if isinstance(cfg, InferenceConfig):
@@ -114,7 +115,9 @@ def resize_shortest_edge(images: torch.Tensor, short: int, max_size: int | None)
     from PIL import Image
 
     resized = [
-        torch.from_numpy(np.asarray(Image.fromarray(img.permute(1, 2, 0).cpu().numpy()).resize(size[::-1], Image.BILINEAR)).copy())
+        torch.from_numpy(
+            np.asarray(Image.fromarray(img.permute(1, 2, 0).cpu().numpy()).resize(size[::-1], Image.BILINEAR)).copy()
+        )
         for img in images
     ]
     return torch.stack(resized).permute(0, 3, 1, 2).to(images.device)
@@ -158,10 +161,15 @@ def segment(
     else:
         size_hw = (cfg.slide_size, cfg.slide_size)
     squashed = F.interpolate(images, size=size_hw, mode="bilinear", align_corners=False)
-    offsets = [(top, left) for top in window_starts(size_hw[0], crop_h, cfg.stride)
-               for left in window_starts(size_hw[1], crop_w, cfg.stride)]
+    offsets = [
+        (top, left)
+        for top in window_starts(size_hw[0], crop_h, cfg.stride)
+        for left in window_starts(size_hw[1], crop_w, cfg.stride)
+    ]
     windows = [squashed[:, :, t : t + crop_h, l : l + crop_w] for t, l in offsets]
-    views = windows + ([F.interpolate(images, size=(crop_h, crop_w), mode="bilinear", align_corners=False)] if cfg.global_view else [])
+    views = windows + (
+        [F.interpolate(images, size=(crop_h, crop_w), mode="bilinear", align_corners=False)] if cfg.global_view else []
+    )
     batch = images.shape[0]
     if cfg.batch_windows:
         view_logits = forward(torch.cat(views, dim=0)).split(batch, dim=0)
@@ -188,7 +196,9 @@ def segment(
     return upsample_to(local, (height, width))
 
 
-def _multiscale(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
+def _multiscale(
+    forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, cfg: InferenceConfig
+) -> torch.Tensor:
     """lang-seg's ``LSeg_MultiEvalModule.forward`` (``additional_utils/models.py:55-132``) on [0, 1] images:
     padding with 0 here is its padding with ``-mean / std`` in normalised space (black)."""
     import math

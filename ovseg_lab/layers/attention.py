@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """q (..., L, D), k (..., S, D), v (..., S, Dv); attn_mask broadcastable to (..., L, S), bool (True = attend,
     SDPA's convention) or additive float -> (..., L, Dv)."""
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
@@ -28,8 +30,9 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
     return scores.softmax(dim=-1) @ v
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-              fused: bool = True) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None, fused: bool = True
+) -> torch.Tensor:
     """Multi-head attention core, shapes as :func:`reference_attention`; ``fused`` picks SDPA."""
     if fused:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

@@ -24,8 +24,13 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
-def info_nce(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, groups: torch.Tensor | None = None,
-             gather: bool = True) -> torch.Tensor:
+def info_nce(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    groups: torch.Tensor | None = None,
+    gather: bool = True,
+) -> torch.Tensor:
     """Symmetric InfoNCE: image (B, C) against text (T, C), both L2-normalised here.
 
     groups None: T == B and row i of each side is the other's positive (duplicates are negatives, as in CLIP and
@@ -49,8 +54,13 @@ def info_nce(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
     return 0.5 * (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels))
 
 
-def multi_label_info_nce(image: torch.Tensor, texts: torch.Tensor, valid: torch.Tensor, logit_scale: torch.Tensor,
-                         not_negative: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def multi_label_info_nce(
+    image: torch.Tensor,
+    texts: torch.Tensor,
+    valid: torch.Tensor,
+    logit_scale: torch.Tensor,
+    not_negative: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """GroupViT's multi-label contrastive loss: each image against K prompts of its own caption's words.
 
     image: (B, C); texts: (B, K, C) prompt embeddings ("a photo of a {noun}."); valid: (B, K) bool, False for
@@ -120,5 +130,7 @@ def shared_prompt_masks(prompt_ids: torch.Tensor, image_ids: torch.Tensor) -> tu
     image_side = holds & (torch.arange(all_prompts.numel(), device=prompt_ids.device)[None] // k != owner[:, None])
     flat = prompt_ids.reshape(-1)
     named = (all_images[None, :, :] == flat[:, None, None]).any(dim=-1) & (flat >= 0)[:, None]
-    prompt_side = named & (torch.arange(all_images.shape[0], device=prompt_ids.device)[None] != owner.repeat_interleave(k)[:, None])
+    prompt_side = named & (
+        torch.arange(all_images.shape[0], device=prompt_ids.device)[None] != owner.repeat_interleave(k)[:, None]
+    )
     return image_side, prompt_side

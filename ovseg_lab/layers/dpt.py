@@ -13,7 +13,7 @@ Used by LSeg over a ViT or a ResNet. The pieces:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,9 @@ class Reassemble(nn.Module):
     forward(tokens (B, C, h, w), cls (B, C) or None) -> (B, channels, h * token_stride / target_stride, ...).
     """
 
-    def __init__(self, width: int, channels: int, token_stride: int, target_stride: int, readout: str = "project") -> None:
+    def __init__(
+        self, width: int, channels: int, token_stride: int, target_stride: int, readout: str = "project"
+    ) -> None:
         super().__init__()
         self.readout = Readout(width, readout)
         self.project = nn.Conv2d(width, channels, kernel_size=1)
@@ -105,7 +107,9 @@ class FusionBlock(nn.Module):
         self.unit = ResidualConvUnit(features, use_bn)
         self.out_conv = nn.Conv2d(features, features, kernel_size=1)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, skip: torch.Tensor | None = None, size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         if skip is not None:
             if self.skip_unit is None:
                 raise ValueError("this fusion block was built without a skip input")

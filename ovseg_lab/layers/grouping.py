@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
@@ -60,7 +59,9 @@ class CrossAttention(nn.Module):
         b, n, c = x.shape
         return x.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(key))
         mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
         out = attention(q, k, v, mask, fused=self.fused_attn)
@@ -82,7 +83,9 @@ class CrossAttnBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = query + self.attn(self.norm_q(query), self.norm_k(key), key_padding_mask)
         x = x + self.mlp(self.norm2(x))
         return self.norm_post(x)
@@ -110,7 +113,9 @@ class AssignAttention(nn.Module):
     of the softmax at evaluation.
     """
 
-    def __init__(self, dim: int, hard: bool = True, gumbel: bool = True, gumbel_tau: float = 1.0, assign_eps: float = 1.0) -> None:
+    def __init__(
+        self, dim: int, hard: bool = True, gumbel: bool = True, gumbel_tau: float = 1.0, assign_eps: float = 1.0
+    ) -> None:
         super().__init__()
         self.scale = dim**-0.5
         self.q_proj = nn.Linear(dim, dim)
@@ -167,7 +172,9 @@ class GroupingBlock(nn.Module):
         self.assign = AssignAttention(dim, hard=hard, gumbel=gumbel, gumbel_tau=gumbel_tau, assign_eps=assign_eps)
         self.norm_new_x = nn.LayerNorm(dim)
         self.mlp_channels = Mlp(dim, channels_hidden, out_dim)
-        self.reduction = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, out_dim, bias=False)) if out_dim != dim else nn.Identity()
+        self.reduction = (
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, out_dim, bias=False)) if out_dim != dim else nn.Identity()
+        )
 
     def forward(self, tokens: torch.Tensor, group_tokens: torch.Tensor) -> tuple[torch.Tensor, Assignment]:
         """tokens (B, L, C), group_tokens (B, S_in, C) -> (B, S_out, out_dim), Assignment over L."""

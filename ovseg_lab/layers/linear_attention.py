@@ -15,8 +15,14 @@ from ovseg_lab.layers.broadcast import split_linear
 from ovseg_lab.layers.steps import checkpoint_call, image_steps
 
 
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6,
-                     extra: tuple[torch.Tensor, torch.Tensor] | None = None, length: int | None = None) -> torch.Tensor:
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eps: float = 1e-6,
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+    length: int | None = None,
+) -> torch.Tensor:
     """q (N, L, H, D), k (N, S, H, D), v (N, S, H, Dv) -> (N, L, H, Dv), kernel phi(x) = elu(x) + 1.
 
     out_l = phi(q_l) . sum_s phi(k_s) v_s^T / (phi(q_l) . sum_s phi(k_s) + eps). Values are divided by S
@@ -97,17 +103,22 @@ class ClassAggregationLayer(nn.Module):
         self.guidance_dim = guidance_dim
         self.pad_len = pad_len
         self.padding_tokens = nn.Parameter(torch.zeros(1, 1, dim)) if pad_len > 0 else None
-        self.padding_guidance = nn.Parameter(torch.zeros(1, 1, guidance_dim)) if pad_len > 0 and guidance_dim > 0 else None
+        self.padding_guidance = (
+            nn.Parameter(torch.zeros(1, 1, guidance_dim)) if pad_len > 0 and guidance_dim > 0 else None
+        )
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None, pool: int = 1, chunk: int | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, guidance: torch.Tensor | None, pool: int = 1, chunk: int | None = None
+    ) -> torch.Tensor:
         b, c, t, h, w = x.shape
         state = x.permute(0, 3, 4, 2, 1).reshape(b, h * w, t, c)
         tokens = chunk * h * w if chunk else None
         out = self.forward_state(state, guidance, h, w, pool, tokens, inplace=False)
         return out.view(b, h, w, t, c).permute(0, 4, 3, 1, 2)
 
-    def _padding_terms(self, w_qkv: torch.Tensor, num_pad: int, length: int,
-                       guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _padding_terms(
+        self, w_qkv: torch.Tensor, num_pad: int, length: int, guided: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(kv (H, D, D), k_sum (H, D)) of ``num_pad`` padding tokens, values divided by ``length``."""
         c = w_qkv.shape[1]
         heads = self.attention.num_heads
@@ -118,8 +129,15 @@ class ClassAggregationLayer(nn.Module):
         v = kv[0, 2 * c :].view(heads, -1)
         return num_pad * torch.einsum("hd,hv->hdv", k, v / length), num_pad * k
 
-    def _mix(self, x: torch.Tensor, table: torch.Tensor, w_qkv: torch.Tensor,
-             extra: tuple[torch.Tensor, torch.Tensor] | None, length: int, inplace: bool) -> torch.Tensor:
+    def _mix(
+        self,
+        x: torch.Tensor,
+        table: torch.Tensor,
+        w_qkv: torch.Tensor,
+        extra: tuple[torch.Tensor, torch.Tensor] | None,
+        length: int,
+        inplace: bool,
+    ) -> torch.Tensor:
         """x (G, P, T, C) tokens of P pixels of G images; table (G, 1, T, 3C) or (3C,) -> x + attention + MLP
         (a new tensor)."""
         g, p, t, c = x.shape
@@ -129,15 +147,26 @@ class ClassAggregationLayer(nn.Module):
         q, k, v = (part.reshape(g * p, t, heads, -1) for part in qkv.split(c, dim=-1))
         y = x + linear_attention(q, k, v, extra=extra, length=length).reshape(g, p, t, c)
         del qkv, q, k, v
-        hidden = F.linear(F.layer_norm(y, (c,), self.norm2.weight, self.norm2.bias, self.norm2.eps),
-                          self.mlp[0].weight, self.mlp[0].bias)
+        hidden = F.linear(
+            F.layer_norm(y, (c,), self.norm2.weight, self.norm2.bias, self.norm2.eps),
+            self.mlp[0].weight,
+            self.mlp[0].bias,
+        )
         hidden = hidden.relu_() if inplace else F.relu(hidden)
         out = F.linear(hidden, self.mlp[2].weight, self.mlp[2].bias)
         return y.add_(out) if inplace else y + out
 
-    def forward_state(self, state: torch.Tensor, guidance: torch.Tensor | None, height: int, width: int,
-                      pool: int = 1, tokens: int | None = None, inplace: bool = False,
-                      checkpoint: bool = False) -> torch.Tensor:
+    def forward_state(
+        self,
+        state: torch.Tensor,
+        guidance: torch.Tensor | None,
+        height: int,
+        width: int,
+        pool: int = 1,
+        tokens: int | None = None,
+        inplace: bool = False,
+        checkpoint: bool = False,
+    ) -> torch.Tensor:
         """state (B, H*W, T, C) pixel-major -> the same after class aggregation; guidance (B, T, G) or None.
 
         ``tokens``: tokens per step (None: every pixel of every image in one step): whole images per step when

@@ -70,7 +70,11 @@ def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, num_masks: float | 
 
 
 def sigmoid_focal_loss(
-    pred_logits: torch.Tensor, target: torch.Tensor, num_masks: float | None = None, alpha: float = 0.25, gamma: float = 2.0
+    pred_logits: torch.Tensor,
+    target: torch.Tensor,
+    num_masks: float | None = None,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
 ) -> torch.Tensor:
     """Sigmoid focal loss (RetinaNet) of matched masks (N, P): mean over pixels, summed over masks / num_masks."""
     target = target.to(pred_logits.dtype)

@@ -34,14 +34,18 @@ def pairwise_dice_cost(pred_logits: torch.Tensor, target: torch.Tensor) -> torch
     return 1 - (numerator + 1) / (denominator + 1)
 
 
-def pairwise_sigmoid_focal_cost(pred_logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+def pairwise_sigmoid_focal_cost(
+    pred_logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
     """Mean per-pixel sigmoid focal loss of every prediction against every target: (N, P), (M, P) -> (N, M)."""
     prob = pred_logits.sigmoid()
     num_pixels = pred_logits.shape[1]
     focal_pos = ((1 - prob) ** gamma) * torch.nn.functional.binary_cross_entropy_with_logits(
-        pred_logits, torch.ones_like(pred_logits), reduction="none")
+        pred_logits, torch.ones_like(pred_logits), reduction="none"
+    )
     focal_neg = (prob**gamma) * torch.nn.functional.binary_cross_entropy_with_logits(
-        pred_logits, torch.zeros_like(pred_logits), reduction="none")
+        pred_logits, torch.zeros_like(pred_logits), reduction="none"
+    )
     if alpha >= 0:
         focal_pos = focal_pos * alpha
         focal_neg = focal_neg * (1 - alpha)

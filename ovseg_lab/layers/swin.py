@@ -11,8 +11,8 @@ implementation. There is no relative position bias.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import torch
 from timm.layers import Mlp
@@ -68,7 +68,9 @@ class GuidedWindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.fused_attn = True  # SDPA kernels; False = the reference computation (speed.attention=math)
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, guidance: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         bw, n, _ = x.shape
         heads = self.num_heads
 
@@ -94,8 +96,15 @@ class GuidedSwinBlock(nn.Module):
     When the map is not larger than the window, the window covers it and the shift is dropped (as in Swin).
     """
 
-    def __init__(self, dim: int, guidance_dim: int = 0, num_heads: int = 4, window_size: int = 12,
-                 shift_size: int = 0, mlp_ratio: float = 4.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        guidance_dim: int = 0,
+        num_heads: int = 4,
+        window_size: int = 12,
+        shift_size: int = 0,
+        mlp_ratio: float = 4.0,
+    ) -> None:
         super().__init__()
         self.window_size = window_size
         self.shift_size = shift_size
@@ -177,8 +186,9 @@ class SwinWindowAttention(nn.Module):
 class SwinBlock(nn.Module):
     """Pre-LN Swin block on a (B, H*W, C) map; pads to whole windows, shifts when ``shift`` > 0."""
 
-    def __init__(self, dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float = 4.0,
-                 drop_path: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float = 4.0, drop_path: float = 0.0
+    ) -> None:
         super().__init__()
         from timm.layers import DropPath
 
@@ -224,16 +234,22 @@ class SwinPatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    def __init__(self, dim: int, depth: int, num_heads: int, window: int, drop_path: list[float], downsample: bool) -> None:
+    def __init__(
+        self, dim: int, depth: int, num_heads: int, window: int, drop_path: list[float], downsample: bool
+    ) -> None:
         super().__init__()
         self.window = window
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, num_heads, window, 0 if i % 2 == 0 else window // 2, drop_path=drop_path[i]) for i in range(depth))
+            SwinBlock(dim, num_heads, window, 0 if i % 2 == 0 else window // 2, drop_path=drop_path[i])
+            for i in range(depth)
+        )
         self.downsample = SwinPatchMerging(dim) if downsample else None
 
     def forward(self, x: torch.Tensor, height: int, width: int):
         window = self.window
-        mask = _shift_mask(-(-height // window) * window, -(-width // window) * window, window, window // 2).to(x.device)
+        mask = _shift_mask(-(-height // window) * window, -(-width // window) * window, window, window // 2).to(
+            x.device
+        )
         for block in self.blocks:
             x = block(x, height, width, mask)
         if self.downsample is None:
@@ -254,9 +270,17 @@ class SwinBackbone(nn.Module):
 
     is_backbone = True  # parameters get the backbone learning-rate multiplier
 
-    def __init__(self, embed_dim: int = 128, depths: Sequence[int] = (2, 2, 18, 2), num_heads: Sequence[int] = (4, 8, 16, 32),
-                 window_size: int = 12, patch_size: int = 4, mlp_ratio: float = 4.0, drop_path_rate: float = 0.3,
-                 pretrained: str | None = None) -> None:
+    def __init__(
+        self,
+        embed_dim: int = 128,
+        depths: Sequence[int] = (2, 2, 18, 2),
+        num_heads: Sequence[int] = (4, 8, 16, 32),
+        window_size: int = 12,
+        patch_size: int = 4,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.3,
+        pretrained: str | None = None,
+    ) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.patch_embed = nn.Module()
@@ -267,8 +291,16 @@ class SwinBackbone(nn.Module):
         self.channels = [int(embed_dim * 2**i) for i in range(len(depths))]
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
             start = sum(depths[:i])
-            self.layers.append(SwinStage(self.channels[i], depth, heads, window_size, rates[start : start + depth],
-                                         downsample=i < len(depths) - 1))
+            self.layers.append(
+                SwinStage(
+                    self.channels[i],
+                    depth,
+                    heads,
+                    window_size,
+                    rates[start : start + depth],
+                    downsample=i < len(depths) - 1,
+                )
+            )
         for i, channels in enumerate(self.channels):
             self.add_module(f"norm{i}", nn.LayerNorm(channels))
         if pretrained:
@@ -281,13 +313,18 @@ class SwinBackbone(nn.Module):
         from ovseg_lab.utils.weights import load_into
 
         if not Path(path).is_file():
-            raise SetupError(f"Swin ImageNet weights not found: {path}. Download swin_base_patch4_window12_384_22k.pth "
-                             "from the Swin Transformer release there, or set model.net.maskformer.backbone.pretrained=null "
-                             "(random init).")
+            raise SetupError(
+                f"Swin ImageNet weights not found: {path}. Download swin_base_patch4_window12_384_22k.pth "
+                "from the Swin Transformer release there, or set model.net.maskformer.backbone.pretrained=null "
+                "(random init)."
+            )
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("model", state) if isinstance(state, dict) else state
-        state = {k: v for k, v in state.items() if not k.startswith(("head.", "norm.")) and not k.endswith(
-            ("relative_position_index", "attn_mask"))}
+        state = {
+            k: v
+            for k, v in state.items()
+            if not k.startswith(("head.", "norm.")) and not k.endswith(("relative_position_index", "attn_mask"))
+        }
         own = self.state_dict()
         state |= {k: v for k, v in own.items() if re.match(r"norm\d\.", k) and k not in state}
         load_into(self, state, path, "Swin ImageNet")

@@ -8,8 +8,9 @@ vocabulary, through the configured inference protocol, into one confusion matrix
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import lightning as L
 import torch
@@ -109,13 +110,17 @@ class OpenVocabModule(L.LightningModule):
         return self.net(images, vocabulary)
 
     @torch.no_grad()
-    def predict_scores(self, images: torch.Tensor, vocabulary: Vocabulary, inference: InferenceConfig | None = None) -> torch.Tensor:
+    def predict_scores(
+        self, images: torch.Tensor, vocabulary: Vocabulary, inference: InferenceConfig | None = None
+    ) -> torch.Tensor:
         """Per-class scores (B, T, H, W) at the input resolution under the inference protocol."""
         text_vocabulary = with_release_strings(vocabulary, self.class_strings)
         return segment(lambda x: self.net(x, text_vocabulary), images, inference or self.inference_cfg)
 
     @torch.no_grad()
-    def predict_labels(self, images: torch.Tensor, vocabulary: Vocabulary, background_from: int | None = None) -> torch.Tensor:
+    def predict_labels(
+        self, images: torch.Tensor, vocabulary: Vocabulary, background_from: int | None = None
+    ) -> torch.Tensor:
         """(B, H, W) argmax class ids; with ``background_from`` ids above it collapse onto it (PAS-20b)."""
         pred = self.predict_scores(images, vocabulary).argmax(dim=1)
         if background_from is not None:
@@ -140,7 +145,9 @@ class OpenVocabModule(L.LightningModule):
                 save_label_maps(pred, group_stems, Path(self.save_predictions_dir) / bench.name)
             if keep:
                 for i in range(min(len(pred), self.num_visuals - len(self._visuals[bench.name]))):
-                    self._visuals[bench.name].append((image[i].permute(1, 2, 0).cpu().numpy(), pred[i].cpu().numpy(), label[i].cpu().numpy()))
+                    self._visuals[bench.name].append(
+                        (image[i].permute(1, 2, 0).cpu().numpy(), pred[i].cpu().numpy(), label[i].cpu().numpy())
+                    )
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, batch_idx, dataloader_idx)
@@ -195,17 +202,32 @@ class OpenVocabModule(L.LightningModule):
             for bench in self._benchmarks:
                 if bench.name not in results:
                     continue
-                rows = [[name, None if iou != iou else iou] for name, iou in results[bench.name]["per_class_iou"].items()]
-                logger.log_table(key=f"{prefix}/{bench.name}/per_class_iou", columns=["class", "IoU"], data=rows, step=self.global_step)
+                rows = [
+                    [name, None if iou != iou else iou] for name, iou in results[bench.name]["per_class_iou"].items()
+                ]
+                logger.log_table(
+                    key=f"{prefix}/{bench.name}/per_class_iou",
+                    columns=["class", "IoU"],
+                    data=rows,
+                    step=self.global_step,
+                )
                 visuals = self._visuals.get(bench.name)
                 if visuals:
                     names = list(results[bench.name]["per_class_iou"])
                     class_labels = {i: n for i, n in enumerate(names)} | {bench.ignore_index: "ignore"}
-                    masks = [{"predictions": {"mask_data": pred.astype("int64"), "class_labels": class_labels},
-                              "ground_truth": {"mask_data": label.astype("int64"), "class_labels": class_labels}}
-                             for _, pred, label in visuals]
-                    logger.log_image(key=f"{prefix}/{bench.name}/masks", images=[img for img, _, _ in visuals],
-                                     masks=masks, step=self.global_step)
+                    masks = [
+                        {
+                            "predictions": {"mask_data": pred.astype("int64"), "class_labels": class_labels},
+                            "ground_truth": {"mask_data": label.astype("int64"), "class_labels": class_labels},
+                        }
+                        for _, pred, label in visuals
+                    ]
+                    logger.log_image(
+                        key=f"{prefix}/{bench.name}/masks",
+                        images=[img for img, _, _ in visuals],
+                        masks=masks,
+                        step=self.global_step,
+                    )
 
     def on_validation_epoch_end(self) -> None:
         self._finish_eval("val")
@@ -217,15 +239,24 @@ class OpenVocabModule(L.LightningModule):
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise RuntimeError("No optimizer configured (model.optimizer).")
-        base_lr = self.optimizer_factory.keywords.get("lr", 1e-3) if hasattr(self.optimizer_factory, "keywords") else 1e-3
-        weight_decay = self.optimizer_factory.keywords.get("weight_decay", 0.0) if hasattr(self.optimizer_factory, "keywords") else 0.0
+        base_lr = (
+            self.optimizer_factory.keywords.get("lr", 1e-3) if hasattr(self.optimizer_factory, "keywords") else 1e-3
+        )
+        weight_decay = (
+            self.optimizer_factory.keywords.get("weight_decay", 0.0)
+            if hasattr(self.optimizer_factory, "keywords")
+            else 0.0
+        )
         groups = build_param_groups(
             self, base_lr, weight_decay, self.backbone_lr_multiplier, self.weight_decay_norm, self.weight_decay_embed
         )
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

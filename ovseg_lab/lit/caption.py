@@ -7,7 +7,8 @@ base class's zero-shot segmentation of every benchmark. Stage 2 starts from a st
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ovseg_lab.lit.base import OpenVocabModule, to_unit_float
 from ovseg_lab.lit.nonfinite import NonFiniteLossPolicy
@@ -32,8 +33,14 @@ class CaptionPretrainModule(NonFiniteLossPolicy, OpenVocabModule):
         from ovseg_lab.checkpoints import load_into, read_weights
 
         net_state = read_weights(path, ("net.", ""), "stage checkpoint", "model.init_from")
-        load_into(self.net, net_state, f"{path} (model.init_from)", "Stage-1",
-                  " Use the same model/experiment as stage 1.", ignore_missing=lambda k: k.startswith("momentum_encoder."))
+        load_into(
+            self.net,
+            net_state,
+            f"{path} (model.init_from)",
+            "Stage-1",
+            " Use the same model/experiment as stage 1.",
+            ignore_missing=lambda k: k.startswith("momentum_encoder."),
+        )
         if not any(k.startswith("momentum_encoder.") for k in net_state):
             self.net.reset_momentum()
 
@@ -57,7 +64,9 @@ class CaptionPretrainModule(NonFiniteLossPolicy, OpenVocabModule):
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", on_step=True, on_epoch=False, batch_size=size)
         self.log("train/logit_scale", self.net.scale, on_step=True, on_epoch=False, batch_size=size)
-        self.log("train/unreadable_samples", float(self.unreadable_samples), on_step=True, on_epoch=False, batch_size=size)
+        self.log(
+            "train/unreadable_samples", float(self.unreadable_samples), on_step=True, on_epoch=False, batch_size=size
+        )
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

@@ -9,8 +9,9 @@ makes atomic; the folder is fsynced so the rename itself survives a power loss.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -64,8 +65,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path)
         atomic_torch_save(checkpoint, path)
 
-    def load_checkpoint(self, path, map_location: Callable | Any = lambda storage, loc: storage,
-                        weights_only: bool | None = True) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path, map_location: Callable | Any = lambda storage, loc: storage, weights_only: bool | None = True
+    ) -> dict[str, Any]:
         from ovseg_lab.checkpoints import read_checkpoint
 
         return read_checkpoint(path, key="ckpt_path", map_location=map_location)

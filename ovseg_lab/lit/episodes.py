@@ -9,7 +9,8 @@ classes, FB-IoU) and every other benchmark as the base class does.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -75,8 +76,9 @@ class EpisodicModule(DenseSupervisedModule):
             return super()._eval_step(batch, batch_idx, dataloader_idx)
         vocabularies = [bench.episode_vocabulary(c) for c in batch["class_id"].tolist()]
         with torch.no_grad():
-            scores = segment(lambda x: self.episode_logits(x, vocabularies), to_unit_float(batch["image"]),
-                             self.inference_cfg)
+            scores = segment(
+                lambda x: self.episode_logits(x, vocabularies), to_unit_float(batch["image"]), self.inference_cfg
+            )
         self.metrics[bench.name].update(scores.argmax(dim=1), batch["label"], batch["class_id"])
 
     def _benchmark_scores(self, bench, scores: dict) -> dict | None:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+NORM_TYPES = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
 
 
 def _backbone_modules(module: nn.Module) -> list[nn.Module]:

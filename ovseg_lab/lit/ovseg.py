@@ -11,8 +11,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,8 @@ from ovseg_lab.eval.inference import segment
 from ovseg_lab.layers.contrastive import info_nce
 from ovseg_lab.lit.base import OpenVocabModule, to_unit_float
 from ovseg_lab.lit.nonfinite import NonFiniteLossPolicy
-from ovseg_lab.utils.weights import load_state_from
 from ovseg_lab.utils.io import atomic_path
+from ovseg_lab.utils.weights import load_state_from
 from ovseg_lab.vocab import with_release_strings
 
 ADAPT_KINDS = ("ft", "mpt", "pretrain")
@@ -47,11 +48,17 @@ class LabelAwareEval(OpenVocabModule):
             raise SetupError("OVSeg's analysis modes evaluate whole images: set model.inference.mode=whole.")
         bench = self._benchmarks[dataloader_idx]
         images, labels = batch["image"], batch["label"]
-        pairs = [(images, labels)] if isinstance(images, torch.Tensor) else [(i[None], l[None]) for i, l in zip(images, labels)]
+        pairs = (
+            [(images, labels)]
+            if isinstance(images, torch.Tensor)
+            else [(i[None], l[None]) for i, l in zip(images, labels)]
+        )
         vocabulary = with_release_strings(bench.vocabulary, self.class_strings)
         for image, label in pairs:
             with torch.no_grad():
-                scores = segment(lambda x: self.net(x, vocabulary, labels=labels_at(label, x.shape[-2:])), image, self.inference_cfg)
+                scores = segment(
+                    lambda x: self.net(x, vocabulary, labels=labels_at(label, x.shape[-2:])), image, self.inference_cfg
+                )
             pred = scores.argmax(dim=1)
             if bench.background_from is not None:
                 pred = pred.clamp(max=bench.background_from)
@@ -74,12 +81,16 @@ class MaskFormerModule(NonFiniteLossPolicy, LabelAwareEval):
         labels = batch["label"]
         div = self.net.maskformer.size_divisibility
         ph, pw = (-images.shape[-2]) % div, (-images.shape[-1]) % div
-        if ph or pw:  # the release's mapper pads uint8 crops with 128 before normalising (mask_former_semantic_dataset_mapper.py:156)
+        if (
+            ph or pw
+        ):  # the release's mapper pads uint8 crops with 128 before normalising (mask_former_semantic_dataset_mapper.py:156)
             images = F.pad(images, (0, pw, 0, ph), value=128 / 255)
             labels = F.pad(labels, (0, pw, 0, ph), value=self.net.ignore_index)
         self.net.clip.eval()
         # the release trains against its own COCO-Stuff strings too (model.class_strings)
-        outputs = self.net.maskformer_outputs(images, with_release_strings(self.train_vocabulary, self.class_strings).classes)
+        outputs = self.net.maskformer_outputs(
+            images, with_release_strings(self.train_vocabulary, self.class_strings).classes
+        )
         losses = self.net.loss(outputs, labels)
         if not self.loss_is_finite(losses["loss"], batch_idx, f"images {list(batch.get('stem', []))[:8]}"):
             return None
@@ -97,7 +108,9 @@ def parse_adapt(adapt: str) -> list[str]:
     phases = str(adapt).split("_")
     bad = [p for p in phases if p not in ADAPT_KINDS]
     if bad or len(set(phases)) != len(phases):
-        raise SetupError(f"model.adapt='{adapt}': use phases from {ADAPT_KINDS} joined by '_' (each once), e.g. ft_mpt.")
+        raise SetupError(
+            f"model.adapt='{adapt}': use phases from {ADAPT_KINDS} joined by '_' (each once), e.g. ft_mpt."
+        )
     return phases
 
 
@@ -129,11 +142,23 @@ class CLIPAdaptModule(LabelAwareEval):
         export: file name in the run directory for the adapted CLIP state dict (``model.net.clip_weights``).
     """
 
-    def __init__(self, *args, adapt: str = "mpt", total_steps: int = 1, phase_steps: list[int] | None = None, lr: Mapping[str, float] | None = None,
-                 weight_decay: Mapping[str, float] | None = None, warmup_steps: int = 0,
-                 train_template: str = "a photo of a {}.", duplicate_texts: str = "unique",
-                 init_weights: str | None = None, export: str = "clip_adapted.pt", param_groups: str = "ours",
-                 train_logit_scale: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        adapt: str = "mpt",
+        total_steps: int = 1,
+        phase_steps: list[int] | None = None,
+        lr: Mapping[str, float] | None = None,
+        weight_decay: Mapping[str, float] | None = None,
+        warmup_steps: int = 0,
+        train_template: str = "a photo of a {}.",
+        duplicate_texts: str = "unique",
+        init_weights: str | None = None,
+        export: str = "clip_adapted.pt",
+        param_groups: str = "ours",
+        train_logit_scale: bool = False,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.phases = parse_adapt(adapt)
         if "mpt" in self.phases and self.net.clip.mask_prompts is None:
@@ -147,7 +172,9 @@ class CLIPAdaptModule(LabelAwareEval):
             bounds = [round(self.total_steps * (i + 1) / max(1, len(self.phases))) for i in range(len(self.phases))]
         else:
             if len(phase_steps) != len(self.phases):
-                raise SetupError(f"model.phase_steps {list(phase_steps)} must give one step count per phase of '{adapt}'.")
+                raise SetupError(
+                    f"model.phase_steps {list(phase_steps)} must give one step count per phase of '{adapt}'."
+                )
             bounds = [int(sum(phase_steps[: i + 1])) for i in range(len(phase_steps))]
         self.phase_bounds = [0] + bounds  # phase i trains steps [bounds[i], bounds[i+1])
         self.lr = {"ft": 5e-6, "mpt": 2e-2, "pretrain": 1e-3, **dict(lr or {})}
@@ -167,7 +194,9 @@ class CLIPAdaptModule(LabelAwareEval):
                 state["mask_prompts"] = clip.mask_prompts.detach().clone()  # fresh prompts for a first MPT
             missing, unexpected = clip.load_state_dict(state, strict=False)
             if missing or unexpected:
-                raise SetupError(f"model.init_weights {init_weights} does not fit the configured CLIP: missing {missing[:3]}, unexpected {unexpected[:3]}.")
+                raise SetupError(
+                    f"model.init_weights {init_weights} does not fit the configured CLIP: missing {missing[:3]}, unexpected {unexpected[:3]}."
+                )
         clip.requires_grad_(False)
         self._set_phase(0 if self.phases else None)
 
@@ -182,7 +211,8 @@ class CLIPAdaptModule(LabelAwareEval):
         # its dense Adam update would dominate a tiny model's step)
         embedding = clip.model.token_embedding.weight
         return [p for p in clip.model.parameters() if p is not embedding] + (
-            [clip.mask_prompts] if clip.mask_prompts is not None else [])
+            [clip.mask_prompts] if clip.mask_prompts is not None else []
+        )
 
     def phase_at(self, step: int) -> int:
         return next((i for i in range(len(self.phases)) if step < self.phase_bounds[i + 1]), len(self.phases) - 1)
@@ -211,8 +241,14 @@ class CLIPAdaptModule(LabelAwareEval):
         for index, kind in enumerate(self.phases):
             params = [p for p in self.phase_params(kind) if id(p) not in seen]
             seen.update(id(p) for p in params)
-            for params, decay in self.decay_split(params):
-                groups.append({"params": params, "lr": self.lr[kind], "weight_decay": self.weight_decay[kind] if decay else 0.0})
+            for group_params, decay in self.decay_split(params):
+                groups.append(
+                    {
+                        "params": group_params,
+                        "lr": self.lr[kind],
+                        "weight_decay": self.weight_decay[kind] if decay else 0.0,
+                    }
+                )
                 phase_of_group.append(index)
         optimizer = torch.optim.AdamW(groups, foreach=True)
 

@@ -32,8 +32,13 @@ def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -44,8 +49,15 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
-    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            np_state["kind"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
@@ -78,8 +90,11 @@ class ResumeState(L.Callback):
             # Lightning warns that a mid-epoch resume with a loader that is not a `_Stateful` "can cause unreliable
             # results": ours continues at the stored position (the sampler skips the batches already trained, the
             # RNGs are restored), which the resume test checks bit for bit. The warning is false here only.
-            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch",
-                                    category=PossibleUserWarning)
+            warnings.filterwarnings(
+                "ignore",
+                message="You're resuming from a checkpoint that ended before the epoch",
+                category=PossibleUserWarning,
+            )
         # applied at on_train_start: building the resumed loaders must not shift the restored generators
         self._pending_rng = state["rng"]
 
@@ -111,11 +126,22 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
 # disk, data moved to local scratch), and what leaves the batches alone (loader processes: every sample draws from
 # its own seed; how often checkpoints are written). Anything else (lr, seed, data, model) would make the resumed
 # half a different experiment than the one recorded in the folder.
-RESUME_MAY_CHANGE = ("ckpt_path", "resume_force", "paths", "trainer.max_steps", "trainer.max_epochs",
-                     "trainer.log_every_n_steps", "logger", "callbacks.progress_bar", "callbacks.lr_monitor",
-                     "callbacks.bad_sample_report",  # in the callbacks group before it became part of every run
-                     "data.num_workers", "data.pin_memory", "callbacks.model_checkpoint.every_n_train_steps",
-                     "callbacks.model_checkpoint.train_time_interval")
+RESUME_MAY_CHANGE = (
+    "ckpt_path",
+    "resume_force",
+    "paths",
+    "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.log_every_n_steps",
+    "logger",
+    "callbacks.progress_bar",
+    "callbacks.lr_monitor",
+    "callbacks.bad_sample_report",  # in the callbacks group before it became part of every run
+    "data.num_workers",
+    "data.pin_memory",
+    "callbacks.model_checkpoint.every_n_train_steps",
+    "callbacks.model_checkpoint.train_time_interval",
+)
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -154,9 +180,11 @@ def config_differences(stored_yaml: str, cfg: Any) -> list[str]:
     missing = object()
     # groups this model does not read are no longer recorded (config.drop_unused_groups); older checkpoints have them
     unread = tuple(f"{group}." for group in METHOD_GROUPS if group not in cfg)
-    return [f"{key}: {stored.get(key, '(absent)')!r} -> {current.get(key, '(absent)')!r}"
-            for key in sorted(set(stored) | set(current))
-            if not _allowed(key) and not key.startswith(unread) and stored.get(key, missing) != current.get(key, missing)]
+    return [
+        f"{key}: {stored.get(key, '(absent)')!r} -> {current.get(key, '(absent)')!r}"
+        for key in sorted(set(stored) | set(current))
+        if not _allowed(key) and not key.startswith(unread) and stored.get(key, missing) != current.get(key, missing)
+    ]
 
 
 def check_resume_config(checkpoint: dict[str, Any], cfg: Any, ckpt_path: str, force: bool) -> None:
@@ -167,9 +195,13 @@ def check_resume_config(checkpoint: dict[str, Any], cfg: Any, ckpt_path: str, fo
     diff = config_differences(stored, cfg)
     if not diff:
         return
-    listing = "\n".join(f"  - {line}" for line in diff[:20]) + (f"\n  ... and {len(diff) - 20} more" if len(diff) > 20 else "")
+    listing = "\n".join(f"  - {line}" for line in diff[:20]) + (
+        f"\n  ... and {len(diff) - 20} more" if len(diff) > 20 else ""
+    )
     if force:
-        print(f"WARNING: resuming {ckpt_path} with a config that differs from the stored one (resume_force=true):\n{listing}")
+        print(
+            f"WARNING: resuming {ckpt_path} with a config that differs from the stored one (resume_force=true):\n{listing}"
+        )
         return
     raise SetupError(
         f"Resume refused: the config differs from the one stored in {ckpt_path} in {len(diff)} key(s) other than "

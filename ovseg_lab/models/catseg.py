@@ -13,9 +13,10 @@ embeddings concatenated), ``spatial_aggregation``, ``class_aggregation``, ``embe
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ class AggregationSpec:
             raise SetupError(f"aggregation.input must be 'cost' or 'feature', got '{self.input}'.")
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | "AggregationSpec" | None) -> "AggregationSpec":
+    def from_config(cls, cfg: Mapping[str, Any] | AggregationSpec | None) -> AggregationSpec:
         if cfg is None:
             return cls()
         if isinstance(cfg, AggregationSpec):
@@ -90,9 +91,11 @@ class UpBlock(nn.Module):
 
     def guidance_term(self, guidance: torch.Tensor) -> torch.Tensor:
         """The guidance half of the first convolution, once per image: (B, G, 2h, 2w) -> (B, out, 2h, 2w)."""
-        return F.conv2d(guidance, self.conv.block[0].weight[:, self.up.out_channels:], padding=1)
+        return F.conv2d(guidance, self.conv.block[0].weight[:, self.up.out_channels :], padding=1)
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None, guided: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, guidance: torch.Tensor | None, guided: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x (B*T, C, h, w), image-major; guidance (B, G, 2h, 2w) shared by the T classes of an image (or its
         :meth:`guidance_term` as ``guided``)."""
         x = self.up(x)
@@ -153,8 +156,9 @@ def permute_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) ->
     return x.index_select(1, index)
 
 
-def swin_block_windows(block: GuidedSwinBlock, xw: torch.Tensor, table: torch.Tensor,
-                       masks: tuple[torch.Tensor | None, ...], inplace: bool) -> torch.Tensor:
+def swin_block_windows(
+    block: GuidedSwinBlock, xw: torch.Tensor, table: torch.Tensor, masks: tuple[torch.Tensor | None, ...], inplace: bool
+) -> torch.Tensor:
     """One Swin block on windowed tokens xw (G, nW*N, K, C): K slices of G images; ``table`` (G, nW*N, 1, 3C) from
     :func:`qkv_table` on the windowed guidance, or (3C,); ``masks`` one per window. In place when ``inplace``."""
     g, m, k, c = xw.shape
@@ -185,8 +189,9 @@ def swin_block_windows(block: GuidedSwinBlock, xw: torch.Tensor, table: torch.Te
     xw = xw.add_(out) if inplace else xw + out
     del out, qkv, h
     mlp = block.mlp
-    hidden = F.linear(F.layer_norm(xw, (c,), block.norm2.weight, block.norm2.bias, block.norm2.eps),
-                      mlp.fc1.weight, mlp.fc1.bias)
+    hidden = F.linear(
+        F.layer_norm(xw, (c,), block.norm2.weight, block.norm2.bias, block.norm2.eps), mlp.fc1.weight, mlp.fc1.bias
+    )
     hidden = torch._C._nn.gelu_(hidden) if inplace else F.gelu(hidden)
     out = F.linear(hidden, mlp.fc2.weight, mlp.fc2.bias)
     return xw.add_(out) if inplace else xw + out
@@ -211,8 +216,16 @@ class SpatialAggregation(nn.Module):
         out = self.forward_state(state, guidance, h, w, chunk, inplace=False)
         return out.view(b, h, w, t, c).permute(0, 4, 3, 1, 2)
 
-    def forward_state(self, state: torch.Tensor, guidance: torch.Tensor | None, height: int, width: int,
-                      slices: int | None = None, inplace: bool = False, checkpoint: bool = False) -> torch.Tensor:
+    def forward_state(
+        self,
+        state: torch.Tensor,
+        guidance: torch.Tensor | None,
+        height: int,
+        width: int,
+        slices: int | None = None,
+        inplace: bool = False,
+        checkpoint: bool = False,
+    ) -> torch.Tensor:
         """state (B, H*W, T, C) pixel-major (CATSegHead's layout) -> the same after the Swin pair: gather into block
         1's windows, block 1, gather into block 2's shifted windows, block 2, gather back. ``slices``: class slices
         per step (None: all slices of all images in one step); whole images per step when they fit. In place
@@ -231,8 +244,10 @@ class SpatialAggregation(nn.Module):
         inverse_perm = idx1.new_empty(len(perm))
         inverse_perm[perm] = torch.arange(len(perm), device=perm.device)
         masks1, masks2 = (window_masks(height, width, *geo) for geo in geometry)
-        tables = [qkv_table(blk.attn, c, g[:, idx] if g is not None and blk.guidance_dim else None, state)
-                  for blk, idx in ((self.block1, idx1), (self.block2, idx2))]
+        tables = [
+            qkv_table(blk.attn, c, g[:, idx] if g is not None and blk.guidance_dim else None, state)
+            for blk, idx in ((self.block1, idx1), (self.block2, idx2))
+        ]
         tables = [table.unsqueeze(-2) if table.dim() == 3 else table for table in tables]  # (B, nW*N, 1, 3C)
         parts = []
         steps = image_steps(b, hw * t, t, None if slices is None else slices * hw)
@@ -241,8 +256,9 @@ class SpatialAggregation(nn.Module):
             step_tables = [table[i0:i1] if table.dim() == 4 else table for table in tables]
             if inplace:
                 xw = swin_block_windows(self.block1, permute_rows(part, idx1, inverse1), step_tables[0], masks1, True)
-                part[:, idx2] = swin_block_windows(self.block2, permute_rows(xw, perm, inverse_perm), step_tables[1],
-                                                   masks2, True)
+                part[:, idx2] = swin_block_windows(
+                    self.block2, permute_rows(xw, perm, inverse_perm), step_tables[1], masks2, True
+                )
                 continue
 
             def pair(part: torch.Tensor, table1: torch.Tensor, table2: torch.Tensor) -> torch.Tensor:
@@ -310,11 +326,13 @@ class CATSegHead(nn.Module):
         self.text_guidance = nn.Sequential(nn.Linear(embed_dim, text_dim), nn.ReLU()) if text_dim else None
         self.spatial_layers = nn.ModuleList(
             [SpatialAggregation(hidden_dim, appearance_dim, num_heads, window_size) for _ in range(num_layers)]
-            if agg.spatial_aggregation else []
+            if agg.spatial_aggregation
+            else []
         )
         self.class_layers = nn.ModuleList(
             [ClassAggregationLayer(hidden_dim, text_dim, num_heads, pad_len) for _ in range(num_layers)]
-            if agg.class_aggregation else []
+            if agg.class_aggregation
+            else []
         )
         self.num_layers = num_layers if (agg.spatial_aggregation or agg.class_aggregation) else 0
         # CLIP intermediate layers -> decoder guidance at 2x and 4x the feature resolution
@@ -337,10 +355,13 @@ class CATSegHead(nn.Module):
         image = F.normalize(dense, dim=1)
         words = F.normalize(F.normalize(text, dim=-1).mean(dim=2), dim=-1)  # (B, T, C)
         t, (h, w) = words.shape[1], image.shape[-2:]
-        return torch.cat([
-            image.unsqueeze(2).expand(-1, -1, t, -1, -1),
-            words.permute(0, 2, 1)[..., None, None].expand(-1, -1, -1, h, w),
-        ], dim=1)  # (B, 2C, T, h, w)
+        return torch.cat(
+            [
+                image.unsqueeze(2).expand(-1, -1, t, -1, -1),
+                words.permute(0, 2, 1)[..., None, None].expand(-1, -1, -1, h, w),
+            ],
+            dim=1,
+        )  # (B, 2C, T, h, w)
 
     def embed_input(self, dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Cost volume or feature volume -> (B, hidden, T, h, w). dense (B, C, h, w), text (B, T, P, C)."""
@@ -417,10 +438,13 @@ class CATSegHead(nn.Module):
             if self.spatial_layers:
                 x = self.spatial_layers[index].forward_state(x, appearance, h, w, slices, inplace, checkpoint)
             if self.class_layers:
-                x = self.class_layers[index].forward_state(x, text_guidance, h, w, class_pool, tokens, inplace,
-                                                           checkpoint)
-        guidance = [proj(up(feat)) for proj, up, feat in zip(
-            self.decoder_guidance, (self.upsample1, self.upsample2), intermediates)]
+                x = self.class_layers[index].forward_state(
+                    x, text_guidance, h, w, class_pool, tokens, inplace, checkpoint
+                )
+        guidance = [
+            proj(up(feat))
+            for proj, up, feat in zip(self.decoder_guidance, (self.upsample1, self.upsample2), intermediates)
+        ]
         return self.decode_state(x, guidance, h, w, decoder_pixels, inplace, checkpoint)
 
     def decode(self, x: torch.Tensor, guidance: list[torch.Tensor], chunk: int | None = None) -> torch.Tensor:
@@ -429,8 +453,16 @@ class CATSegHead(nn.Module):
         state = x.permute(0, 3, 4, 2, 1).reshape(b, h * w, t, c)
         return self.decode_state(state, guidance, h, w, chunk * h * w if chunk else None, not torch.is_grad_enabled())
 
-    def decode_state(self, x: torch.Tensor, guidance: list[torch.Tensor], height: int, width: int,
-                     pixels: int | None = None, inplace: bool = False, checkpoint: bool = False) -> torch.Tensor:
+    def decode_state(
+        self,
+        x: torch.Tensor,
+        guidance: list[torch.Tensor],
+        height: int,
+        width: int,
+        pixels: int | None = None,
+        inplace: bool = False,
+        checkpoint: bool = False,
+    ) -> torch.Tensor:
         """Pixel-major (B, h*w, T, C) -> logits (B, T, 4h, 4w), about ``pixels`` input pixels (classes x h x w) per
         step (whole images when they fit; None: one step); ``inplace``: the steps write into one output tensor."""
         b, hw, t, c = x.shape
@@ -503,7 +535,9 @@ class CATSeg(nn.Module):
         if ignore_pixels not in IGNORE_PIXEL_MODES:
             raise SetupError(f"model.net.ignore_pixels must be one of {IGNORE_PIXEL_MODES}, got '{ignore_pixels}'.")
         if len(clip.feature_layers) != 2:
-            raise SetupError(f"CAT-Seg's decoder needs exactly two CLIP feature layers, got clip.feature_layers={list(clip.feature_layers)}.")
+            raise SetupError(
+                f"CAT-Seg's decoder needs exactly two CLIP feature layers, got clip.feature_layers={list(clip.feature_layers)}."
+            )
         self.clip = clip
         head_kwargs = dict(head or {})
         head_kwargs.setdefault("num_templates", len(clip.templates))
@@ -531,8 +565,15 @@ class CATSeg(nn.Module):
         pool = self.class_pool_train if self.training else self.class_pool_eval
         chunk = self.train_class_chunk if self.training else self.class_chunk
         truncate = self.pad_len if self.truncate_classes else None
-        return self.head(feats.dense, feats.intermediates, text, pool, chunk, truncate,
-                         checkpoint=self.training and self.train_class_chunk is not None)
+        return self.head(
+            feats.dense,
+            feats.intermediates,
+            text,
+            pool,
+            chunk,
+            truncate,
+            checkpoint=self.training and self.train_class_chunk is not None,
+        )
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return per_pixel_bce(logits, labels, self.ignore_index, self.ignore_pixels)

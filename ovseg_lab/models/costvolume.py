@@ -33,7 +33,9 @@ def cosine_cost_volume(dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 class CostVolumeBaseline(nn.Module):
     """logits (B, T, h, w) = scale * mean_P cos(dense CLIP, text) + bias, at the CLIP feature resolution."""
 
-    def __init__(self, clip: CLIPBackbone, init_scale: float = 10.0, init_bias: float = -2.0, ignore_index: int = 255) -> None:
+    def __init__(
+        self, clip: CLIPBackbone, init_scale: float = 10.0, init_bias: float = -2.0, ignore_index: int = 255
+    ) -> None:
         super().__init__()
         self.clip = clip
         self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))

@@ -17,8 +17,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,18 +58,30 @@ class EncoderSpec:
 
 ENCODERS: dict[str, EncoderSpec] = {
     # LSeg's main model: ViT-L/16 at 384 (ImageNet-21k, fine-tuned on 1k), blocks 5/11/17/23.
-    "vit_large_16_384": EncoderSpec("vit", "vit_large_patch16_384", hooks=(5, 11, 17, 23),
-                                    channels=(256, 512, 1024, 1024), tiny="vit_tiny"),
+    "vit_large_16_384": EncoderSpec(
+        "vit", "vit_large_patch16_384", hooks=(5, 11, 17, 23), channels=(256, 512, 1024, 1024), tiny="vit_tiny"
+    ),
     # The ViT-B/32 variant of the release (clip_vitb32_384), blocks 2/5/8/11.
-    "vit_base_32_384": EncoderSpec("vit", "vit_base_patch32_384", hooks=(2, 5, 8, 11),
-                                   channels=(96, 192, 384, 768), tiny="vit_tiny"),
+    "vit_base_32_384": EncoderSpec(
+        "vit", "vit_base_patch32_384", hooks=(2, 5, 8, 11), channels=(96, 192, 384, 768), tiny="vit_tiny"
+    ),
     # The ResNet-101 of the zero-shot (few-shot split) tables: torchvision ImageNet weights, ImageNet mean/std.
     "resnet101": EncoderSpec("resnet", "resnet101.tv_in1k", mean=IMAGENET_MEAN, std=IMAGENET_STD, tiny="resnet_tiny"),
     # Tiny random-init variants (64x64 toy images): a 4-block ViT with 8x8 patches and a 1-block-per-stage ResNet.
-    "vit_tiny": EncoderSpec("vit", "vit_tiny_patch16_224", hooks=(0, 1, 2, 3), channels=(24, 48, 96, 96),
-                            timm_kwargs={"img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3}),
-    "resnet_tiny": EncoderSpec("resnet", "resnet18", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                               timm_kwargs={"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128), "stem_width": 16}),
+    "vit_tiny": EncoderSpec(
+        "vit",
+        "vit_tiny_patch16_224",
+        hooks=(0, 1, 2, 3),
+        channels=(24, 48, 96, 96),
+        timm_kwargs={"img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3},
+    ),
+    "resnet_tiny": EncoderSpec(
+        "resnet",
+        "resnet18",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        timm_kwargs={"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128), "stem_width": 16},
+    ),
 }
 
 TIMM_OFFLINE_HINT = (
@@ -91,7 +104,9 @@ def _timm_weights_cached(timm_name: str) -> bool | None:
         return None
     from huggingface_hub import try_to_load_from_cache
 
-    return any(isinstance(try_to_load_from_cache(repo, name), str) for name in ("model.safetensors", "pytorch_model.bin"))
+    return any(
+        isinstance(try_to_load_from_cache(repo, name), str) for name in ("model.safetensors", "pytorch_model.bin")
+    )
 
 
 def create_timm_model(timm_name: str, pretrained: bool, checkpoint: str | None = None, **kwargs: Any) -> nn.Module:
@@ -119,8 +134,10 @@ def create_timm_model(timm_name: str, pretrained: bool, checkpoint: str | None =
     except Exception as err:  # download errors come in many types (HTTP, OSError, HF hub errors)
         if pretrained:
             first_line = str(err).splitlines()[0][:200] if str(err) else ""
-            raise SetupError(f"Could not load the timm weights of {timm_name}: {type(err).__name__}: {first_line}. "
-                             f"{TIMM_OFFLINE_HINT}") from None
+            raise SetupError(
+                f"Could not load the timm weights of {timm_name}: {type(err).__name__}: {first_line}. "
+                f"{TIMM_OFFLINE_HINT}"
+            ) from None
         raise SetupError(f"Could not build the timm model {timm_name}: {err}") from None
 
 
@@ -171,16 +188,28 @@ class ViTPyramid(Pyramid):
     with ``img_size`` it also trains a grid of that size).
     """
 
-    def __init__(self, vit: nn.Module, hooks: Sequence[int], channels: Sequence[int], readout: str = "project",
-                 mean: Sequence[float] = HALF, std: Sequence[float] = HALF, position_embedding: str = "forward") -> None:
+    def __init__(
+        self,
+        vit: nn.Module,
+        hooks: Sequence[int],
+        channels: Sequence[int],
+        readout: str = "project",
+        mean: Sequence[float] = HALF,
+        std: Sequence[float] = HALF,
+        position_embedding: str = "forward",
+    ) -> None:
         super().__init__(mean, std)
         if position_embedding not in POSITION_EMBEDDINGS:
-            raise SetupError(f"model.net.encoder.position_embedding must be one of {POSITION_EMBEDDINGS}, "
-                             f"got '{position_embedding}'.")
+            raise SetupError(
+                f"model.net.encoder.position_embedding must be one of {POSITION_EMBEDDINGS}, "
+                f"got '{position_embedding}'."
+            )
         self.position_embedding = position_embedding
         if position_embedding == "forward":
             if getattr(vit, "no_embed_class", False):
-                raise SetupError("position_embedding=forward needs a ViT whose position embedding covers the CLS token.")
+                raise SetupError(
+                    "position_embedding=forward needs a ViT whose position embedding covers the CLS token."
+                )
             vit._pos_embed = functools.partial(_forward_pos_embed, vit)
         depth = len(vit.blocks)
         if len(hooks) != 4 or not all(0 <= h < depth for h in hooks) or list(hooks) != sorted(hooks):
@@ -202,8 +231,12 @@ class ViTPyramid(Pyramid):
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"ViT input {height}x{width} is not a multiple of the patch size {self.patch_size}")
         layers = self.vit.forward_intermediates(
-            images, indices=list(self.hooks), return_prefix_tokens=True, norm=False,
-            output_fmt="NCHW", intermediates_only=True,
+            images,
+            indices=list(self.hooks),
+            return_prefix_tokens=True,
+            norm=False,
+            output_fmt="NCHW",
+            intermediates_only=True,
         )
         return [reassemble(tokens, prefix[:, 0]) for reassemble, (tokens, prefix) in zip(self.reassemble, layers)]
 
@@ -211,7 +244,9 @@ class ViTPyramid(Pyramid):
 class ResNetPyramid(Pyramid):
     """A timm ResNet's stages 1-4 (strides 4, 8, 16, 32) as the pyramid (LSeg's ResNet-101 variant)."""
 
-    def __init__(self, resnet: nn.Module, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+    def __init__(
+        self, resnet: nn.Module, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    ) -> None:
         super().__init__(mean, std)
         self.resnet = resnet
         self.out_channels = tuple(int(c) for c in resnet.feature_info.channels())
@@ -248,14 +283,19 @@ def build_encoder(
         pretrained, checkpoint = False, None
         log.info("LSeg image encoder: the tiny random-init variant '%s' (tests and toy runs only).", name)
     elif not pretrained and not checkpoint:
-        log.warning("LSeg image encoder '%s' starts from random weights (model.net.encoder.pretrained=false): "
-                    "the paper's numbers need timm's pretrained weights.", name)
+        log.warning(
+            "LSeg image encoder '%s' starts from random weights (model.net.encoder.pretrained=false): "
+            "the paper's numbers need timm's pretrained weights.",
+            name,
+        )
     if spec.kind == "vit":
         if img_size is not None and not spec.timm_kwargs:
             kwargs["img_size"] = img_size
         vit = create_timm_model(spec.timm_name, pretrained, checkpoint, num_classes=0, dynamic_img_size=True, **kwargs)
         return ViTPyramid(vit, spec.hooks, spec.channels, readout, spec.mean, spec.std, position_embedding)
-    resnet = create_timm_model(spec.timm_name, pretrained, checkpoint, features_only=True, out_indices=(1, 2, 3, 4), **kwargs)
+    resnet = create_timm_model(
+        spec.timm_name, pretrained, checkpoint, features_only=True, out_indices=(1, 2, 3, 4), **kwargs
+    )
     return ResNetPyramid(resnet, spec.mean, spec.std)
 
 
@@ -309,12 +349,16 @@ class SpatialRegularization(nn.Module):
     activation: lang-seg's default is lrelu (modules/lseg_module.py:177-181).
     """
 
-    def __init__(self, kind: str = "none", depth: int = 2, activation: str = "lrelu", share_weights: bool = True) -> None:
+    def __init__(
+        self, kind: str = "none", depth: int = 2, activation: str = "lrelu", share_weights: bool = True
+    ) -> None:
         super().__init__()
         if kind not in REGULARIZATIONS:
             raise SetupError(f"model.net.regularization.kind must be one of {REGULARIZATIONS}, got '{kind}'.")
         if activation not in ACTIVATIONS:
-            raise SetupError(f"model.net.regularization.activation must be one of {sorted(ACTIVATIONS)}, got '{activation}'.")
+            raise SetupError(
+                f"model.net.regularization.activation must be one of {sorted(ACTIVATIONS)}, got '{activation}'."
+            )
         if kind != "none" and depth < 0:
             raise SetupError(f"model.net.regularization.depth must be >= 0 for '{kind}' blocks, got {depth}.")
         self.kind = kind
@@ -336,8 +380,15 @@ class LSegDecoder(nn.Module):
     """DPT fusion + 1x1 conv to the text embedding size + regularisation: the "scratch" part of LSeg that the
     release trains with 10x the base learning rate (``lr_multiplier``, read by the optimizer's param groups)."""
 
-    def __init__(self, in_channels: Sequence[int], features: int, embed_dim: int, regularization: nn.Module,
-                 use_bn: bool = True, lr_multiplier: float = 10.0) -> None:
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        features: int,
+        embed_dim: int,
+        regularization: nn.Module,
+        use_bn: bool = True,
+        lr_multiplier: float = 10.0,
+    ) -> None:
         super().__init__()
         self.fusion = DPTFusion(in_channels, features, use_bn)
         self.head = nn.Conv2d(features, embed_dim, kernel_size=1)
@@ -383,8 +434,9 @@ class LSegNet(nn.Module):
         self.templates = templates if isinstance(templates, str) else tuple(templates)
         self.encoder = encoder
         regularization = regularization if regularization is not None else SpatialRegularization("none")
-        self.decoder = LSegDecoder(encoder.out_channels, features, clip.embed_dim, regularization, use_bn,
-                                   decoder_lr_multiplier)
+        self.decoder = LSegDecoder(
+            encoder.out_channels, features, clip.embed_dim, regularization, use_bn, decoder_lr_multiplier
+        )
         log_scale = torch.tensor(1.0 / temperature).log()
         if learn_temperature:
             self.log_scale = nn.Parameter(log_scale)
@@ -425,7 +477,11 @@ class LSegNet(nn.Module):
 
         ``vocabulary`` is one :class:`Vocabulary` for the batch or a sequence of B same-sized ones.
         """
-        size = (self.image_size, self.image_size) if self.image_size else tuple(max(32, round(s / 32) * 32) for s in images.shape[-2:])
+        size = (
+            (self.image_size, self.image_size)
+            if self.image_size
+            else tuple(max(32, round(s / 32) * 32) for s in images.shape[-2:])
+        )
         if tuple(images.shape[-2:]) != size:  # the 1/32 level of the pyramid needs sides divisible by 32
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         height, width = size

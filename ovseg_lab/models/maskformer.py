@@ -13,7 +13,8 @@ on the last decoder layer and every earlier one (deep supervision).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +42,15 @@ class TimmFeatureBackbone(nn.Module):
 
     is_backbone = True  # parameters get the backbone learning-rate multiplier
 
-    def __init__(self, name: str, pretrained: bool = False, multi_grid: Sequence[int] | None = None,
-                 model_kwargs: Mapping[str, Any] | None = None, frozen_bn: bool = False, freeze_at: int = 0) -> None:
+    def __init__(
+        self,
+        name: str,
+        pretrained: bool = False,
+        multi_grid: Sequence[int] | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+        frozen_bn: bool = False,
+        freeze_at: int = 0,
+    ) -> None:
         super().__init__()
         import timm
         from omegaconf import OmegaConf
@@ -181,11 +189,15 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_dim, dim)
+        )
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(3))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, query_pos: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tgt: torch.Tensor, memory: torch.Tensor, query_pos: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
         q = tgt + query_pos
         tgt = self.norms[0](tgt + self.dropout(self.self_attn(q, q, tgt, need_weights=False)[0]))
         attended = self.cross_attn(tgt + query_pos, memory + pos, memory, need_weights=False)[0]
@@ -310,16 +322,25 @@ def semantic_targets(labels: torch.Tensor, ignore_index: int = 255) -> list[dict
 class SetCriterion(nn.Module):
     """Hungarian-matched losses of MaskFormer (OVSeg weights: CE 1 with no-object 0.1, focal 20, dice 1)."""
 
-    def __init__(self, class_weight: float = 1.0, mask_weight: float = 20.0, dice_weight: float = 1.0,
-                 no_object_weight: float = 0.1, cost_class: float = 1.0, cost_mask: float = 20.0,
-                 cost_dice: float = 1.0) -> None:
+    def __init__(
+        self,
+        class_weight: float = 1.0,
+        mask_weight: float = 20.0,
+        dice_weight: float = 1.0,
+        no_object_weight: float = 0.1,
+        cost_class: float = 1.0,
+        cost_mask: float = 20.0,
+        cost_dice: float = 1.0,
+    ) -> None:
         super().__init__()
         self.weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
         self.no_object_weight = no_object_weight
         self.costs = (cost_class, cost_mask, cost_dice)
 
     @torch.no_grad()
-    def match(self, pred_logits: torch.Tensor, pred_masks: torch.Tensor, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def match(
+        self, pred_logits: torch.Tensor, pred_masks: torch.Tensor, targets: list[dict]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per image (query index, target index); costs at the prediction resolution (targets resized nearest)."""
         cost_class, cost_mask, cost_dice = self.costs
         indices = []
@@ -331,12 +352,17 @@ class SetCriterion(nn.Module):
             prob = logits.float().softmax(-1)[:, target["labels"]]
             tgt = F.interpolate(target["masks"][:, None], size=masks.shape[-2:], mode="nearest")[:, 0].flatten(1)
             out = masks.float().flatten(1)
-            cost = (-cost_class * prob + cost_mask * pairwise_sigmoid_focal_cost(out, tgt)
-                    + cost_dice * pairwise_dice_cost(out, tgt))
+            cost = (
+                -cost_class * prob
+                + cost_mask * pairwise_sigmoid_focal_cost(out, tgt)
+                + cost_dice * pairwise_dice_cost(out, tgt)
+            )
             indices.append(hungarian_match(cost))
         return indices
 
-    def _losses(self, pred_logits: torch.Tensor, pred_masks: torch.Tensor, targets: list[dict], num_masks: float) -> dict[str, torch.Tensor]:
+    def _losses(
+        self, pred_logits: torch.Tensor, pred_masks: torch.Tensor, targets: list[dict], num_masks: float
+    ) -> dict[str, torch.Tensor]:
         indices = self.match(pred_logits, pred_masks, targets)
         num_classes = pred_logits.shape[-1] - 1
         target_classes = torch.full(pred_logits.shape[:2], num_classes, dtype=torch.long, device=pred_logits.device)
@@ -356,8 +382,11 @@ class SetCriterion(nn.Module):
         # loss at the target resolution, as MaskFormer does
         pred = F.interpolate(pred[:, None], size=tgt.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         pred, tgt = pred.flatten(1).float(), tgt.flatten(1).float()
-        return {"loss_ce": loss_ce, "loss_mask": sigmoid_focal_loss(pred, tgt, num_masks),
-                "loss_dice": dice_loss(pred, tgt, num_masks)}
+        return {
+            "loss_ce": loss_ce,
+            "loss_mask": sigmoid_focal_loss(pred, tgt, num_masks),
+            "loss_dice": dice_loss(pred, tgt, num_masks),
+        }
 
     def forward(self, outputs: Mapping[str, Any], targets: list[dict]) -> dict[str, torch.Tensor]:
         """Weighted losses of the last layer and of every auxiliary layer; "loss" is their sum."""

@@ -18,7 +18,8 @@ from the crop; below it the whole crop is less than one token (or, for strict ba
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -112,16 +113,19 @@ def _strict_swin_problem(model: DictConfig, sizes: list[int]) -> str | None:
     padded = [math.ceil(s / divisibility) * divisibility for s in sizes]
     if built is None or all(p == built for p in padded):
         return None
-    return (f"data.transform.crop_size={sizes if len(sizes) > 1 else sizes[0]} pads to {padded[0]} px, but the Swin "
-            f"backbone ({backbone.get('name')}) is built for {built} px with timm's strict image size; use a crop "
-            f"that pads to {built} or set model.net.maskformer.backbone.model_kwargs.strict_img_size=false")
+    return (
+        f"data.transform.crop_size={sizes if len(sizes) > 1 else sizes[0]} pads to {padded[0]} px, but the Swin "
+        f"backbone ({backbone.get('name')}) is built for {built} px with timm's strict image size; use a crop "
+        f"that pads to {built} or set model.net.maskformer.backbone.model_kwargs.strict_img_size=false"
+    )
 
 
 def crop_problems(model: DictConfig | None, sizes: list[int], crop: Any) -> list[str]:
     """User-facing lines for a training crop (``sizes``: its sides) the chosen model cannot segment."""
     need = minimum_crop(model)
     if need is not None and min(sizes) < need[0]:
-        return [f"data.transform.crop_size={crop} is below the {need[0]} px {need[1]} (the smallest crop it can "
-                f"segment)"]
+        return [
+            f"data.transform.crop_size={crop} is below the {need[0]} px {need[1]} (the smallest crop it can segment)"
+        ]
     strict = _strict_swin_problem(model, sizes) if model is not None else None
     return [strict] if strict else []

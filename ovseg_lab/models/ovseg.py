@@ -13,7 +13,8 @@ MaskFormer as the proposal source (:class:`SAMProposals`), as in the public demo
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,9 @@ def patch_keep_mask(masks: torch.Tensor, patch_size: int) -> torch.Tensor:
     return (pooled > 0).flatten(1).float()
 
 
-def masked_region_crops(image: torch.Tensor, masks: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def masked_region_crops(
+    image: torch.Tensor, masks: torch.Tensor, size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masked crops of one image.
 
     image: (3, H, W) normalised (0 = the CLIP mean); masks: (Q, H, W) bool. Each non-empty mask's tight box is
@@ -70,7 +73,9 @@ def semantic_inference(class_probs: torch.Tensor, mask_probs: torch.Tensor) -> t
     return torch.einsum("qk,qhw->khw", class_probs, mask_probs.to(class_probs.dtype))
 
 
-def oracle_class_probs(masks: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+def oracle_class_probs(
+    masks: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int = 255
+) -> torch.Tensor:
     """One-hot class of the ground-truth segment each binary mask (Q, H, W) overlaps with the highest IoU -> (Q, K).
 
     Masks that overlap no labelled pixel get all-zero rows."""
@@ -118,8 +123,13 @@ class RegionClassifier(nn.Module):
     With mask prompts (``clip.mask_prompt_depth > 0``) fully-background patches are replaced by the prompts.
     """
 
-    def __init__(self, clip: CLIPBackbone, templates: str | Sequence[str] = "vild14", temperature: float = 100.0,
-                 batch_size: int = 256) -> None:
+    def __init__(
+        self,
+        clip: CLIPBackbone,
+        templates: str | Sequence[str] = "vild14",
+        temperature: float = 100.0,
+        batch_size: int = 256,
+    ) -> None:
         super().__init__()
         # a reference, not a submodule: the owner registers the tower once (as ``clip``), so the weights are saved
         # and converted under one name
@@ -166,10 +176,18 @@ class SAMProposals(nn.Module):
         max_masks: keep at most this many masks (highest predicted IoU first).
     """
 
-    def __init__(self, model_name: str | None = "facebook/sam-vit-huge", config: Mapping[str, Any] | None = None,
-                 points_per_side: int = 32, points_per_batch: int = 64, pred_iou_thresh: float = 0.88,
-                 stability_score_thresh: float = 0.95, stability_offset: float = 1.0, box_nms_thresh: float = 0.7,
-                 max_masks: int = 100) -> None:
+    def __init__(
+        self,
+        model_name: str | None = "facebook/sam-vit-huge",
+        config: Mapping[str, Any] | None = None,
+        points_per_side: int = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        max_masks: int = 100,
+    ) -> None:
         super().__init__()
         from transformers import SamConfig, SamImageProcessor, SamModel
 
@@ -215,16 +233,21 @@ class SAMProposals(nn.Module):
         reshaped = inputs["reshaped_input_sizes"][0].tolist()
         n = self.points_per_side
         offsets = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n
-        grid = torch.stack(torch.meshgrid(offsets * reshaped[1], offsets * reshaped[0], indexing="xy"), dim=-1).reshape(-1, 2)
+        grid = torch.stack(torch.meshgrid(offsets * reshaped[1], offsets * reshaped[0], indexing="xy"), dim=-1).reshape(
+            -1, 2
+        )
         all_masks, all_scores = [], []
         for start in range(0, grid.shape[0], self.points_per_batch):
             points = grid[start : start + self.points_per_batch][None, :, None, :]  # (1, P, 1, 2)
             out = self.model(image_embeddings=embeddings, input_points=points, multimask_output=True)
             logits = self.processor.post_process_masks(
-                out.pred_masks.cpu(), inputs["original_sizes"], inputs["reshaped_input_sizes"], binarize=False)[0]
+                out.pred_masks.cpu(), inputs["original_sizes"], inputs["reshaped_input_sizes"], binarize=False
+            )[0]
             logits = logits.flatten(0, 1)  # (P*3, H, W)
             scores = out.iou_scores.cpu().flatten()
-            stability = (logits > self.stability_offset).flatten(1).sum(1) / (logits > -self.stability_offset).flatten(1).sum(1).clamp(min=1)
+            stability = (logits > self.stability_offset).flatten(1).sum(1) / (logits > -self.stability_offset).flatten(
+                1
+            ).sum(1).clamp(min=1)
             keep = (scores >= self.pred_iou_thresh) & (stability >= self.stability_score_thresh)
             masks = logits[keep] > 0
             nonempty = masks.flatten(1).any(1)
@@ -302,7 +325,9 @@ class OVSeg(nn.Module):
         if proposals not in ("maskformer", "sam"):
             raise SetupError(f"model.net.proposals must be 'maskformer' or 'sam', got '{proposals}'.")
         ensemble_weights = dict(ensemble_weights or {})
-        for name, weight in [("ensemble_weight", ensemble_weight)] + [(f"ensemble_weights.{k}", v) for k, v in ensemble_weights.items()]:
+        for name, weight in [("ensemble_weight", ensemble_weight)] + [
+            (f"ensemble_weights.{k}", v) for k, v in ensemble_weights.items()
+        ]:
             if not 0.0 <= float(weight) <= 1.0:
                 raise SetupError(f"model.net.{name} (lambda) must lie in [0, 1], got {weight}.")
         self.clip = clip
@@ -329,8 +354,12 @@ class OVSeg(nn.Module):
         if maskformer_weights:
             if self.maskformer is None:
                 raise SetupError("model.net.maskformer_weights given but the model has no MaskFormer.")
-            load_into(self.maskformer, load_state_from(maskformer_weights, ("net.maskformer.", "maskformer.", "")),
-                      maskformer_weights, "MaskFormer")
+            load_into(
+                self.maskformer,
+                load_state_from(maskformer_weights, ("net.maskformer.", "maskformer.", "")),
+                maskformer_weights,
+                "MaskFormer",
+            )
         if clip_weights:
             state = load_state_from(clip_weights, ("net.clip.", "clip.", ""))
             if "mask_prompts" not in state and self.clip.mask_prompts is not None:
@@ -363,7 +392,9 @@ class OVSeg(nn.Module):
         return self.criterion(outputs, semantic_targets(labels, self.ignore_index))
 
     # ------------------------------------------------------------------ stage 2
-    def region_probs(self, images: torch.Tensor, masks: Sequence[torch.Tensor], text: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def region_probs(
+        self, images: torch.Tensor, masks: Sequence[torch.Tensor], text: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """CLIP softmax over the K classes for each binary mask of each image, all crops in one CLIP batch.
 
         images (B, 3, H, W) in [0, 1]; masks: B tensors (Q_b, H, W) bool. Returns per image (probs (Q_b, K),
@@ -402,7 +433,9 @@ class OVSeg(nn.Module):
         ph, pw = (-h) % div, (-w) % div
         return F.pad(normalized, (0, pw, 0, ph)) if ph or pw else normalized
 
-    def forward(self, images: torch.Tensor, vocabulary: Vocabulary | Sequence[str], labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, vocabulary: Vocabulary | Sequence[str], labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1] -> semantic scores (B, K, H', W') (H', W' = H, W unless ``short_side``).
 
         labels (B, H, W) are needed by the analysis modes only.
@@ -425,7 +458,9 @@ class OVSeg(nn.Module):
         binary = mask_probs > self.mask_threshold
         p_maskformer = outputs["pred_logits"].float().softmax(dim=-1)[..., :-1]
         if self.analysis == "oracle_labels":
-            probs = [oracle_class_probs(binary[b], labels[b], len(names), self.ignore_index) for b in range(len(images))]
+            probs = [
+                oracle_class_probs(binary[b], labels[b], len(names), self.ignore_index) for b in range(len(images))
+            ]
         elif self.classify == "maskformer":
             probs = list(p_maskformer)
         else:
@@ -444,12 +479,16 @@ class OVSeg(nn.Module):
             classes = label.unique()
             classes = classes[classes != self.ignore_index]
             segments.append(label[None] == classes[:, None, None])
-        return torch.stack([semantic_inference(probs, m.float())
-                            for (probs, _), m in zip(self.region_probs(images, segments, text), segments)])
+        return torch.stack(
+            [
+                semantic_inference(probs, m.float())
+                for (probs, _), m in zip(self.region_probs(images, segments, text), segments)
+            ]
+        )
 
     def _sam_inference(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         masks, _ = self.sam(image)
-        (probs, valid), = self.region_probs(image[None], [masks], text)
+        ((probs, valid),) = self.region_probs(image[None], [masks], text)
         probs = granularity_select(probs * valid[:, None], self.granularity)
         if masks.shape[0] == 0:
             return image.new_zeros(text.shape[0], *image.shape[-2:])

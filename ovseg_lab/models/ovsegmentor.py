@@ -22,8 +22,9 @@ import hashlib
 import math
 import random
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,8 +61,19 @@ class EncoderOutput:
 class GroupViTStage(nn.Module):
     """Transformer blocks over [image tokens, group tokens], then (except in the last stage) a grouping block."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, num_group_tokens: int, num_prev_group_tokens: int,
-                 num_output_groups: int | None, mlp_ratio: float, drop_path: Sequence[float], hard: bool, gumbel_tau: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        num_group_tokens: int,
+        num_prev_group_tokens: int,
+        num_output_groups: int | None,
+        mlp_ratio: float,
+        drop_path: Sequence[float],
+        hard: bool,
+        gumbel_tau: float,
+    ) -> None:
         super().__init__()
         self.num_group_tokens = num_group_tokens
         self.group_token = None
@@ -77,11 +89,16 @@ class GroupViTStage(nn.Module):
             for i in range(depth)
         )
         self.grouping = (
-            GroupingBlock(dim, dim, num_heads, num_group_tokens, num_output_groups, hard=hard, gumbel=hard, gumbel_tau=gumbel_tau)
-            if num_output_groups else None
+            GroupingBlock(
+                dim, dim, num_heads, num_group_tokens, num_output_groups, hard=hard, gumbel=hard, gumbel_tau=gumbel_tau
+            )
+            if num_output_groups
+            else None
         )
 
-    def forward(self, x: torch.Tensor, prev_groups: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, Assignment | None]:
+    def forward(
+        self, x: torch.Tensor, prev_groups: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Assignment | None]:
         """x (B, L, C) -> (new tokens, this stage's group tokens before grouping, assignment)."""
         groups = None
         if self.group_token is not None:
@@ -137,7 +154,9 @@ class GroupViTEncoder(nn.Module):
             )
         for i, groups in enumerate(num_output_groups):
             if not num_group_tokens[i]:
-                raise SetupError(f"Stage {i} groups into {groups} segments but has no group tokens (num_group_tokens[{i}] = 0).")
+                raise SetupError(
+                    f"Stage {i} groups into {groups} segments but has no group tokens (num_group_tokens[{i}] = 0)."
+                )
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.image_size = image_size
@@ -150,11 +169,20 @@ class GroupViTEncoder(nn.Module):
         rates = [drop_path_rate * i / max(1, total - 1) for i in range(total)]  # stochastic depth, linear in depth
         self.stages = nn.ModuleList()
         for i, depth in enumerate(depths):
-            self.stages.append(GroupViTStage(
-                embed_dim, depth, num_heads, num_group_tokens[i], num_group_tokens[i - 1] if i else 0,
-                num_output_groups[i] if i < len(num_output_groups) else None, mlp_ratio,
-                rates[sum(depths[:i]) : sum(depths[: i + 1])], hard_assignment, gumbel_tau,
-            ))
+            self.stages.append(
+                GroupViTStage(
+                    embed_dim,
+                    depth,
+                    num_heads,
+                    num_group_tokens[i],
+                    num_group_tokens[i - 1] if i else 0,
+                    num_output_groups[i] if i < len(num_output_groups) else None,
+                    mlp_ratio,
+                    rates[sum(depths[:i]) : sum(depths[: i + 1])],
+                    hard_assignment,
+                    gumbel_tau,
+                )
+            )
         self.norm = nn.LayerNorm(embed_dim)
         self.num_groups = num_output_groups[-1]
         self.apply(self._init_weights)
@@ -189,7 +217,9 @@ class GroupViTEncoder(nn.Module):
                 "or set model.net.image_encoder.pretrained=null for random init."
             ) from None
         target: dict[str, torch.Tensor] = {}
-        block_names = [f"stages.{s}.blocks.{b}" for s, stage in enumerate(self.stages) for b in range(len(stage.blocks))]
+        block_names = [
+            f"stages.{s}.blocks.{b}" for s, stage in enumerate(self.stages) for b in range(len(stage.blocks))
+        ]
         for key, value in source.items():
             if key.startswith("blocks."):
                 index, rest = key.split(".", 2)[1:]
@@ -205,7 +235,9 @@ class GroupViTEncoder(nn.Module):
         own = self.state_dict()
         bad = [k for k, v in target.items() if k not in own or own[k].shape != v.shape]
         if bad:
-            raise SetupError(f"The pretrained ViT '{name}' does not fit this group ViT (e.g. {bad[:3]}): check embed_dim/num_heads/patch_size.")
+            raise SetupError(
+                f"The pretrained ViT '{name}' does not fit this group ViT (e.g. {bad[:3]}): check embed_dim/num_heads/patch_size."
+            )
         self.load_state_dict(target, strict=False)
 
     def _resize_pos(self, pos: torch.Tensor) -> torch.Tensor:
@@ -294,7 +326,9 @@ class MultimodalDecoder(nn.Module):
         return self.norm_out(out)
 
 
-def mask_token_ids(input_ids: torch.Tensor, offsets: torch.Tensor, spans: Sequence[Sequence[Sequence[int]]], mask_id: int) -> torch.Tensor:
+def mask_token_ids(
+    input_ids: torch.Tensor, offsets: torch.Tensor, spans: Sequence[Sequence[Sequence[int]]], mask_id: int
+) -> torch.Tensor:
     """Replace every token that overlaps a character span of its caption by ``mask_id``.
 
     input_ids (B, L); offsets (B, L, 2) character offsets of each token ((0, 0) for special tokens);
@@ -402,18 +436,28 @@ class OVSegmentor(nn.Module):
         super().__init__()
         if objective not in OBJECTIVES:
             raise SetupError(f"model.net.objective must be one of {OBJECTIVES}, got '{objective}'.")
-        if objective in MASKING_OBJECTIVES + ("mlm", "mlm_nogroups") and not getattr(text_encoder, "supports_masking", False):
-            raise SetupError(f"The '{objective}' objective masks caption tokens and needs the BERT text encoder "
-                             f"(model.net.text_encoder), not {type(text_encoder).__name__}.")
-        for name, value, allowed in (("group_ratio_mode", group_ratio_mode, ("detach_least", "train_most")),
-                                     ("dice_reduction", dice_reduction, ("official", "per_mask")),
-                                     ("projector_statistics", projector_statistics, ("official", "ours")),
-                                     ("momentum_mode", momentum_mode, ("train", "eval")),
-                                     ("entity_prompts", entity_prompts, ("official", "ours"))):
+        if objective in MASKING_OBJECTIVES + ("mlm", "mlm_nogroups") and not getattr(
+            text_encoder, "supports_masking", False
+        ):
+            raise SetupError(
+                f"The '{objective}' objective masks caption tokens and needs the BERT text encoder "
+                f"(model.net.text_encoder), not {type(text_encoder).__name__}."
+            )
+        for name, value, allowed in (
+            ("group_ratio_mode", group_ratio_mode, ("detach_least", "train_most")),
+            ("dice_reduction", dice_reduction, ("official", "per_mask")),
+            ("projector_statistics", projector_statistics, ("official", "ours")),
+            ("momentum_mode", momentum_mode, ("train", "eval")),
+            ("entity_prompts", entity_prompts, ("official", "ours")),
+        ):
             if value not in allowed:
                 raise SetupError(f"model.net.{name} must be one of {allowed}, got '{value}'.")
         self.group_ratio_mode, self.dice_reduction = group_ratio_mode, dice_reduction
-        self.projector_statistics, self.momentum_mode, self.entity_prompts = projector_statistics, momentum_mode, entity_prompts
+        self.projector_statistics, self.momentum_mode, self.entity_prompts = (
+            projector_statistics,
+            momentum_mode,
+            entity_prompts,
+        )
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.image_head = ProjectionHead(image_encoder.width, proj_hidden, embed_dim)
@@ -424,7 +468,9 @@ class OVSegmentor(nn.Module):
         self.entity_weight, self.multi_label_weight, self.mlm_weight = entity_weight, multi_label_weight, mlm_weight
         self.num_prompts = num_prompts
         if multi_label_padding not in NOUN_PADDINGS:
-            raise SetupError(f"model.net.multi_label_padding must be one of {NOUN_PADDINGS}, got '{multi_label_padding}'.")
+            raise SetupError(
+                f"model.net.multi_label_padding must be one of {NOUN_PADDINGS}, got '{multi_label_padding}'."
+            )
         if patch_remainder not in ("crop", "resize"):
             raise SetupError(f"model.net.patch_remainder must be 'crop' or 'resize', got '{patch_remainder}'.")
         self.multi_label_templates = resolve_templates(multi_label_templates)
@@ -440,14 +486,22 @@ class OVSegmentor(nn.Module):
             width = min(image_encoder.width, text_encoder.width)
             self.align_visual = nn.Linear(image_encoder.width, width) if image_encoder.width != width else nn.Identity()
             self.align_text = nn.Linear(text_encoder.width, width) if text_encoder.width != width else nn.Identity()
-            self.decoder = MultimodalDecoder(width, decoder_heads if width % decoder_heads == 0 else 1, decoder_padding_mask)
+            self.decoder = MultimodalDecoder(
+                width, decoder_heads if width % decoder_heads == 0 else 1, decoder_padding_mask
+            )
             if objective in MASKING_OBJECTIVES:
                 self.answer_head = ProjectionHead(width, proj_hidden, embed_dim)
             else:
-                self.mlm_head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width),
-                                              nn.Linear(width, text_encoder.vocab_size))
+                self.mlm_head = nn.Sequential(
+                    nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width), nn.Linear(width, text_encoder.vocab_size)
+                )
         self.cross_image_weight = cross_image_weight
-        self.cross_threshold, self.group_ratio, self.momentum, self.mask_size = cross_threshold, group_ratio, momentum, mask_size
+        self.cross_threshold, self.group_ratio, self.momentum, self.mask_size = (
+            cross_threshold,
+            group_ratio,
+            momentum,
+            mask_size,
+        )
         self.momentum_encoder: nn.Module | None = None
         if cross_image_weight > 0:
             self.momentum_encoder = copy.deepcopy(image_encoder).requires_grad_(False)
@@ -485,7 +539,9 @@ class OVSegmentor(nn.Module):
         return self.text_head(pooled)
 
     def _text_version(self) -> int:
-        tensors = list(self.text_encoder.parameters()) + list(self.text_head.parameters()) + list(self.text_head.buffers())
+        tensors = (
+            list(self.text_encoder.parameters()) + list(self.text_head.parameters()) + list(self.text_head.buffers())
+        )
         return sum(t._version for t in tensors)
 
     def class_embeddings(self, names: Sequence[str]) -> torch.Tensor:
@@ -624,7 +680,9 @@ class OVSegmentor(nn.Module):
             ids = encoded["input_ids"]
         else:
             encoded = self.text_encoder.tokenize(batch["caption"], offsets=True)
-            ids = mask_token_ids(encoded["input_ids"], encoded["offset_mapping"], spans, self.text_encoder.mask_token_id)
+            ids = mask_token_ids(
+                encoded["input_ids"], encoded["offset_mapping"], spans, self.text_encoder.mask_token_id
+            )
         question_cls, question = self.text_encoder(ids, encoded["attention_mask"])
         self._statistics_only(self.text_head, question_cls)
         self._statistics_only(self.text_head, question)
@@ -634,29 +692,44 @@ class OVSegmentor(nn.Module):
         decoded = self.decoder(self.align_text(question), encoded["attention_mask"], self.align_visual(visual))
         return info_nce(self.answer_head(decoded[:, 0]), answer_x, self.scale)
 
-    def multi_label_prompts(self, entities: Sequence[Sequence[str]], captions: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+    def multi_label_prompts(
+        self, entities: Sequence[Sequence[str]], captions: Sequence[str]
+    ) -> tuple[list[str], torch.Tensor]:
         """``num_prompts`` prompt strings per caption (flat, caption-major) and their validity (B, K) (see
         :func:`~ovseg_lab.data.captions.noun_prompts`)."""
         prompts, valid = [], []
         for names, caption in zip(entities, captions):
-            texts, ok = noun_prompts(caption, list(names), self.num_prompts, self.multi_label_templates, self.prompt_rng,
-                                     self.multi_label_padding)
+            texts, ok = noun_prompts(
+                caption,
+                list(names),
+                self.num_prompts,
+                self.multi_label_templates,
+                self.prompt_rng,
+                self.multi_label_padding,
+            )
             prompts += texts
             valid.append(ok)
         return prompts, torch.tensor(valid, dtype=torch.bool).reshape(len(captions), self.num_prompts)
 
-    def _multi_label(self, image_x: torch.Tensor, entities: Sequence[Sequence[str]], captions: Sequence[str]) -> torch.Tensor:
+    def _multi_label(
+        self, image_x: torch.Tensor, entities: Sequence[Sequence[str]], captions: Sequence[str]
+    ) -> torch.Tensor:
         k = self.num_prompts
         prompts, valid = self.multi_label_prompts(entities, captions)
         valid = valid.to(image_x.device)
         texts = self.encode_text(prompts).reshape(len(entities), k, -1)
         scale = self.multi_label_logit_scale.exp().clamp(max=self.logit_scale_max)
-        not_negative = self._shared_prompts(prompts, entities, image_x.device) if self.shared_prompts_not_negative else None
+        not_negative = (
+            self._shared_prompts(prompts, entities, image_x.device) if self.shared_prompts_not_negative else None
+        )
         return multi_label_info_nce(image_x, texts, valid, scale, not_negative)
 
-    def _shared_prompts(self, prompts: Sequence[str], entities: Sequence[Sequence[str]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _shared_prompts(
+        self, prompts: Sequence[str], entities: Sequence[Sequence[str]], device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``shared_prompts_not_negative``: the masks of :func:`shared_prompt_masks` from the prompt texts (ids are
         stable hashes, the same on every rank)."""
+
         def text_id(text: str) -> int:
             return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little") if text else -1
 
@@ -727,5 +800,12 @@ class OVSegmentor(nn.Module):
             entity_text = self.text_head(entity_cls)
             self._statistics_only(self.text_head, entity_tokens)
         selected = select_related_groups(group_x[has_pair], entity_text, self.group_ratio, self.group_ratio_mode)
-        return cross_image_mask_loss(predicted, target_logits, partner.grid, self.mask_size, self.cross_threshold, selected,
-                                     reduction=self.dice_reduction)
+        return cross_image_mask_loss(
+            predicted,
+            target_logits,
+            partner.grid,
+            self.mask_size,
+            self.cross_threshold,
+            selected,
+            reduction=self.dice_reduction,
+        )

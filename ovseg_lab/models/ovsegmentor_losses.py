@@ -16,8 +16,9 @@ from ovseg_lab.layers.losses import soft_dice_loss
 from ovseg_lab.layers.matcher import hungarian_match, pairwise_l2_cost
 
 
-def select_related_groups(group_embeddings: torch.Tensor, entity_embedding: torch.Tensor, ratio: float,
-                          mode: str = "detach_least") -> torch.Tensor:
+def select_related_groups(
+    group_embeddings: torch.Tensor, entity_embedding: torch.Tensor, ratio: float, mode: str = "detach_least"
+) -> torch.Tensor:
     """(B, G) bool: the groups whose mask predictions are trained, from how each group's projected embedding
     (B, G, D) scores against its image's shared-entity prompt embedding (B, D).
 
@@ -48,7 +49,9 @@ def match_masks(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     predicted, target: (B, G, P); cost = L2 distance between L2-normalised masks.
     """
     order = []
-    for pred_b, target_b in zip(F.normalize(predicted.detach().float(), dim=-1), F.normalize(target.detach().float(), dim=-1)):
+    for pred_b, target_b in zip(
+        F.normalize(predicted.detach().float(), dim=-1), F.normalize(target.detach().float(), dim=-1)
+    ):
         rows, cols = hungarian_match(pairwise_l2_cost(pred_b, target_b))
         perm = torch.empty(pred_b.shape[0], dtype=torch.long)
         perm[rows] = cols

@@ -9,7 +9,8 @@ trained from scratch, CLIP BPE tokenizer shipped with open_clip).
 from __future__ import annotations
 
 import string
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,8 +45,13 @@ def word_level_tokenizer(words: Sequence[str], max_length: int):
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=max_length,
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_length,
     )
 
 
@@ -101,7 +107,9 @@ class BertTextEncoder(nn.Module):
                 ) from None
         else:
             if not vocab_words:
-                raise SetupError("A random-init BERT text encoder needs text_encoder.vocab_words (its tokenizer vocabulary).")
+                raise SetupError(
+                    "A random-init BERT text encoder needs text_encoder.vocab_words (its tokenizer vocabulary)."
+                )
             self.tokenizer = word_level_tokenizer(list(vocab_words), max_length)
             fields = dict(config or {})
             fields["vocab_size"] = len(self.tokenizer)
@@ -124,9 +132,18 @@ class BertTextEncoder(nn.Module):
 
     def tokenize(self, texts: Sequence[str], offsets: bool = False) -> dict[str, Any]:
         """input_ids / attention_mask (B, L) on the tower's device (+ offset_mapping (B, L, 2) on the CPU)."""
-        encoded = self.tokenizer(list(texts), padding=self.padding, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt", return_offsets_mapping=offsets)
-        out = {"input_ids": encoded["input_ids"].to(self.device), "attention_mask": encoded["attention_mask"].to(self.device)}
+        encoded = self.tokenizer(
+            list(texts),
+            padding=self.padding,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+            return_offsets_mapping=offsets,
+        )
+        out = {
+            "input_ids": encoded["input_ids"].to(self.device),
+            "attention_mask": encoded["attention_mask"].to(self.device),
+        }
         if offsets:
             out["offset_mapping"] = encoded["offset_mapping"]
         return out
@@ -154,18 +171,33 @@ class GroupViTTextEncoder(nn.Module):
     supports_masking = False
     ACTIVATIONS = ("quick_gelu", "gelu")
 
-    def __init__(self, context_length: int = 77, width: int = 256, layers: int = 12, heads: int | None = None,
-                 vocab_size: int = 49408, activation: str = "quick_gelu") -> None:
+    def __init__(
+        self,
+        context_length: int = 77,
+        width: int = 256,
+        layers: int = 12,
+        heads: int | None = None,
+        vocab_size: int = 49408,
+        activation: str = "quick_gelu",
+    ) -> None:
         super().__init__()
         import open_clip
         from open_clip.transformer import QuickGELU, TextTransformer
 
         if activation not in self.ACTIVATIONS:
-            raise SetupError(f"model.net.text_encoder.activation must be one of {self.ACTIVATIONS}, got '{activation}'.")
+            raise SetupError(
+                f"model.net.text_encoder.activation must be one of {self.ACTIVATIONS}, got '{activation}'."
+            )
         self.activation = activation
         self.transformer = TextTransformer(
-            context_length=context_length, vocab_size=vocab_size, width=width, heads=heads or max(1, width // 64),
-            layers=layers, output_dim=None, proj_type="none", output_tokens=True,
+            context_length=context_length,
+            vocab_size=vocab_size,
+            width=width,
+            heads=heads or max(1, width // 64),
+            layers=layers,
+            output_dim=None,
+            proj_type="none",
+            output_tokens=True,
             act_layer=QuickGELU if activation == "quick_gelu" else nn.GELU,
         )
         self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)

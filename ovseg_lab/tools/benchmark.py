@@ -24,9 +24,10 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -102,7 +103,7 @@ class PeakMemory:
             pass
         return None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -179,7 +180,9 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def make_step(module, names: list[str], images: torch.Tensor, mode: str, protocol: str, precision: str) -> Callable[[], Any]:
+def make_step(
+    module, names: list[str], images: torch.Tensor, mode: str, protocol: str, precision: str
+) -> Callable[[], Any]:
     """The call to time: inference (net or eval protocol) or one training step."""
     from ovseg_lab.vocab import Vocabulary
 
@@ -202,8 +205,9 @@ def make_step(module, names: list[str], images: torch.Tensor, mode: str, protoco
     module.train()
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6)
-    labels = torch.randint(0, len(names), (images.shape[0], *images.shape[-2:]),
-                           generator=torch.Generator().manual_seed(0)).to(device)
+    labels = torch.randint(
+        0, len(names), (images.shape[0], *images.shape[-2:]), generator=torch.Generator().manual_seed(0)
+    ).to(device)
 
     def train_step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
@@ -248,8 +252,10 @@ class TimingSpec:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise SetupError(f"--device {self.device} asked for, but no CUDA GPU is visible to PyTorch.")
         if self.mode == "train" and self.method not in DENSE_METHODS:
-            raise SetupError(f"--mode train times per-pixel training (methods {DENSE_METHODS}); {self.method} trains "
-                             "through its own recipe (mask proposals / caption pairs).")
+            raise SetupError(
+                f"--mode train times per-pixel training (methods {DENSE_METHODS}); {self.method} trains "
+                "through its own recipe (mask proposals / caption pairs)."
+            )
         if self.repeats < 1 or self.batch_size < 1 or self.image_size < 1:
             raise SetupError("--repeats, --batch-size and --image-size must be positive.")
 
@@ -283,13 +289,19 @@ def measure(spec: TimingSpec, module=None, cfg=None) -> dict[str, Any]:
     images = random_images(spec.batch_size, spec.image_size, device)
     step = make_step(module, names, images, spec.mode, spec.protocol, spec.precision)
     label = f"{spec.method} T={spec.num_classes} S={spec.image_size}"
-    log(f"timing {label} ({spec.mode}/{spec.protocol}, batch {spec.batch_size}, {spec.precision}, "
-        f"{torch.get_num_threads()} threads): warm-up {spec.warmup}, repeats {spec.repeats}")
+    log(
+        f"timing {label} ({spec.mode}/{spec.protocol}, batch {spec.batch_size}, {spec.precision}, "
+        f"{torch.get_num_threads()} threads): warm-up {spec.warmup}, repeats {spec.repeats}"
+    )
     with PeakMemory(device) as memory:
         timing = time_calls(step, device, spec.warmup, spec.repeats, label)
     if spec.profile > 0:
         log(profile_table(step, device, spec.profile))
-    inference = OmegaConf.to_container(cfg.model.get("inference"), resolve=True) if cfg is not None and "inference" in cfg.model else None
+    inference = (
+        OmegaConf.to_container(cfg.model.get("inference"), resolve=True)
+        if cfg is not None and "inference" in cfg.model
+        else None
+    )
     result = {
         "method": spec.method,
         "clip": spec.clip,
@@ -319,8 +331,10 @@ def measure(spec: TimingSpec, module=None, cfg=None) -> dict[str, Any]:
         "speed": OmegaConf.to_container(cfg.speed, resolve=True) if cfg is not None and "speed" in cfg else None,
         "env": environment(device),
     }
-    log(f"  median {result['latency_s']:.3f} s/batch, {result['throughput_img_s']:.3f} img/s, "
-        f"peak {result['peak_memory_mib']} MiB ({memory.kind}), first call {result['first_call_s']:.2f} s")
+    log(
+        f"  median {result['latency_s']:.3f} s/batch, {result['throughput_img_s']:.3f} img/s, "
+        f"peak {result['peak_memory_mib']} MiB ({memory.kind}), first call {result['first_call_s']:.2f} s"
+    )
     return result
 
 
@@ -396,8 +410,11 @@ def sweep_sizes(spec: TimingSpec, sizes: list[int]) -> dict[str, Any]:
         points.append(measure(TimingSpec(**{**spec.__dict__, "image_size": size, "net_size": net_size})))
     for p in points:
         p["pixels"] = p["image_size"] ** 2
-    return {"sweep": "size", "points": points,
-            "growth": growth_summary(points, "pixels", min(p["pixels"] for p in points), max(p["pixels"] for p in points))}
+    return {
+        "sweep": "size",
+        "points": points,
+        "growth": growth_summary(points, "pixels", min(p["pixels"] for p in points), max(p["pixels"] for p in points)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -411,21 +428,34 @@ def parse_ints(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="catseg", choices=METHODS)
-    parser.add_argument("--clip", default="vitb16", help="clip config (vitb16, vitl14, tiny, ...); 'none' keeps the model's")
+    parser.add_argument(
+        "--clip", default="vitb16", help="clip config (vitb16, vitl14, tiny, ...); 'none' keeps the model's"
+    )
     parser.add_argument("--num-classes", type=int, default=171)
     parser.add_argument("--image-size", type=int, default=384, help="side of the square input images")
-    parser.add_argument("--net-size", type=int, default=None, help="CLIP input size (clip.image_size); default: the config's")
+    parser.add_argument(
+        "--net-size", type=int, default=None, help="CLIP input size (clip.image_size); default: the config's"
+    )
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="autocast dtype (bf16: GPU)")
     parser.add_argument("--mode", default="infer", choices=("infer", "train"))
-    parser.add_argument("--protocol", default="net", choices=("net", "eval"),
-                        help="infer: one net call (net) or the model's evaluation protocol, e.g. sliding windows (eval)")
+    parser.add_argument(
+        "--protocol",
+        default="net",
+        choices=("net", "eval"),
+        help="infer: one net call (net) or the model's evaluation protocol, e.g. sliding windows (eval)",
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
-                        help="also profile one call and print its top ROWS operators to stderr")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="also profile one call and print its top ROWS operators to stderr",
+    )
     parser.add_argument("--sweep", default=None, choices=("classes", "size"))
     parser.add_argument("--classes-list", default=",".join(map(str, DEFAULT_CLASS_SWEEP)))
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZE_SWEEP)))
@@ -435,7 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare_official.add_arguments(parser)
     compare_revision.add_arguments(parser)
     head_memory.add_arguments(parser)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.net.class_chunk=128 speed.channels_last=true")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. model.net.class_chunk=128 speed.channels_last=true"
+    )
     return parser
 
 
@@ -471,10 +503,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         return emit(head_train_memory(args), args.output)
     spec = TimingSpec(
-        method=args.method, clip=None if args.clip in ("none", "") else args.clip, num_classes=args.num_classes,
-        image_size=args.image_size, net_size=args.net_size, batch_size=args.batch_size, device=args.device,
-        precision=args.precision, mode=args.mode, protocol=args.protocol, warmup=args.warmup, repeats=args.repeats,
-        profile=args.profile, overrides=list(args.overrides),
+        method=args.method,
+        clip=None if args.clip in ("none", "") else args.clip,
+        num_classes=args.num_classes,
+        image_size=args.image_size,
+        net_size=args.net_size,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        mode=args.mode,
+        protocol=args.protocol,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        profile=args.profile,
+        overrides=list(args.overrides),
     )
     if args.sweep == "classes":
         result = sweep_classes(spec, parse_ints(args.classes_list))

@@ -56,10 +56,21 @@ SETTINGS = {  # the released CLIPs: joint embedding size, visual width (cat_seg_
     "vitl14": {"embed_dim": 768, "width": 1024},
 }
 # configs/vitb_384.yaml and vitl_336.yaml (the Aggregator keyword arguments), evaluation pooling
-RELEASED_AGGREGATOR = dict(text_guidance_proj_dim=128, appearance_guidance_proj_dim=128, decoder_dims=(64, 32),
-                           decoder_guidance_dims=(256, 128), decoder_guidance_proj_dims=(32, 16), num_layers=2,
-                           nheads=4, hidden_dim=128, pooling_size=(1, 1), feature_resolution=(24, 24), window_size=12,
-                           attention_type="linear", prompt_channel=1)
+RELEASED_AGGREGATOR = dict(
+    text_guidance_proj_dim=128,
+    appearance_guidance_proj_dim=128,
+    decoder_dims=(64, 32),
+    decoder_guidance_dims=(256, 128),
+    decoder_guidance_proj_dims=(32, 16),
+    num_layers=2,
+    nheads=4,
+    hidden_dim=128,
+    pooling_size=(1, 1),
+    feature_resolution=(24, 24),
+    window_size=12,
+    attention_type="linear",
+    prompt_channel=1,
+)
 PACKAGES = ("cat_seg", "cat_seg.modeling", "cat_seg.modeling.transformer")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -71,8 +82,9 @@ def log(message: str) -> None:
 def _golden_helpers():
     root = Path(__file__).resolve().parents[2]
     if not (root / "tests" / "golden" / "official_stubs.py").is_file():
-        raise SetupError("--compare-official needs a source checkout (tests/golden/official_stubs.py imports the "
-                         "official code).")
+        raise SetupError(
+            "--compare-official needs a source checkout (tests/golden/official_stubs.py imports the official code)."
+        )
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     from tests.golden import harness, official_stubs
@@ -84,15 +96,18 @@ def official_module(directory: Path):
     """The official ``cat_seg/modeling/transformer/model.py`` from an extracted release at ``directory``."""
     directory = Path(directory)
     if not (directory / "cat_seg" / "modeling" / "transformer" / "model.py").is_file():
-        raise SetupError(f"{directory} does not hold the official release (cat_seg/modeling/transformer/model.py); "
-                         "extract it with: git -C <CAT-Seg git dir> archive HEAD cat_seg | tar -x -C DIR")
+        raise SetupError(
+            f"{directory} does not hold the official release (cat_seg/modeling/transformer/model.py); "
+            "extract it with: git -C <CAT-Seg git dir> archive HEAD cat_seg | tar -x -C DIR"
+        )
     _, stubs = _golden_helpers()
     stubs.install_detectron2_stubs()
     return stubs.import_official(directory, "cat_seg.modeling.transformer.model", PACKAGES)
 
 
-def build_official(directory: Path, setting: str, truncate: bool, seed: int = 0, aggregator: dict | None = None,
-                   resolution: int = 24):
+def build_official(
+    directory: Path, setting: str, truncate: bool, seed: int = 0, aggregator: dict | None = None, resolution: int = 24
+):
     """(official module: upsample1/2 + transformer, its state dict under a released checkpoint's key names)."""
     harness, _ = _golden_helpers()
     model = official_module(directory)
@@ -102,8 +117,9 @@ def build_official(directory: Path, setting: str, truncate: bool, seed: int = 0,
     official = nn.Module()
     official.upsample1 = nn.ConvTranspose2d(dims["width"], agg["decoder_guidance_dims"][0], kernel_size=2, stride=2)
     official.upsample2 = nn.ConvTranspose2d(dims["width"], agg["decoder_guidance_dims"][1], kernel_size=4, stride=4)
-    official.transformer = model.Aggregator(text_guidance_dim=dims["embed_dim"], appearance_guidance_dim=dims["embed_dim"],
-                                            **agg)
+    official.transformer = model.Aggregator(
+        text_guidance_dim=dims["embed_dim"], appearance_guidance_dim=dims["embed_dim"], **agg
+    )
     rename = lambda k: k if k.startswith("upsample") else "sem_seg_head.predictor." + k  # noqa: E731
     names = {rename(k): k for k in official.state_dict()}
     recipe = harness.state_recipe({rename(k): v for k, v in official.state_dict().items()}, derived=("attn_mask",))
@@ -122,12 +138,21 @@ def build_ours(checkpoint: dict[str, torch.Tensor], setting: str, aggregator: di
 
     agg = dict(aggregator or RELEASED_AGGREGATOR)
     dims = SETTINGS[setting]
-    head = CATSegHead(dims["embed_dim"], dims["width"], num_templates=agg["prompt_channel"],
-                      hidden_dim=agg["hidden_dim"], num_layers=agg["num_layers"], num_heads=agg["nheads"],
-                      window_size=agg["window_size"], appearance_guidance_proj_dim=agg["appearance_guidance_proj_dim"],
-                      text_guidance_proj_dim=agg["text_guidance_proj_dim"], decoder_dims=agg["decoder_dims"],
-                      decoder_guidance_dims=agg["decoder_guidance_dims"],
-                      decoder_guidance_proj_dims=agg["decoder_guidance_proj_dims"], pad_len=256)
+    head = CATSegHead(
+        dims["embed_dim"],
+        dims["width"],
+        num_templates=agg["prompt_channel"],
+        hidden_dim=agg["hidden_dim"],
+        num_layers=agg["num_layers"],
+        num_heads=agg["nheads"],
+        window_size=agg["window_size"],
+        appearance_guidance_proj_dim=agg["appearance_guidance_proj_dim"],
+        text_guidance_proj_dim=agg["text_guidance_proj_dim"],
+        decoder_dims=agg["decoder_dims"],
+        decoder_guidance_dims=agg["decoder_guidance_dims"],
+        decoder_guidance_proj_dims=agg["decoder_guidance_proj_dims"],
+        pad_len=256,
+    )
     state = {k.removeprefix("head."): v for k, v in convert_catseg_state_dict(checkpoint, prefix="").items()}
     head.load_state_dict(state, strict=True)
     return head.eval()
@@ -137,10 +162,12 @@ def make_inputs(setting: str, num_classes: int, resolution: int, seed: int = 0) 
     gen = torch.Generator().manual_seed(seed + 1)
     dims = SETTINGS[setting]
     r = resolution
-    return {"dense": torch.randn(1, dims["embed_dim"], r, r, generator=gen),
-            "inter0": torch.randn(1, dims["width"], r, r, generator=gen),
-            "inter1": torch.randn(1, dims["width"], r, r, generator=gen),
-            "text": torch.randn(1, num_classes, 1, dims["embed_dim"], generator=gen)}
+    return {
+        "dense": torch.randn(1, dims["embed_dim"], r, r, generator=gen),
+        "inter0": torch.randn(1, dims["width"], r, r, generator=gen),
+        "inter1": torch.randn(1, dims["width"], r, r, generator=gen),
+        "text": torch.randn(1, num_classes, 1, dims["embed_dim"], generator=gen),
+    }
 
 
 def run_official(official: nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -149,10 +176,18 @@ def run_official(official: nn.Module, x: dict[str, torch.Tensor]) -> torch.Tenso
         return official.transformer(x["dense"], x["text"], [x["dense"], res4, res5])
 
 
-def run_ours(head: nn.Module, x: dict[str, torch.Tensor], truncate: bool, class_chunk: int | None = None) -> torch.Tensor:
+def run_ours(
+    head: nn.Module, x: dict[str, torch.Tensor], truncate: bool, class_chunk: int | None = None
+) -> torch.Tensor:
     with torch.no_grad():
-        return head(x["dense"], [x["inter0"], x["inter1"]], x["text"], class_pool=1, class_chunk=class_chunk,
-                    truncate=256 if truncate else None)
+        return head(
+            x["dense"],
+            [x["inter0"], x["inter1"]],
+            x["text"],
+            class_pool=1,
+            class_chunk=class_chunk,
+            truncate=256 if truncate else None,
+        )
 
 
 def relative_error(ours: torch.Tensor, official: torch.Tensor) -> float:
@@ -168,8 +203,16 @@ def _status_mib(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_child(which: str, directory: Path, setting: str, num_classes: int, truncate: bool, resolution: int,
-                 class_chunk: int | None, aggregator: dict | None = None) -> dict[str, Any]:
+def memory_child(
+    which: str,
+    directory: Path,
+    setting: str,
+    num_classes: int,
+    truncate: bool,
+    resolution: int,
+    class_chunk: int | None,
+    aggregator: dict | None = None,
+) -> dict[str, Any]:
     """Runs in a fresh process: build one head, one call, its peak resident set (MiB)."""
     torch.set_num_threads(1)
     official, checkpoint = build_official(directory, setting, truncate, aggregator=aggregator, resolution=resolution)
@@ -188,14 +231,31 @@ def memory_child(which: str, directory: Path, setting: str, num_classes: int, tr
     before = _status_mib("VmRSS")
     out = call()
     peak = _status_mib("VmHWM")
-    return {"head": which, "before_mib": round(before, 1), "peak_mib": round(peak, 1),
-            "call_mib": round(peak - before, 1), "output_shape": list(out.shape)}
+    return {
+        "head": which,
+        "before_mib": round(before, 1),
+        "peak_mib": round(peak, 1),
+        "call_mib": round(peak - before, 1),
+        "output_shape": list(out.shape),
+    }
 
 
 def measure_memory(which: str, args) -> dict[str, Any]:
-    command = [sys.executable, "-m", "ovseg_lab.tools.compare_official", "--memory-child", which,
-               "--dir", str(args.compare_official), "--setting", args.setting, "--num-classes", str(args.num_classes),
-               "--resolution", str(args.resolution)]
+    command = [
+        sys.executable,
+        "-m",
+        "ovseg_lab.tools.compare_official",
+        "--memory-child",
+        which,
+        "--dir",
+        str(args.compare_official),
+        "--setting",
+        args.setting,
+        "--num-classes",
+        str(args.num_classes),
+        "--resolution",
+        str(args.resolution),
+    ]
     if args.truncate:
         command.append("--truncate")
     if args.class_chunk:
@@ -228,26 +288,35 @@ def load_average() -> str:
 @single_threaded
 def compare(args) -> dict[str, Any]:
     aggregator = TINY_AGGREGATOR if args.tiny else None
-    official, checkpoint = build_official(args.compare_official, args.setting, args.truncate, aggregator=aggregator,
-                                          resolution=args.resolution)
+    official, checkpoint = build_official(
+        args.compare_official, args.setting, args.truncate, aggregator=aggregator, resolution=args.resolution
+    )
     ours = build_ours(checkpoint, args.setting, aggregator)
     x = make_inputs(args.setting, args.num_classes, args.resolution)
     # models bound as defaults: `del official, ours, calls` below frees them with the lambdas
-    calls = {"ours": lambda model=ours: run_ours(model, x, args.truncate, args.class_chunk),
-             "official": lambda model=official: run_official(model, x)}
-    log(f"compare T={args.num_classes} truncate={args.truncate} setting={args.setting} "
-        f"resolution={args.resolution} chunk={args.class_chunk}: warm-up (load {load_average()})")
+    calls = {
+        "ours": lambda model=ours: run_ours(model, x, args.truncate, args.class_chunk),
+        "official": lambda model=official: run_official(model, x),
+    }
+    log(
+        f"compare T={args.num_classes} truncate={args.truncate} setting={args.setting} "
+        f"resolution={args.resolution} chunk={args.class_chunk}: warm-up (load {load_average()})"
+    )
     outputs = {name: fn() for name, fn in calls.items()}
     error = relative_error(outputs["ours"], outputs["official"])
     dropped_official = (outputs["official"] == -100).all(dim=-1).all(dim=-1)  # (B, T) classes the truncation drops
     dropped_ours = (outputs["ours"] == -100).all(dim=-1).all(dim=-1)
     scored = ~dropped_official
     scored_error = relative_error(outputs["ours"][scored], outputs["official"][scored]) if scored.any() else 0.0
-    log(f"  relative error {error:.2e} (tolerance {TOLERANCE:.0e}); on the scored classes {scored_error:.2e}; "
-        f"classes scored -100: {int(dropped_official.sum())} (official), {int(dropped_ours.sum())} (ours)")
+    log(
+        f"  relative error {error:.2e} (tolerance {TOLERANCE:.0e}); on the scored classes {scored_error:.2e}; "
+        f"classes scored -100: {int(dropped_official.sum())} (official), {int(dropped_ours.sum())} (ours)"
+    )
     if not (error <= TOLERANCE and scored_error <= TOLERANCE and torch.equal(dropped_ours, dropped_official)):
-        raise SetupError(f"outputs differ: relative error {error:.3e}, on the scored classes {scored_error:.3e} "
-                         f"(tolerance {TOLERANCE:.0e}), dropped classes equal: {torch.equal(dropped_ours, dropped_official)}")
+        raise SetupError(
+            f"outputs differ: relative error {error:.3e}, on the scored classes {scored_error:.3e} "
+            f"(tolerance {TOLERANCE:.0e}), dropped classes equal: {torch.equal(dropped_ours, dropped_official)}"
+        )
     del outputs
     cpu: dict[str, list[float]] = {"ours": [], "official": []}
     wall: dict[str, list[float]] = {"ours": [], "official": []}
@@ -259,13 +328,22 @@ def compare(args) -> dict[str, Any]:
             cpu[name].append(c)
             wall[name].append(w)
         loads.append(load_average())
-        log(f"  round {round_ + 1}/{args.repeats}: ours {cpu['ours'][-1]:.2f} s, official {cpu['official'][-1]:.2f} s "
-            f"CPU ({cpu['ours'][-1] / cpu['official'][-1]:.3f}); load {loads[-1]}")
+        log(
+            f"  round {round_ + 1}/{args.repeats}: ours {cpu['ours'][-1]:.2f} s, official {cpu['official'][-1]:.2f} s "
+            f"CPU ({cpu['ours'][-1] / cpu['official'][-1]:.3f}); load {loads[-1]}"
+        )
     result: dict[str, Any] = {
-        "num_classes": args.num_classes, "truncate": args.truncate, "setting": args.setting,
-        "resolution": args.resolution, "class_chunk": args.class_chunk, "repeats": args.repeats,
-        "relative_error": error, "relative_error_scored": scored_error, "dropped_classes": int(dropped_official.sum()),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "num_classes": args.num_classes,
+        "truncate": args.truncate,
+        "setting": args.setting,
+        "resolution": args.resolution,
+        "class_chunk": args.class_chunk,
+        "repeats": args.repeats,
+        "relative_error": error,
+        "relative_error_scored": scored_error,
+        "dropped_classes": int(dropped_official.sum()),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
         "cpu_s": {k: [round(v, 3) for v in vs] for k, vs in cpu.items()},
         "wall_s": {k: [round(v, 3) for v in vs] for k, vs in wall.items()},
         "round_ratios": [round(a / b, 4) for a, b in zip(cpu["ours"], cpu["official"])],
@@ -279,8 +357,10 @@ def compare(args) -> dict[str, Any]:
         for name, fn in calls.items():
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 fn()
-            log(f"---- profile: {name}\n" + prof.key_averages().table(sort_by="self_cpu_time_total",
-                                                                         row_limit=args.profile))
+            log(
+                f"---- profile: {name}\n"
+                + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile)
+            )
     del official, ours, calls
     if not args.no_memory:
         memory = {name: measure_memory(name, args) for name in ("ours", "official")}
@@ -295,31 +375,51 @@ def compare(args) -> dict[str, Any]:
 def ratio_lines(result: dict[str, Any]) -> str:
     med = {k: statistics.median(v) for k, v in result["cpu_s"].items()}
     label = f"T={result['num_classes']}" + (" top-256" if result["truncate"] else " untruncated")
-    lines = [f"latency ratio (ours/official, CPU s, {label}): {result['latency_ratio']:.3f} "
-             f"({med['ours']:.2f} s / {med['official']:.2f} s, median of {result['repeats']}; rounds "
-             f"{result['round_ratios']}; rel. error {result['relative_error']:.1e}; load {result['load_average'][0]} "
-             f"-> {result['load_average'][-1]})"]
+    lines = [
+        f"latency ratio (ours/official, CPU s, {label}): {result['latency_ratio']:.3f} "
+        f"({med['ours']:.2f} s / {med['official']:.2f} s, median of {result['repeats']}; rounds "
+        f"{result['round_ratios']}; rel. error {result['relative_error']:.1e}; load {result['load_average'][0]} "
+        f"-> {result['load_average'][-1]})"
+    ]
     if "memory" in result:
         m = result["memory"]
-        lines.append(f"peak-memory ratio (ours/official, peak RSS of a fresh process, {label}): "
-                     f"{result['memory_ratio']:.3f} ({m['ours']['peak_mib']:.0f} / {m['official']['peak_mib']:.0f} MiB); "
-                     f"the call's part: {result['memory_call_ratio']:.3f} ({m['ours']['call_mib']:.0f} / "
-                     f"{m['official']['call_mib']:.0f} MiB)")
+        lines.append(
+            f"peak-memory ratio (ours/official, peak RSS of a fresh process, {label}): "
+            f"{result['memory_ratio']:.3f} ({m['ours']['peak_mib']:.0f} / {m['official']['peak_mib']:.0f} MiB); "
+            f"the call's part: {result['memory_call_ratio']:.3f} ({m['ours']['call_mib']:.0f} / "
+            f"{m['official']['call_mib']:.0f} MiB)"
+        )
     return "\n".join(lines)
 
 
 # tiny settings for the test suite: the released structure at small widths (window 6 on a 12x12 map)
-TINY_AGGREGATOR = dict(RELEASED_AGGREGATOR, hidden_dim=32, text_guidance_proj_dim=16, appearance_guidance_proj_dim=16,
-                       decoder_dims=(32, 16), decoder_guidance_dims=(32, 16), decoder_guidance_proj_dims=(16, 16),
-                       feature_resolution=(12, 12), window_size=6)
+TINY_AGGREGATOR = dict(
+    RELEASED_AGGREGATOR,
+    hidden_dim=32,
+    text_guidance_proj_dim=16,
+    appearance_guidance_proj_dim=16,
+    decoder_dims=(32, 16),
+    decoder_guidance_dims=(32, 16),
+    decoder_guidance_proj_dims=(16, 16),
+    feature_resolution=(12, 12),
+    window_size=6,
+)
 
 
 def add_arguments(parser) -> None:
     group = parser.add_argument_group("official comparison (CAT-Seg)")
-    group.add_argument("--compare-official", type=Path, default=None, metavar="DIR",
-                       help="compare our CAT-Seg head with the official aggregator extracted at DIR (CPU)")
-    group.add_argument("--truncate", action="store_true",
-                       help="with --compare-official: the official top-256 class truncation (default: every class)")
+    group.add_argument(
+        "--compare-official",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="compare our CAT-Seg head with the official aggregator extracted at DIR (CPU)",
+    )
+    group.add_argument(
+        "--truncate",
+        action="store_true",
+        help="with --compare-official: the official top-256 class truncation (default: every class)",
+    )
     group.add_argument("--setting", default="vitb16", choices=list(SETTINGS))
     group.add_argument("--resolution", type=int, default=None, help="cost-map side (default 24; 12 with --tiny)")
     group.add_argument("--class-chunk", type=int, default=None, help="our head's class_chunk (default: null)")
@@ -340,8 +440,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--class-chunk", type=int, default=None)
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
-    result = memory_child(args.memory_child, args.dir, args.setting, args.num_classes, args.truncate, args.resolution,
-                          args.class_chunk, TINY_AGGREGATOR if args.tiny else None)
+    result = memory_child(
+        args.memory_child,
+        args.dir,
+        args.setting,
+        args.num_classes,
+        args.truncate,
+        args.resolution,
+        args.class_chunk,
+        TINY_AGGREGATOR if args.tiny else None,
+    )
     print(json.dumps(result))
     return 0
 

@@ -20,8 +20,9 @@ import argparse
 import gc
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -65,8 +66,20 @@ class Budget:
 
 
 def _point(result: dict[str, Any]) -> dict[str, Any]:
-    keys = ("latency_s", "latencies_s", "first_call_s", "throughput_img_s", "peak_memory_mib", "memory_kind",
-            "parameters", "precision", "batch_size", "num_classes", "image_size", "net_input_size")
+    keys = (
+        "latency_s",
+        "latencies_s",
+        "first_call_s",
+        "throughput_img_s",
+        "peak_memory_mib",
+        "memory_kind",
+        "parameters",
+        "precision",
+        "batch_size",
+        "num_classes",
+        "image_size",
+        "net_input_size",
+    )
     return {k: result.get(k) for k in keys}
 
 
@@ -77,10 +90,19 @@ def train_section(cfg: dict, device: str, precision: str, extra: list[str], budg
             name = f"train/{clip}/{finetune}"
             if not budget.allows(name, 20):
                 continue
-            spec = TimingSpec(method="catseg", clip=clip, num_classes=cfg["classes"], image_size=size,
-                                 batch_size=cfg["batch"], device=device, precision=precision, mode="train",
-                                 warmup=cfg["warmup"], repeats=cfg["repeats"],
-                                 overrides=[f"finetune={finetune}", "speed.attention=sdpa", *extra])
+            spec = TimingSpec(
+                method="catseg",
+                clip=clip,
+                num_classes=cfg["classes"],
+                image_size=size,
+                batch_size=cfg["batch"],
+                device=device,
+                precision=precision,
+                mode="train",
+                warmup=cfg["warmup"],
+                repeats=cfg["repeats"],
+                overrides=[f"finetune={finetune}", "speed.attention=sdpa", *extra],
+            )
             try:
                 result = measure(spec)
                 point = {"name": name, "clip": clip, "finetune": finetune, **_point(result)}
@@ -116,13 +138,30 @@ def eval_section(cfg: dict, device: str, precision: str, extra: list[str], budge
                 net.truncate_classes = truncate
                 if tiny:
                     net.pad_len = TINY_TRUNCATE
-                spec = TimingSpec(method="catseg", clip=clip, num_classes=classes, image_size=cfg["image"],
-                                     device=device, precision=precision, mode="infer", protocol="eval",
-                                     warmup=cfg["warmup"], repeats=cfg["repeats"])
+                spec = TimingSpec(
+                    method="catseg",
+                    clip=clip,
+                    num_classes=classes,
+                    image_size=cfg["image"],
+                    device=device,
+                    precision=precision,
+                    mode="infer",
+                    protocol="eval",
+                    warmup=cfg["warmup"],
+                    repeats=cfg["repeats"],
+                )
                 try:
                     result = measure(spec, module, model_cfg)
-                    points.append({"name": name, "clip": clip, "classes": classes, "truncate": truncate,
-                                   "images_per_s": result["throughput_img_s"], **_point(result)})
+                    points.append(
+                        {
+                            "name": name,
+                            "clip": clip,
+                            "classes": classes,
+                            "truncate": truncate,
+                            "images_per_s": result["throughput_img_s"],
+                            **_point(result),
+                        }
+                    )
                 except torch.cuda.OutOfMemoryError as err:  # pragma: no cover - GPU only
                     points.append({"name": name, "error": f"out of memory: {err}"[:300]})
                 _free(torch.device(device))
@@ -166,10 +205,17 @@ def ovseg_section(cfg: dict, device: str, precision: str, extra: list[str], budg
         probs, valid = call()[0]
         _sync(dev)
         times.append(time.perf_counter() - start)
-    result = {"clip": cfg["clip"], "net_size": cfg["net_size"], "regions": cfg["regions"],
-              "valid_regions": int(valid.sum()), "classes": cfg["classes"], "image_size": size,
-              "seconds_per_image": round(statistics.median(times), 4), "times_s": [round(t, 4) for t in times],
-              "region_batch": getattr(net.region, "batch_size", None)}
+    result = {
+        "clip": cfg["clip"],
+        "net_size": cfg["net_size"],
+        "regions": cfg["regions"],
+        "valid_regions": int(valid.sum()),
+        "classes": cfg["classes"],
+        "image_size": size,
+        "seconds_per_image": round(statistics.median(times), 4),
+        "times_s": [round(t, 4) for t in times],
+        "region_batch": getattr(net.region, "batch_size", None),
+    }
     del module, net, call
     _free(dev)
     return result
@@ -188,8 +234,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "eval": lambda: eval_section(cfg["eval"], device, args.precision, extra, budget, args.tiny),
         "ovseg_regions": lambda: ovseg_section(cfg["ovseg"], device, args.precision, extra, budget),
     }
-    result: dict[str, Any] = {"tiny": args.tiny, "device": device, "precision": args.precision,
-                              "env": environment(torch.device(device)), "budget_s": args.budget_s}
+    result: dict[str, Any] = {
+        "tiny": args.tiny,
+        "device": device,
+        "precision": args.precision,
+        "env": environment(torch.device(device)),
+        "budget_s": args.budget_s,
+    }
     for name in args.sections.split(","):
         start = time.perf_counter()
         log(f"== {name}")

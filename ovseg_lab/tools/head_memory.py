@@ -67,18 +67,34 @@ def measure(args) -> dict[str, Any]:
             logits = head(x["dense"], x["inter"], text, class_pool=2, class_chunk=chunk, checkpoint=chunk is not None)
         forward_s = time.thread_time() - start
         logits.float().mean().backward()
-        point = {"train_class_chunk": chunk, "kept_mib": round(kept / 2**20, 1), "forward_cpu_s": round(forward_s, 3),
-                 "train_cpu_s": round(time.thread_time() - start, 3)}
-        log(f"train_class_chunk={chunk}: kept for the backward pass {point['kept_mib']:.0f} MiB, forward "
+        point = {
+            "train_class_chunk": chunk,
+            "kept_mib": round(kept / 2**20, 1),
+            "forward_cpu_s": round(forward_s, 3),
+            "train_cpu_s": round(time.thread_time() - start, 3),
+        }
+        log(
+            f"train_class_chunk={chunk}: kept for the backward pass {point['kept_mib']:.0f} MiB, forward "
             f"{point['forward_cpu_s']:.1f} s, forward + backward {point['train_cpu_s']:.1f} s CPU "
-            f"({args.revision_size} head, {args.num_classes} classes, batch {spec['batch']})")
+            f"({args.revision_size} head, {args.num_classes} classes, batch {spec['batch']})"
+        )
         points.append(point)
         del logits
-    return {"size": args.revision_size, "num_classes": args.num_classes, "batch": spec["batch"], "points": points,
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {
+        "size": args.revision_size,
+        "num_classes": args.num_classes,
+        "batch": spec["batch"],
+        "points": points,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--head-train-memory", default=None, metavar="CHUNKS",
-                        help="CAT-Seg head training step: bytes kept for backward per train_class_chunk, e.g. none,32 "
-                             "(sizes: --revision-size, classes: --num-classes)")
+    parser.add_argument(
+        "--head-train-memory",
+        default=None,
+        metavar="CHUNKS",
+        help="CAT-Seg head training step: bytes kept for backward per train_class_chunk, e.g. none,32 "
+        "(sizes: --revision-size, classes: --num-classes)",
+    )

@@ -35,8 +35,9 @@ from ovseg_lab.metrics import SegmentationMetric
 SPLITS = ("toy_seen", "toy_unseen", "toy_large")
 
 
-def grouping_scores(groups: torch.Tensor, pred: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                    ignore_index: int = 255) -> dict[str, Any]:
+def grouping_scores(
+    groups: torch.Tensor, pred: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255
+) -> dict[str, Any]:
     """Counts for group naming, summable over batches.
 
     groups (B, H, W) group ids in [0, G); pred, labels (B, H, W) class ids (labels may hold ``ignore_index``).
@@ -91,7 +92,7 @@ def evaluate_grouping(module, bench_dir: Path, name: str, batch_size: int = 40) 
     metric, oracle = SegmentationMetric(len(vocab)), SegmentationMetric(len(vocab))
     totals = {"groups": 0, "named_right": 0, "pure_pixels": 0, "pixels": 0}
     for start in range(0, len(images), batch_size):
-        x, y = images[start:start + batch_size], labels[start:start + batch_size]
+        x, y = images[start : start + batch_size], labels[start : start + batch_size]
         pred = module.predict_labels(x, vocabulary)
         scores = grouping_scores(group_ids(module.net, x), pred, y, len(vocab))
         metric.update(pred, y)
@@ -136,6 +137,7 @@ def run_row(run_dir: Path, data_dir: Path | None = None, grouping: bool = True) 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The docs/toy.md table: mIoU (uniform random / present-class oracle) per split, group top-1 (chance)."""
+
     def cell(row: dict, split: str) -> str:
         m = row.get(split)
         if not m or m.get("mIoU") is None:
@@ -149,12 +151,16 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         chance = row["toy_seen"]["group_top1_chance"] if "group_top1_chance" in row.get("toy_seen", {}) else None
         return " / ".join(cells) + (f" (chance {chance:.1f})" if chance else "")
 
-    lines = ["| run | steps | wall | toy_seen | toy_unseen | toy_large | group-to-name top-1 seen / unseen / large |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | steps | wall | toy_seen | toy_unseen | toy_large | group-to-name top-1 seen / unseen / large |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         wall = f"{row['wall_s'] / 60:.1f} min" if row.get("wall_s") else ""
-        lines.append(f"| {row.get('label', row['run'])} | {row.get('steps')} | {wall} | {cell(row, 'toy_seen')} | "
-                     f"{cell(row, 'toy_unseen')} | {cell(row, 'toy_large')} | {top1(row)} |")
+        lines.append(
+            f"| {row.get('label', row['run'])} | {row.get('steps')} | {wall} | {cell(row, 'toy_seen')} | "
+            f"{cell(row, 'toy_unseen')} | {cell(row, 'toy_large')} | {top1(row)} |"
+        )
     return "\n".join(lines)
 
 

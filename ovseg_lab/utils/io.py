@@ -8,9 +8,10 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ovseg_lab.errors import SetupError
 
@@ -58,9 +59,11 @@ def disk_full_message(path: str | os.PathLike) -> str:
         free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
     except OSError:
         free = "free space unknown"
-    return (f"The disk is full: could not write {path} ({free} on the file system of {folder}). Free some space, "
-            f"or point the run elsewhere (hydra.run.dir=... / paths.log_dir=...), then rerun (ckpt_path=last resumes "
-            f"from the last complete checkpoint).")
+    return (
+        f"The disk is full: could not write {path} ({free} on the file system of {folder}). Free some space, "
+        f"or point the run elsewhere (hydra.run.dir=... / paths.log_dir=...), then rerun (ckpt_path=last resumes "
+        f"from the last complete checkpoint)."
+    )
 
 
 @contextmanager

@@ -20,8 +20,9 @@ the whole tensor; small ones whole. Fixtures load with ``torch.load(weights_only
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -94,7 +95,9 @@ def seeded_labels(seed: int, shape: tuple[int, int, int], num_classes: int, bloc
     return labels
 
 
-def digest(tensor: torch.Tensor, seed: int = 0, whole: int = DIGEST_WHOLE, sample: int = DIGEST_SAMPLE) -> dict[str, Any]:
+def digest(
+    tensor: torch.Tensor, seed: int = 0, whole: int = DIGEST_WHOLE, sample: int = DIGEST_SAMPLE
+) -> dict[str, Any]:
     """A small, comparable summary of a tensor: whole up to ``whole`` elements, else ``sample`` seeded elements
     plus random projections of the whole tensor."""
     flat = tensor.detach().float().flatten()
@@ -110,7 +113,12 @@ def digest(tensor: torch.Tensor, seed: int = 0, whole: int = DIGEST_WHOLE, sampl
 
 
 def _projections(flat: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    return torch.stack([(flat * torch.randn(flat.numel(), generator=gen, dtype=torch.float32)).sum() for _ in range(DIGEST_PROJECTIONS)])
+    return torch.stack(
+        [
+            (flat * torch.randn(flat.numel(), generator=gen, dtype=torch.float32)).sum()
+            for _ in range(DIGEST_PROJECTIONS)
+        ]
+    )
 
 
 def relative_error(ours: torch.Tensor, official: torch.Tensor, floor: float = 1e-30) -> float:
@@ -128,23 +136,43 @@ def digest_error(tensor: torch.Tensor, expected: Mapping[str, Any], seed: int = 
         return relative_error(flat, expected["whole"], floor)
     gen = _generator(seed, f"digest:{flat.numel()}")
     torch.randint(0, flat.numel(), (len(expected["index"]),), generator=gen)  # advance it as digest() did
-    return max(relative_error(flat[expected["index"].long()], expected["sample"], floor),
-               relative_error(_projections(flat, gen), expected["projections"], floor))
+    return max(
+        relative_error(flat[expected["index"].long()], expected["sample"], floor),
+        relative_error(_projections(flat, gen), expected["projections"], floor),
+    )
 
 
 def openai_clip_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """An OpenAI-layout CLIP's sizes (the argument names of OpenAI's ``CLIP`` constructor, as the official releases
     build it) -> the open_clip ``model_cfg`` of our :class:`~ovseg_lab.clip.CLIPBackbone`."""
-    return {"embed_dim": cfg["embed_dim"],
-            "vision_cfg": {"image_size": cfg["image_resolution"], "layers": cfg["vision_layers"],
-                           "width": cfg["vision_width"], "patch_size": cfg["vision_patch_size"], "head_width": 64},
-            "text_cfg": {"context_length": cfg["context_length"], "vocab_size": cfg["vocab_size"],
-                         "width": cfg["transformer_width"], "heads": cfg["transformer_heads"],
-                         "layers": cfg["transformer_layers"]}}
+    return {
+        "embed_dim": cfg["embed_dim"],
+        "vision_cfg": {
+            "image_size": cfg["image_resolution"],
+            "layers": cfg["vision_layers"],
+            "width": cfg["vision_width"],
+            "patch_size": cfg["vision_patch_size"],
+            "head_width": 64,
+        },
+        "text_cfg": {
+            "context_length": cfg["context_length"],
+            "vocab_size": cfg["vocab_size"],
+            "width": cfg["transformer_width"],
+            "heads": cfg["transformer_heads"],
+            "layers": cfg["transformer_layers"],
+        },
+    }
 
 
-def convert_and_evaluate(fmt: str, checkpoint: dict[str, Any], tmp_path: Path, data_dir: Path, expect: list[str],
-                         eval_overrides: tuple[str, ...] = (), convert_overrides: tuple[str, ...] = ()) -> Path:
+def convert_and_evaluate(
+    fmt: str,
+    checkpoint: dict[str, Any],
+    tmp_path: Path,
+    data_dir: Path,
+    expect: list[str],
+    eval_overrides: tuple[str, ...] = (),
+    convert_overrides: tuple[str, ...] = (),
+) -> Path:
     """An official checkpoint (``checkpoint``, written to a file as released) -> ``scripts/convert_checkpoint.py
     --format fmt`` with the format's own defaults -> the ``eval.py`` line it prints (which must hold ``expect``), on
     one toy image under ``data_dir``. ``convert_overrides`` go after ``--`` (files the model needs, e.g. a tokenizer
@@ -156,9 +184,23 @@ def convert_and_evaluate(fmt: str, checkpoint: dict[str, Any], tmp_path: Path, d
     official = tmp_path / f"official_{fmt}.pth"
     torch.save(checkpoint, official)
     converted = tmp_path / f"converted_{fmt}.ckpt"
-    proc = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", "--format", fmt, "--input", str(official),
-                           "--output", str(converted), *(["--", *convert_overrides] if convert_overrides else [])],
-                          cwd=root, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/convert_checkpoint.py",
+            "--format",
+            fmt,
+            "--input",
+            str(official),
+            "--output",
+            str(converted),
+            *(["--", *convert_overrides] if convert_overrides else []),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     official.unlink()
     hint = next(line for line in proc.stdout.splitlines() if line.startswith("use it with: "))
@@ -166,9 +208,18 @@ def convert_and_evaluate(fmt: str, checkpoint: dict[str, Any], tmp_path: Path, d
     assert command[:3] == ["python", "eval.py", f"ckpt={converted}"], command
     assert all(item in command for item in expect), (expect, command)
     run_dir = tmp_path / "eval"
-    overrides = [f"paths.data_dir={data_dir}", "data/eval=[toy_seen]", "+data.eval.toy_seen.max_images=1",
-                 "data.num_workers=0", "logger=csv", f"hydra.run.dir={run_dir}", *eval_overrides]
-    proc = subprocess.run([sys.executable, *command[1:], *overrides], cwd=root, capture_output=True, text=True, timeout=900)
+    overrides = [
+        f"paths.data_dir={data_dir}",
+        "data/eval=[toy_seen]",
+        "+data.eval.toy_seen.max_images=1",
+        "data.num_workers=0",
+        "logger=csv",
+        f"hydra.run.dir={run_dir}",
+        *eval_overrides,
+    ]
+    proc = subprocess.run(
+        [sys.executable, *command[1:], *overrides], cwd=root, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / "metrics.json").is_file()
     return run_dir

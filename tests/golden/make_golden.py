@@ -18,19 +18,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.golden.harness import FIXTURE_DIR  # noqa: E402
 
-METHODS = {"catseg": "tests.golden.official_catseg", "lseg": "tests.golden.official_lseg",
-           "groupvit": "tests.golden.official_groupvit", "ovsegmentor": "tests.golden.official_ovsegmentor",
-           "ovseg": "tests.golden.official_ovseg"}
+METHODS = {
+    "catseg": "tests.golden.official_catseg",
+    "lseg": "tests.golden.official_lseg",
+    "groupvit": "tests.golden.official_groupvit",
+    "ovsegmentor": "tests.golden.official_ovsegmentor",
+    "ovseg": "tests.golden.official_ovseg",
+}
 
 
 def official_commit(root: Path, given: str | None) -> str:
     if given:
         return given
     try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        raise SystemExit(f"{root} is not a git checkout: pass --commit <the official commit it was extracted from>") from None
+        raise SystemExit(
+            f"{root} is not a git checkout: pass --commit <the official commit it was extracted from>"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detectron2", type=Path, help="extracted detectron2 (protocol fixtures)")
     parser.add_argument("--clip", type=Path, help="extracted openai/CLIP (LSeg imports OpenAI's clip package)")
     parser.add_argument("--mmcv", type=Path, help="extracted mmcv v1.3.14 (GroupViT's keep-ratio resize sizes)")
-    parser.add_argument("--mmseg", type=Path, help="mmseg 0.x mmseg/models/segmentors/encoder_decoder.py tree (GroupViT)")
+    parser.add_argument(
+        "--mmseg", type=Path, help="mmseg 0.x mmseg/models/segmentors/encoder_decoder.py tree (GroupViT)"
+    )
     parser.add_argument("--commit", help="official commit, when --official is not a git checkout")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=FIXTURE_DIR)

@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from tests.golden.harness import (
-    digest, perturbed_state, save_fixture, seeded_image, seeded_input, seeded_labels, state_recipe,
+    digest,
+    perturbed_state,
+    save_fixture,
+    seeded_image,
+    seeded_input,
+    seeded_labels,
+    state_recipe,
 )
 from tests.golden.official_stubs import detectron2_function, import_official, install_detectron2_stubs
 
@@ -30,33 +36,121 @@ CLIP_MEAN, CLIP_STD = [122.7709383, 116.7460125, 104.09373615], [68.5005327, 66.
 # Small CLIPs with the released structure (one block past the last hooked one, which the dense pass replaces): the ViT-B/16 one keeps a 224 position grid and runs at 384 (as the
 # release does), the ViT-L/14 one is built at 336. Hooked blocks and sizes are what cat_seg_model.py hard-codes.
 TINY_CLIPS = {
-    "vitb": dict(embed_dim=32, image_resolution=224, vision_layers=9, vision_width=128, vision_patch_size=16,
-                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2,
-                 clip_pretrained="ViT-B/16", hooked=[3, 7], run_resolution=384),
-    "vitl": dict(embed_dim=48, image_resolution=336, vision_layers=17, vision_width=128, vision_patch_size=14,
-                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2,
-                 clip_pretrained="ViT-L/14@336px", hooked=[7, 15], run_resolution=336),
+    "vitb": dict(
+        embed_dim=32,
+        image_resolution=224,
+        vision_layers=9,
+        vision_width=128,
+        vision_patch_size=16,
+        context_length=77,
+        vocab_size=49408,
+        transformer_width=64,
+        transformer_heads=1,
+        transformer_layers=2,
+        clip_pretrained="ViT-B/16",
+        hooked=[3, 7],
+        run_resolution=384,
+    ),
+    "vitl": dict(
+        embed_dim=48,
+        image_resolution=336,
+        vision_layers=17,
+        vision_width=128,
+        vision_patch_size=14,
+        context_length=77,
+        vocab_size=49408,
+        transformer_width=64,
+        transformer_heads=1,
+        transformer_layers=2,
+        clip_pretrained="ViT-L/14@336px",
+        hooked=[7, 15],
+        run_resolution=336,
+    ),
 }
 # The released models (configs/vitb_384.yaml, configs/vitl_336.yaml over OpenAI's ViT-B/16 and ViT-L/14@336px).
 RELEASED_CLIPS = {
-    "vitb": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
-                 context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12,
-                 clip_pretrained="ViT-B/16", hooked=[3, 7], run_resolution=384),
-    "vitl": dict(embed_dim=768, image_resolution=336, vision_layers=24, vision_width=1024, vision_patch_size=14,
-                 context_length=77, vocab_size=49408, transformer_width=768, transformer_heads=12, transformer_layers=12,
-                 clip_pretrained="ViT-L/14@336px", hooked=[7, 15], run_resolution=336),
+    "vitb": dict(
+        embed_dim=512,
+        image_resolution=224,
+        vision_layers=12,
+        vision_width=768,
+        vision_patch_size=16,
+        context_length=77,
+        vocab_size=49408,
+        transformer_width=512,
+        transformer_heads=8,
+        transformer_layers=12,
+        clip_pretrained="ViT-B/16",
+        hooked=[3, 7],
+        run_resolution=384,
+    ),
+    "vitl": dict(
+        embed_dim=768,
+        image_resolution=336,
+        vision_layers=24,
+        vision_width=1024,
+        vision_patch_size=14,
+        context_length=77,
+        vocab_size=49408,
+        transformer_width=768,
+        transformer_heads=12,
+        transformer_layers=12,
+        clip_pretrained="ViT-L/14@336px",
+        hooked=[7, 15],
+        run_resolution=336,
+    ),
 }
-RELEASED_AGGREGATOR = dict(text_guidance_proj_dim=128, appearance_guidance_proj_dim=128, decoder_dims=(64, 32),
-                           decoder_guidance_dims=(256, 128), decoder_guidance_proj_dims=(32, 16), num_layers=2,
-                           nheads=4, hidden_dim=128, pooling_size=(2, 2), feature_resolution=(24, 24), window_size=12,
-                           attention_type="linear", prompt_channel=1)
+RELEASED_AGGREGATOR = dict(
+    text_guidance_proj_dim=128,
+    appearance_guidance_proj_dim=128,
+    decoder_dims=(64, 32),
+    decoder_guidance_dims=(256, 128),
+    decoder_guidance_proj_dims=(32, 16),
+    num_layers=2,
+    nheads=4,
+    hidden_dim=128,
+    pooling_size=(2, 2),
+    feature_resolution=(24, 24),
+    window_size=12,
+    attention_type="linear",
+    prompt_channel=1,
+)
 SMALL_AGGREGATOR = dict(RELEASED_AGGREGATOR, hidden_dim=64)  # the whole-model fixtures: a narrower head, same structure
-VOC20 = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
-         "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
+VOC20 = [
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+]
 # PAS-20b: the 20 VOC classes + non-VOC context classes; every prediction >= 20 is background (train_net.py:59)
 VOC20B = VOC20 + ["bag", "bed", "bench", "book", "building, edifice"]
-TEXT_NAMES = ["wall", "building, edifice", "sky", "floor, flooring", "tree", "person, individual, someone",
-              "pool table, billiard table, snooker table", "tvmonitor", "traffic light, traffic signal, stoplight"]
+TEXT_NAMES = [
+    "wall",
+    "building, edifice",
+    "sky",
+    "floor, flooring",
+    "tree",
+    "person, individual, someone",
+    "pool table, billiard table, snooker table",
+    "tvmonitor",
+    "traffic light, traffic signal, stoplight",
+]
 
 
 class Official:
@@ -65,25 +159,44 @@ class Official:
     def __init__(self, root: Path, detectron2_root: Path) -> None:
         install_detectron2_stubs()
         torch.Tensor.cuda = lambda self, *a, **k: self  # the release moves tokens to CUDA unconditionally
-        packages = ("cat_seg", "cat_seg.modeling", "cat_seg.modeling.transformer", "cat_seg.modeling.heads",
-                    "cat_seg.third_party")
+        packages = (
+            "cat_seg",
+            "cat_seg.modeling",
+            "cat_seg.modeling.transformer",
+            "cat_seg.modeling.heads",
+            "cat_seg.third_party",
+        )
         self.model_vpt = import_official(root, "cat_seg.third_party.model_vpt", packages)
         self.clip = import_official(root, "cat_seg.third_party.clip", packages)
         self.aggregator = import_official(root, "cat_seg.modeling.transformer.model", packages)
         self.predictor = import_official(root, "cat_seg.modeling.transformer.cat_seg_predictor", packages)
         self.head = import_official(root, "cat_seg.modeling.heads.cat_seg_head", packages)
         self.meta = import_official(root, "cat_seg.cat_seg_model", packages)
-        postprocess = detectron2_function(detectron2_root, "detectron2/modeling/postprocessing.py", "sem_seg_postprocess")
+        postprocess = detectron2_function(
+            detectron2_root, "detectron2/modeling/postprocessing.py", "sem_seg_postprocess"
+        )
         self.meta.sem_seg_postprocess = postprocess  # the name cat_seg_model.py imported from detectron2
         self.output_shape = detectron2_function(
-            detectron2_root, "detectron2/data/transforms/augmentation_impl.py", "ResizeShortestEdge.get_output_shape")
+            detectron2_root, "detectron2/data/transforms/augmentation_impl.py", "ResizeShortestEdge.get_output_shape"
+        )
         self.apply_image = detectron2_function(
-            detectron2_root, "detectron2/data/transforms/transform.py", "ResizeTransform.apply_image")
+            detectron2_root, "detectron2/data/transforms/transform.py", "ResizeTransform.apply_image"
+        )
 
     # ------------------------------------------------------------------ builders
     def build_clip(self, cfg: dict, prompt_depth: int = 0, prompt_length: int = 0) -> nn.Module:
-        keys = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
-                "context_length", "vocab_size", "transformer_width", "transformer_heads", "transformer_layers")
+        keys = (
+            "embed_dim",
+            "image_resolution",
+            "vision_layers",
+            "vision_width",
+            "vision_patch_size",
+            "context_length",
+            "vocab_size",
+            "transformer_width",
+            "transformer_heads",
+            "transformer_layers",
+        )
         clip = self.model_vpt.CLIP(*(cfg[k] for k in keys), prompt_depth=prompt_depth, prompt_length=prompt_length)
         # clip.load fills these from OpenAI's weights; the constructor leaves them uninitialised (torch.empty)
         nn.init.normal_(clip.positional_embedding, std=0.01)
@@ -102,17 +215,32 @@ class Official:
         pred.tokens, pred.cache = None, None
         return pred
 
-    def build_model(self, clip_cfg: dict, agg: dict, train_names, test_names, finetune="attention",
-                    prompt_depth=0, prompt_length=0) -> nn.Module:
+    def build_model(
+        self, clip_cfg: dict, agg: dict, train_names, test_names, finetune="attention", prompt_depth=0, prompt_length=0
+    ) -> nn.Module:
         clip = self.build_clip(clip_cfg, prompt_depth, prompt_length)
         pred = self.build_predictor(clip, agg, train_names, test_names)
-        head = self.head.CATSegHead(num_classes=len(train_names), ignore_value=255,
-                                    feature_resolution=list(agg["feature_resolution"]), transformer_predictor=pred)
+        head = self.head.CATSegHead(
+            num_classes=len(train_names),
+            ignore_value=255,
+            feature_resolution=list(agg["feature_resolution"]),
+            transformer_predictor=pred,
+        )
         model = self.meta.CATSeg(
-            backbone=None, sem_seg_head=head, size_divisibility=32, pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD,
-            clip_pixel_mean=CLIP_MEAN, clip_pixel_std=CLIP_STD, train_class_json="", test_class_json="",
-            sliding_window=True, clip_finetune=finetune, backbone_multiplier=0.0,
-            clip_pretrained=clip_cfg["clip_pretrained"])
+            backbone=None,
+            sem_seg_head=head,
+            size_divisibility=32,
+            pixel_mean=PIXEL_MEAN,
+            pixel_std=PIXEL_STD,
+            clip_pixel_mean=CLIP_MEAN,
+            clip_pixel_std=CLIP_STD,
+            train_class_json="",
+            test_class_json="",
+            sliding_window=True,
+            clip_finetune=finetune,
+            backbone_multiplier=0.0,
+            clip_pretrained=clip_cfg["clip_pretrained"],
+        )
         # cat_seg_model.py sizes these for the released widths (768 / 1024); same modules at the tiny width
         width = clip_cfg["vision_width"]
         model.upsample1 = nn.ConvTranspose2d(width, 256, kernel_size=2, stride=2)
@@ -132,19 +260,37 @@ def perturb(module: nn.Module, seed: int, rename=lambda key: key) -> list[tuple]
 
 
 def fixture(name: str, commit: str, seed: int, config: dict, recipe, inputs: dict, outputs: dict) -> dict:
-    return {"method": "catseg", "name": name, "official_repo": REPO, "official_commit": commit, "seed": seed,
-            "config": config, "state": recipe, "inputs": inputs, "outputs": outputs}
+    return {
+        "method": "catseg",
+        "name": name,
+        "official_repo": REPO,
+        "official_commit": commit,
+        "seed": seed,
+        "config": config,
+        "state": recipe,
+        "inputs": inputs,
+        "outputs": outputs,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-def aggregator_fixture(off: Official, commit: str, seed: int, setting: str, num_classes: int, pool: int,
-                       truncate: bool, resolution: int = 24) -> dict:
+def aggregator_fixture(
+    off: Official,
+    commit: str,
+    seed: int,
+    setting: str,
+    num_classes: int,
+    pool: int,
+    truncate: bool,
+    resolution: int = 24,
+) -> dict:
     """The aggregator with the decoder-guidance upsamplers (cat_seg_model.py forward lines 155-160 + Aggregator)."""
     embed = RELEASED_CLIPS[setting]["embed_dim"]
     width = RELEASED_CLIPS[setting]["vision_width"]
     window = 12 if resolution == 24 else resolution // 2
-    agg_cfg = dict(RELEASED_AGGREGATOR, pooling_size=(pool, pool), feature_resolution=(resolution, resolution),
-                   window_size=window)
+    agg_cfg = dict(
+        RELEASED_AGGREGATOR, pooling_size=(pool, pool), feature_resolution=(resolution, resolution), window_size=window
+    )
     official = nn.Module()
     official.upsample1 = nn.ConvTranspose2d(width, 256, kernel_size=2, stride=2)
     official.upsample2 = nn.ConvTranspose2d(width, 128, kernel_size=4, stride=4)
@@ -153,17 +299,27 @@ def aggregator_fixture(off: Official, commit: str, seed: int, setting: str, num_
     recipe = perturb(official, seed, lambda k: k if k.startswith("upsample") else "sem_seg_head.predictor." + k)
     if not truncate:
         official.transformer.pad_len = 0  # the release's switch for "score every class" (its padding stays)
-    shapes = {"dense": (1, embed, resolution, resolution), "inter0": (1, width, resolution, resolution),
-              "inter1": (1, width, resolution, resolution), "text": (1, num_classes, 1, embed)}
+    shapes = {
+        "dense": (1, embed, resolution, resolution),
+        "inter0": (1, width, resolution, resolution),
+        "inter1": (1, width, resolution, resolution),
+        "text": (1, num_classes, 1, embed),
+    }
     x = {k: seeded_input(s, seed, k) for k, s in shapes.items()}
     official.eval()
     with torch.no_grad():
         res4, res5 = official.upsample1(x["inter0"]), official.upsample2(x["inter1"])
         logits = official.transformer(x["dense"], x["text"], [x["dense"], res4, res5])
     name = f"catseg_aggregator_{setting}_c{num_classes}_pool{pool}" + ("_trunc" if truncate else "")
-    config = {"setting": setting, "num_classes": num_classes, "pool": pool, "truncate": truncate,
-              "aggregator": {k: list(v) if isinstance(v, tuple) else v for k, v in agg_cfg.items()},
-              "embed_dim": embed, "width": width}
+    config = {
+        "setting": setting,
+        "num_classes": num_classes,
+        "pool": pool,
+        "truncate": truncate,
+        "aggregator": {k: list(v) if isinstance(v, tuple) else v for k, v in agg_cfg.items()},
+        "embed_dim": embed,
+        "width": width,
+    }
     return fixture(name, commit, seed, config, recipe, {"shapes": shapes}, {"logits": digest(logits)})
 
 
@@ -182,15 +338,24 @@ def clip_fixture(off: Official, commit: str, seed: int, setting: str) -> dict:
     with torch.no_grad():
         dense = clip.encode_image(images, dense=True)  # (B, 1 + L, C) after ln_post and proj
         grid = size // cfg["vision_patch_size"]
-        pos = clip.visual.resized_pos_embed(clip.visual.input_resolution, grid * grid + 1) \
-            if clip.visual.positional_embedding.shape[0] != grid * grid + 1 else clip.visual.positional_embedding
+        pos = (
+            clip.visual.resized_pos_embed(clip.visual.input_resolution, grid * grid + 1)
+            if clip.visual.positional_embedding.shape[0] != grid * grid + 1
+            else clip.visual.positional_embedding
+        )
         text = pred.get_text_embeds(TEXT_NAMES, TEMPLATES, clip)  # (T, 1, C), L2-normalised
     tokens = torch.cat([off.clip.tokenize(t.format(n.split(", ")[0])) for n in TEXT_NAMES for t in TEMPLATES])
     # the layouts cat_seg_model.py hands to the head: CLS dropped, (B, C, 24, 24)
     to_map = lambda t: t.permute(1, 2, 0).reshape(t.shape[1], t.shape[2], grid, grid)  # noqa: E731  (L, B, C) -> map
-    outputs = {"dense": digest(dense[:, 1:].transpose(1, 2).reshape(1, -1, grid, grid)), "cls": digest(dense[:, 0]),
-               "inter0": digest(to_map(layers[0][1:])), "inter1": digest(to_map(layers[1][1:])),
-               "position_embedding": digest(pos), "text": digest(text), "tokens": tokens.to(torch.int32)}
+    outputs = {
+        "dense": digest(dense[:, 1:].transpose(1, 2).reshape(1, -1, grid, grid)),
+        "cls": digest(dense[:, 0]),
+        "inter0": digest(to_map(layers[0][1:])),
+        "inter1": digest(to_map(layers[1][1:])),
+        "position_embedding": digest(pos),
+        "text": digest(text),
+        "tokens": tokens.to(torch.int32),
+    }
     config = {"setting": setting, "clip": cfg, "names": TEXT_NAMES, "templates": TEMPLATES}
     return fixture(f"catseg_clip_{setting}", commit, seed, config, recipe, {"image_shape": (1, 3, size, size)}, outputs)
 
@@ -204,9 +369,12 @@ def protocol_fixture(off: Official, commit: str, seed: int, setting: str, height
     new_h, new_w = off.output_shape(height, width, 640, 2560)
     resize = types.SimpleNamespace(h=height, w=width, new_h=new_h, new_w=new_w, interp=None)
     from PIL import Image
+
     resize.interp = Image.BILINEAR  # ResizeShortestEdge's default interp
     resized = off.apply_image(resize, image)
-    inputs = [{"image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))), "height": height, "width": width}]
+    inputs = [
+        {"image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))), "height": height, "width": width}
+    ]
     with torch.no_grad():
         scores = model(inputs)[0]["sem_seg"]  # (T, H, W)
     labels = scores.argmax(dim=0)
@@ -214,12 +382,24 @@ def protocol_fixture(off: Official, commit: str, seed: int, setting: str, height
     ties = (top2[0] - top2[1]) <= 1e-6  # random weights leave a few exact fp32 ties, decided by rounding alone
     background = labels.clone().numpy()
     background[background >= 20] = 20  # train_net.py VOCbEvaluator.process
-    config = {"setting": setting, "clip": TINY_CLIPS[setting], "aggregator": _plain(SMALL_AGGREGATOR), "pool": 1,
-              "names": VOC20B, "background_from": 20, "resized": (new_h, new_w)}
-    outputs = {"scores": digest(scores), "labels": labels.to(torch.int16), "ties": ties,
-               "labels_pas20b": torch.from_numpy(background).to(torch.int16)}
-    return fixture(f"catseg_protocol_{setting}", commit, seed, config, recipe,
-                   {"image": torch.from_numpy(image.copy())}, outputs)
+    config = {
+        "setting": setting,
+        "clip": TINY_CLIPS[setting],
+        "aggregator": _plain(SMALL_AGGREGATOR),
+        "pool": 1,
+        "names": VOC20B,
+        "background_from": 20,
+        "resized": (new_h, new_w),
+    }
+    outputs = {
+        "scores": digest(scores),
+        "labels": labels.to(torch.int16),
+        "ties": ties,
+        "labels_pas20b": torch.from_numpy(background).to(torch.int16),
+    }
+    return fixture(
+        f"catseg_protocol_{setting}", commit, seed, config, recipe, {"image": torch.from_numpy(image.copy())}, outputs
+    )
 
 
 def loss_fixture(off: Official, commit: str, seed: int) -> dict:
@@ -252,10 +432,19 @@ def loss_fixture(off: Official, commit: str, seed: int) -> dict:
         torch.set_default_dtype(torch.float32)
         off.model_vpt.LayerNorm.forward = layer_norm
     # every trainable parameter's gradient, in brief (the file stays small): 256 elements + projections each
-    grads = {n: digest(p.grad, whole=256, sample=256) for n, p in model.named_parameters()
-             if p.requires_grad and p.grad is not None}
-    config = {"clip": TINY_CLIPS["vitb"], "aggregator": _plain(SMALL_AGGREGATOR), "names": names, "pool": 2,
-              "finetune": "attention", "dtype": "float64"}
+    grads = {
+        n: digest(p.grad, whole=256, sample=256)
+        for n, p in model.named_parameters()
+        if p.requires_grad and p.grad is not None
+    }
+    config = {
+        "clip": TINY_CLIPS["vitb"],
+        "aggregator": _plain(SMALL_AGGREGATOR),
+        "names": names,
+        "pool": 2,
+        "finetune": "attention",
+        "dtype": "float64",
+    }
     inputs = {"image_seeds": [seed, seed + 1], "size": 384, "labels": label_spec}
     return fixture("catseg_loss", commit, seed, config, recipe, inputs, {"loss": loss.detach().float(), "grads": grads})
 
@@ -266,8 +455,15 @@ def finetune_fixture(off: Official, commit: str, seed: int) -> dict:
     recipes = {}
     for option in ("none", "prompt", "attention", "full"):
         prompt = (TINY_CLIPS["vitb"]["vision_layers"], 4) if option == "prompt" else (0, 0)
-        model = off.build_model(TINY_CLIPS["vitb"], SMALL_AGGREGATOR, VOC20, VOC20, finetune=option,
-                                prompt_depth=prompt[0], prompt_length=prompt[1])
+        model = off.build_model(
+            TINY_CLIPS["vitb"],
+            SMALL_AGGREGATOR,
+            VOC20,
+            VOC20,
+            finetune=option,
+            prompt_depth=prompt[0],
+            prompt_length=prompt[1],
+        )
         trainable[option] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
         recipes[option] = state_recipe(model.state_dict(), derived=("attn_mask",))
     config = {"clip": TINY_CLIPS["vitb"], "aggregator": _plain(SMALL_AGGREGATOR), "prompt_length": 4}
@@ -301,5 +497,9 @@ def make(official_root: Path, detectron2_root: Path, out_dir: Path, commit: str,
         fixtures.append(aggregator_fixture(off, commit, seed, "vitb", 300, 1, truncate, resolution=12))
     fixtures += [clip_fixture(off, commit, seed, s) for s in ("vitb", "vitl")]
     fixtures += [protocol_fixture(off, commit, seed, s) for s in ("vitb", "vitl")]
-    fixtures += [loss_fixture(off, commit, seed), finetune_fixture(off, commit, seed), released_fixture(off, commit, seed)]
+    fixtures += [
+        loss_fixture(off, commit, seed),
+        finetune_fixture(off, commit, seed),
+        released_fixture(off, commit, seed),
+    ]
     return [save_fixture(f, out_dir / f"{f['name']}.pt") for f in fixtures]

@@ -56,10 +56,26 @@ MMSEG_COMMIT = "fb3391cf57824e22943b162b3476439aca12fec0"  # 0.x EncoderDecoder 
 # small GroupViT (three stages, as the paper's ViT-S) and OVSegmentor-like (two stages) encoders. 6 heads of
 # width 8 so that the converter's defaults (the paper's 6 heads) fit the checkpoints made from these recipes.
 ENCODERS = {
-    "groupvit": {"img_size": 224, "patch_size": 16, "embed_dim": 48, "depths": [2, 1, 1], "num_heads": [6, 6, 6],
-                 "num_group_tokens": [8, 4, 0], "num_output_groups": [8, 4], "embed_factors": [1, 1, 1]},
-    "ovsegmentor": {"img_size": 224, "patch_size": 16, "embed_dim": 48, "depths": [2, 2], "num_heads": [6, 6],
-                    "num_group_tokens": [8, 0], "num_output_groups": [4], "embed_factors": [1, 1]},
+    "groupvit": {
+        "img_size": 224,
+        "patch_size": 16,
+        "embed_dim": 48,
+        "depths": [2, 1, 1],
+        "num_heads": [6, 6, 6],
+        "num_group_tokens": [8, 4, 0],
+        "num_output_groups": [8, 4],
+        "embed_factors": [1, 1, 1],
+    },
+    "ovsegmentor": {
+        "img_size": 224,
+        "patch_size": 16,
+        "embed_dim": 48,
+        "depths": [2, 2],
+        "num_heads": [6, 6],
+        "num_group_tokens": [8, 0],
+        "num_output_groups": [4],
+        "embed_factors": [1, 1],
+    },
 }
 TEXT = {"context_length": 77, "width": 64, "layers": 2, "vocab_size": 49408}
 PROJECTION = {"output_dim": 32, "inner_dim": 96}
@@ -68,19 +84,74 @@ PROMPTS = ["a photo of a cat.", "a photo of a dining table.", "itap of a tv moni
 MMCV_MEAN, MMCV_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
 PROTOCOL = {"img_scale": (2048, 448), "crop_size": (448, 448), "stride": (224, 224), "bg_thresh": 0.95}
 PROTOCOL_IMAGES = {"voc": (150, 200), "elongated": (60, 400)}  # 60x400: the long side is capped at 2048
-NOUN_LEXICON = {"dog", "dogs", "man", "woman", "bike", "street", "beach", "sunset", "table", "food", "car", "cars",
-                "cat", "sofa", "tree", "trees", "sky", "boat", "water", "bird", "child", "ball", "park", "train",
-                "station", "horse", "field", "kitchen", "bus", "road", "city", "mountain", "snow", "people", "plate"}
+NOUN_LEXICON = {
+    "dog",
+    "dogs",
+    "man",
+    "woman",
+    "bike",
+    "street",
+    "beach",
+    "sunset",
+    "table",
+    "food",
+    "car",
+    "cars",
+    "cat",
+    "sofa",
+    "tree",
+    "trees",
+    "sky",
+    "boat",
+    "water",
+    "bird",
+    "child",
+    "ball",
+    "park",
+    "train",
+    "station",
+    "horse",
+    "field",
+    "kitchen",
+    "bus",
+    "road",
+    "city",
+    "mountain",
+    "snow",
+    "people",
+    "plate",
+}
 CAPTIONS = [
-    "a dog running on the beach at sunset", "a man riding a bike down the street", "the cat sleeps",
-    "a woman sitting on a sofa with a cat and a dog", "trees under a blue sky", "a boat on the water",
-    "a bird", "a child kicking a ball in the park", "a train arriving at the station", "horse in a field",
-    "a kitchen table full of food", "a red bus on the road in the city", "snow on the mountain", "people",
-    "an empty plate", "two dogs and a cat playing with a ball in the park near the trees", "sunset",
-    "a car", "cars parked on the street of the city", "a man and a woman walking a dog in the snow",
-    "beautiful", "a very nice view", "the water", "a bike and a bike", "a child on a horse in a field near a train",
-    "food on a plate on the table in the kitchen", "a bird over the water at the beach", "the sky",
-    "people waiting for the bus at the station", "a cat on a sofa",
+    "a dog running on the beach at sunset",
+    "a man riding a bike down the street",
+    "the cat sleeps",
+    "a woman sitting on a sofa with a cat and a dog",
+    "trees under a blue sky",
+    "a boat on the water",
+    "a bird",
+    "a child kicking a ball in the park",
+    "a train arriving at the station",
+    "horse in a field",
+    "a kitchen table full of food",
+    "a red bus on the road in the city",
+    "snow on the mountain",
+    "people",
+    "an empty plate",
+    "two dogs and a cat playing with a ball in the park near the trees",
+    "sunset",
+    "a car",
+    "cars parked on the street of the city",
+    "a man and a woman walking a dog in the snow",
+    "beautiful",
+    "a very nice view",
+    "the water",
+    "a bike and a bike",
+    "a child on a horse in a field near a train",
+    "food on a plate on the table in the kitchen",
+    "a bird over the water at the beach",
+    "the sky",
+    "people waiting for the bus at the station",
+    "a cat on a sofa",
 ]
 
 
@@ -93,6 +164,7 @@ class _Registry:
         def register(cls):
             self.modules[cls.__name__] = cls
             return cls
+
         return register(module) if module is not None else register
 
     def build(self, cfg):
@@ -143,16 +215,21 @@ def install_stubs(mmseg_root: Path) -> None:
     if not hasattr(timm.data.transforms, "_pil_interp"):  # removed from timm after 0.4 (training transforms only)
         timm.data.transforms._pil_interp = None
     namespace = {"torch": torch, "F": F, "nn": nn, "resize": _resize}
-    methods = {m: source_function(mmseg_root / "mmseg/models/segmentors/encoder_decoder.py", f"EncoderDecoder.{m}", namespace)
-               for m in ("slide_inference", "whole_inference", "inference")}
+    methods = {
+        m: source_function(mmseg_root / "mmseg/models/segmentors/encoder_decoder.py", f"EncoderDecoder.{m}", namespace)
+        for m in ("slide_inference", "whole_inference", "inference")
+    }
     encoder_decoder = type("EncoderDecoder", (nn.Module,), methods)
     _module("mmseg", __path__=[])
     _module("mmseg.models", EncoderDecoder=encoder_decoder)
     _module("utils", get_logger=lambda *a, **k: logging.getLogger("groupvit-official"), __path__=[])
     _module("diffdist", __path__=[])
     _module("diffdist.functional", all_gather=lambda out_list, x: [x])
-    _module("nltk", word_tokenize=lambda text: text.split(),
-            pos_tag=lambda words: [(w, "NN" if w in NOUN_LEXICON else "DT") for w in words])
+    _module(
+        "nltk",
+        word_tokenize=lambda text: text.split(),
+        pos_tag=lambda words: [(w, "NN" if w in NOUN_LEXICON else "DT") for w in words],
+    )
 
 
 class Official:
@@ -166,13 +243,18 @@ class Official:
         self.datasets = import_official(root, "datasets.builder", ("datasets",))
         self.tokenizer = import_official(root, "datasets.tokenizer", ("datasets",))
         self.templates = import_official(root, "datasets.imagenet_template", ("datasets",))
-        self.seg = import_official(root, "segmentation.evaluation.group_vit_seg", ("segmentation", "segmentation.evaluation"))
+        self.seg = import_official(
+            root, "segmentation.evaluation.group_vit_seg", ("segmentation", "segmentation.evaluation")
+        )
         geometric = mmcv_root / "mmcv/image/geometric.py"
         namespace: dict = {}
         source_function(geometric, "_scale_size", namespace)
         self.rescale_size = source_function(geometric, "rescale_size", namespace)
-        self.class_tokens = source_function(root / "utils/misc.py", "build_dataset_class_tokens",
-                                            {"torch": torch, "template_meta": self.templates.template_meta})
+        self.class_tokens = source_function(
+            root / "utils/misc.py",
+            "build_dataset_class_tokens",
+            {"torch": torch, "template_meta": self.templates.template_meta},
+        )
         self.tokenize = self.datasets.Tokenize(self.tokenizer.SimpleTokenizer(), max_seq_len=TEXT["context_length"])
 
     def build(self, encoder: str) -> nn.Module:
@@ -180,12 +262,19 @@ class Official:
         cfg = ENCODERS[encoder]
         model = self.mlc.MultiLabelContrastive(
             img_encoder=dict(type="GroupViT", drop_rate=0.0, drop_path_rate=0.0, **cfg),
-            text_encoder=dict(type="TextTransformer", **TEXT), output_dim=PROJECTION["output_dim"],
-            contrast_temperature=0.07, proj_num_layers=2, multi_label=3)
+            text_encoder=dict(type="TextTransformer", **TEXT),
+            output_dim=PROJECTION["output_dim"],
+            contrast_temperature=0.07,
+            proj_num_layers=2,
+            multi_label=3,
+        )
         for projector in (model.img_projector, model.text_projector):  # ProjectMLP's inner width (4096 released)
             hidden, out = projector.linear_hidden, projector.linear_out
-            projector.linear_hidden = type(hidden)(nn.Conv1d(hidden[0].in_channels, PROJECTION["inner_dim"], 1),
-                                                   nn.BatchNorm1d(PROJECTION["inner_dim"]), nn.ReLU(inplace=True))
+            projector.linear_hidden = type(hidden)(
+                nn.Conv1d(hidden[0].in_channels, PROJECTION["inner_dim"], 1),
+                nn.BatchNorm1d(PROJECTION["inner_dim"]),
+                nn.ReLU(inplace=True),
+            )
             projector.linear_out = nn.Conv1d(PROJECTION["inner_dim"], out.out_channels, 1)
         return model
 
@@ -198,8 +287,10 @@ ASSIGN_GAIN = 10.0  # std factor of the assignment's q/k projections: at the ini
 
 
 def perturb(module: nn.Module, seed: int) -> list[tuple]:
-    recipe = [(k, shape, mean, std * ASSIGN_GAIN if ".assign.q_proj.weight" in k or ".assign.k_proj.weight" in k else std)
-              for k, shape, mean, std in state_recipe(module.state_dict())]
+    recipe = [
+        (k, shape, mean, std * ASSIGN_GAIN if ".assign.q_proj.weight" in k or ".assign.k_proj.weight" in k else std)
+        for k, shape, mean, std in state_recipe(module.state_dict())
+    ]
     state = perturbed_state(recipe, seed)
     current = module.state_dict()
     module.load_state_dict({k: v.to(current[k].dtype) for k, v in state.items()}, strict=True)
@@ -207,8 +298,17 @@ def perturb(module: nn.Module, seed: int) -> list[tuple]:
 
 
 def _fixture(name: str, commit: str, seed: int, config: dict, recipe, inputs: dict, outputs: dict) -> dict:
-    return {"method": "groupvit", "name": name, "official_repo": REPO, "official_commit": commit, "seed": seed,
-            "config": config, "state": recipe, "inputs": inputs, "outputs": outputs}
+    return {
+        "method": "groupvit",
+        "name": name,
+        "official_repo": REPO,
+        "official_commit": commit,
+        "seed": seed,
+        "config": config,
+        "state": recipe,
+        "inputs": inputs,
+        "outputs": outputs,
+    }
 
 
 def model_fixture(off: Official, encoder: str, commit: str, seed: int) -> dict:
@@ -224,15 +324,25 @@ def model_fixture(off: Official, encoder: str, commit: str, seed: int) -> dict:
             x, _, attn = model.img_encoder.forward_features(images, return_attn=True)
             outs = model.encode_image(images, return_feat=True, as_dict=True)
             outputs[size_name] = {
-                "tokens": digest(x), "image_x": digest(outs["image_x"]), "image_feat": digest(outs["image_feat"]),
+                "tokens": digest(x),
+                "image_x": digest(outs["image_x"]),
+                "image_feat": digest(outs["image_feat"]),
                 "soft": [digest(a["soft"][:, 0]) for a in attn if a is not None],
                 "hard": [digest(a["hard"][:, 0]) for a in attn if a is not None],
             }
         tokens = off.tokenize(PROMPTS)
-        outputs["text"] = {"tokens": tokens.to(torch.int32), "pooled": digest(model.text_encoder(tokens)),
-                           "text_x": digest(model.encode_text(tokens))}
-    config = {"encoder": ENCODERS[encoder], "text": TEXT, "projection": PROJECTION, "prompts": PROMPTS,
-              "image_sizes": {k: list(v) for k, v in IMAGE_SIZES.items()}}
+        outputs["text"] = {
+            "tokens": tokens.to(torch.int32),
+            "pooled": digest(model.text_encoder(tokens)),
+            "text_x": digest(model.encode_text(tokens)),
+        }
+    config = {
+        "encoder": ENCODERS[encoder],
+        "text": TEXT,
+        "projection": PROJECTION,
+        "prompts": PROMPTS,
+        "image_sizes": {k: list(v) for k, v in IMAGE_SIZES.items()},
+    }
     return _fixture(f"groupvit_model_{encoder}", commit, seed, config, recipe, {}, outputs)
 
 
@@ -257,10 +367,15 @@ def loss_fixture(off: Official, commit: str, seed: int) -> dict:
         contrastive = model.loss(image, text)
         multi_label = model.multi_label_loss(image.unsqueeze(1), prompts)
         (contrastive + multi_label).backward()
-        outputs[case] = {"contrastive": contrastive.detach(), "multi_label": multi_label.detach(),
-                         "grad_image": image.grad.clone(), "grad_text": text.grad.clone(),
-                         "grad_prompts": prompts.grad.clone(), "grad_logit_scale": model.logit_scale.grad.clone(),
-                         "grad_multi_label_logit_scale": model.multi_label_logit_scale.grad.clone()}
+        outputs[case] = {
+            "contrastive": contrastive.detach(),
+            "multi_label": multi_label.detach(),
+            "grad_image": image.grad.clone(),
+            "grad_text": text.grad.clone(),
+            "grad_prompts": prompts.grad.clone(),
+            "grad_logit_scale": model.logit_scale.grad.clone(),
+            "grad_multi_label_logit_scale": model.multi_label_logit_scale.grad.clone(),
+        }
     config = {"batch": batch, "k": k, "dim": dim, "log_scales": LOSS_CASES}
     return _fixture("groupvit_losses", commit, seed, config, [], {}, outputs)
 
@@ -273,8 +388,13 @@ def prompts_fixture(off: Official, commit: str, seed: int) -> dict:
     texts = [list(wrapper(caption)) for caption in CAPTIONS]
     nouns = [[w for w in c.split() if w in NOUN_LEXICON] for c in CAPTIONS]
     tokens = torch.stack([off.tokenize(t) for t in texts]).to(torch.int32)
-    config = {"captions": CAPTIONS, "nouns": nouns, "max_word": 3, "template_set": "full",
-              "templates": list(off.templates.full_imagenet_templates)}
+    config = {
+        "captions": CAPTIONS,
+        "nouns": nouns,
+        "max_word": 3,
+        "template_set": "full",
+        "templates": list(off.templates.full_imagenet_templates),
+    }
     return _fixture("groupvit_prompts", commit, seed, config, [], {}, {"texts": texts, "tokens": tokens})
 
 
@@ -288,9 +408,14 @@ def protocol_fixture(off: Official, image_name: str, commit: str, seed: int) -> 
     classes = off.seg_classes()
     text_tokens = off.class_tokens(off.tokenize, "simple", classes[1:])
     text_embedding = model.build_text_embedding(text_tokens)
-    seg = off.seg.GroupViTSegInference(model, text_embedding, with_bg=True,
-                                       test_cfg=dict(mode="slide", bg_thresh=PROTOCOL["bg_thresh"],
-                                                     stride=PROTOCOL["stride"], crop_size=PROTOCOL["crop_size"]))
+    seg = off.seg.GroupViTSegInference(
+        model,
+        text_embedding,
+        with_bg=True,
+        test_cfg=dict(
+            mode="slide", bg_thresh=PROTOCOL["bg_thresh"], stride=PROTOCOL["stride"], crop_size=PROTOCOL["crop_size"]
+        ),
+    )
     seg.eval()
     height, width = PROTOCOL_IMAGES[image_name]
     image = seeded_image(seed + 11, height, width)  # uint8 (H, W, 3), RGB
@@ -303,13 +428,30 @@ def protocol_fixture(off: Official, image_name: str, commit: str, seed: int) -> 
     with torch.no_grad():
         logits = seg.slide_inference(normalized, meta, rescale=True)
         probabilities = seg.inference(normalized, meta, rescale=True)
-    config = {"encoder": ENCODERS["groupvit"], "text": TEXT, "projection": PROJECTION, "protocol": dict(PROTOCOL),
-              "classes": list(classes), "resized": [new_h, new_w], "mmcv_commit": MMCV_COMMIT,
-              "mmseg_commit": MMSEG_COMMIT}
-    outputs = {"logits": digest(logits), "labels": probabilities.argmax(1).to(torch.uint8),
-               "text_embedding": digest(text_embedding)}
-    return _fixture(f"groupvit_protocol_{image_name}", commit, seed, config, recipe,
-                    {"image": torch.from_numpy(image).permute(2, 0, 1).clone()}, outputs)
+    config = {
+        "encoder": ENCODERS["groupvit"],
+        "text": TEXT,
+        "projection": PROJECTION,
+        "protocol": dict(PROTOCOL),
+        "classes": list(classes),
+        "resized": [new_h, new_w],
+        "mmcv_commit": MMCV_COMMIT,
+        "mmseg_commit": MMSEG_COMMIT,
+    }
+    outputs = {
+        "logits": digest(logits),
+        "labels": probabilities.argmax(1).to(torch.uint8),
+        "text_embedding": digest(text_embedding),
+    }
+    return _fixture(
+        f"groupvit_protocol_{image_name}",
+        commit,
+        seed,
+        config,
+        recipe,
+        {"image": torch.from_numpy(image).permute(2, 0, 1).clone()},
+        outputs,
+    )
 
 
 def dataset_classes(root: Path) -> dict[str, list[str]]:
@@ -320,8 +462,11 @@ def dataset_classes(root: Path) -> dict[str, list[str]]:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "CLASSES" for t in node.targets):
-                out[name] = {"classes": list(ast.literal_eval(node.value)), "file": f"segmentation/datasets/{file}",
-                             "line": node.lineno}
+                out[name] = {
+                    "classes": list(ast.literal_eval(node.value)),
+                    "file": f"segmentation/datasets/{file}",
+                    "line": node.lineno,
+                }
     return out
 
 
@@ -330,12 +475,26 @@ def released_recipe() -> list[tuple]:
     off = _OFFICIAL
     if True:  # GroupViT.__init__ reads tensor values (drop-path rates): not on the meta device
         model = off.mlc.MultiLabelContrastive(
-            img_encoder=dict(type="GroupViT", embed_dim=384, num_heads=[6, 6, 6], depths=[6, 3, 3],
-                             num_group_tokens=[64, 8, 0], num_output_groups=[64, 8], drop_rate=0.0, drop_path_rate=0.1),
+            img_encoder=dict(
+                type="GroupViT",
+                embed_dim=384,
+                num_heads=[6, 6, 6],
+                depths=[6, 3, 3],
+                num_group_tokens=[64, 8, 0],
+                num_output_groups=[64, 8],
+                drop_rate=0.0,
+                drop_path_rate=0.1,
+            ),
             text_encoder=dict(type="TextTransformer", context_length=77, width=256, layers=12, vocab_size=49408),
-            contrast_temperature=0.07, proj_num_layers=2, output_dim=256, multi_label=3)
-    return [(k, tuple(v.shape), 1.0 if k.endswith("running_var") else 0.0, 0.1 if k.endswith("running_var") else 0.02)
-            for k, v in model.state_dict().items()]
+            contrast_temperature=0.07,
+            proj_num_layers=2,
+            output_dim=256,
+            multi_label=3,
+        )
+    return [
+        (k, tuple(v.shape), 1.0 if k.endswith("running_var") else 0.0, 0.1 if k.endswith("running_var") else 0.02)
+        for k, v in model.state_dict().items()
+    ]
 
 
 CLASS_STRINGS_DIR = Path(__file__).resolve().parents[2] / "ovseg_lab" / "assets" / "class_strings" / "groupvit"
@@ -370,13 +529,28 @@ _OFFICIAL: Official | None = None
 def make(official_root: Path, extra: dict, out_dir: Path, commit: str, seed: int = 0) -> list[Path]:
     global _OFFICIAL
     if not extra.get("mmcv") or not extra.get("mmseg"):
-        raise SystemExit("--mmcv <extracted mmcv v1.3.14> and --mmseg <mmseg 0.x encoder_decoder.py tree> are needed for GroupViT")
+        raise SystemExit(
+            "--mmcv <extracted mmcv v1.3.14> and --mmseg <mmseg 0.x encoder_decoder.py tree> are needed for GroupViT"
+        )
     off = _OFFICIAL = Official(official_root, Path(extra["mmcv"]), Path(extra["mmseg"]))
     classes = dataset_classes(official_root)
     off.seg_classes = lambda: classes["voc21"]["classes"]
-    fixtures = [model_fixture(off, "groupvit", commit, seed), model_fixture(off, "ovsegmentor", commit, seed),
-                loss_fixture(off, commit, seed), prompts_fixture(off, commit, seed)]
+    fixtures = [
+        model_fixture(off, "groupvit", commit, seed),
+        model_fixture(off, "ovsegmentor", commit, seed),
+        loss_fixture(off, commit, seed),
+        prompts_fixture(off, commit, seed),
+    ]
     fixtures += [protocol_fixture(off, name, commit, seed) for name in PROTOCOL_IMAGES]
-    fixtures.append(_fixture("groupvit_released", commit, seed, {"classes": classes, "config": "group_vit_gcc_yfcc_30e"},
-                             released_recipe(), {}, {}))
+    fixtures.append(
+        _fixture(
+            "groupvit_released",
+            commit,
+            seed,
+            {"classes": classes, "config": "group_vit_gcc_yfcc_30e"},
+            released_recipe(),
+            {},
+            {},
+        )
+    )
     return [save_fixture(f, out_dir / f"{f['name']}.pt") for f in fixtures] + write_class_strings(classes, commit)

@@ -43,15 +43,40 @@ from tests.golden.official_stubs import detectron2_function, import_official
 
 REPO = "isl-org/lang-seg"
 # the small CLIP text tower (embed_dim 512 is what LSeg's head1 expects for ViT-B/32 CLIP)
-TINY_CLIP = {"embed_dim": 512, "image_resolution": 64, "vision_layers": 1, "vision_width": 64,
-             "vision_patch_size": 32, "context_length": 77, "vocab_size": 49408, "transformer_width": 64,
-             "transformer_heads": 1, "transformer_layers": 2}
+TINY_CLIP = {
+    "embed_dim": 512,
+    "image_resolution": 64,
+    "vision_layers": 1,
+    "vision_width": 64,
+    "vision_patch_size": 32,
+    "context_length": 77,
+    "vocab_size": 49408,
+    "transformer_width": 64,
+    "transformer_heads": 1,
+    "transformer_layers": 2,
+}
 # ViT-L/16-like: patch 16, the ViT-L reassembly (x4, x2, x1, stride-2 conv); ViT-B/32-like: patch 32 (x8, x4, x2, x1)
 VARIANTS = {
-    "vitl16": {"builder": "_make_vit_b16_backbone", "patch": 16, "width": 48, "heads": 2, "depth": 4,
-               "hooks": [0, 1, 2, 3], "channels": [16, 24, 32, 32], "features": 16},
-    "vitb32": {"builder": "_make_vit_b32_backbone", "patch": 32, "width": 48, "heads": 2, "depth": 4,
-               "hooks": [0, 1, 2, 3], "channels": [16, 24, 32, 48], "features": 16},
+    "vitl16": {
+        "builder": "_make_vit_b16_backbone",
+        "patch": 16,
+        "width": 48,
+        "heads": 2,
+        "depth": 4,
+        "hooks": [0, 1, 2, 3],
+        "channels": [16, 24, 32, 32],
+        "features": 16,
+    },
+    "vitb32": {
+        "builder": "_make_vit_b32_backbone",
+        "patch": 32,
+        "width": 48,
+        "heads": 2,
+        "depth": 4,
+        "hooks": [0, 1, 2, 3],
+        "channels": [16, 24, 32, 48],
+        "features": 16,
+    },
 }
 SIZES = {"384": (384, 384), "480": (480, 480), "352x512": (352, 512), "96x128": (96, 128)}
 NET_SIZES = ("384", "480", "352x512")
@@ -97,26 +122,48 @@ class Official:
         self.net_zs = import_official(root, "modules.models.lseg_net_zs", packages)
 
     def build_clip(self, cfg: dict) -> nn.Module:
-        keys = ["embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size",
-                "context_length", "vocab_size", "transformer_width", "transformer_heads", "transformer_layers"]
+        keys = [
+            "embed_dim",
+            "image_resolution",
+            "vision_layers",
+            "vision_width",
+            "vision_patch_size",
+            "context_length",
+            "vocab_size",
+            "transformer_width",
+            "transformer_heads",
+            "transformer_layers",
+        ]
         model = self.clip_model.CLIP(*(cfg[k] for k in keys))
         return model.float()
 
     def build_timm_vit(self, variant: dict) -> nn.Module:
         from timm.models.vision_transformer import VisionTransformer
 
-        return VisionTransformer(img_size=384, patch_size=variant["patch"], embed_dim=variant["width"],
-                                 depth=variant["depth"], num_heads=variant["heads"])
+        return VisionTransformer(
+            img_size=384,
+            patch_size=variant["patch"],
+            embed_dim=variant["width"],
+            depth=variant["depth"],
+            num_heads=variant["heads"],
+        )
 
-    def build_lseg(self, variant: dict, arch_option: int = 0, block_depth: int = 0, activation: str = "lrelu") -> nn.Module:
+    def build_lseg(
+        self, variant: dict, arch_option: int = 0, block_depth: int = 0, activation: str = "lrelu"
+    ) -> nn.Module:
         """An official ``LSeg`` assembled as ``LSeg.__init__`` + ``LSegNet.__init__`` do, at small widths."""
         net = self.net.LSeg.__new__(self.net.LSegNet)
         nn.Module.__init__(net)
         net.channels_last = False
         net.clip_pretrained = self.build_clip(TINY_CLIP)
         builder = getattr(self.vit, variant["builder"])
-        net.pretrained = builder(self.build_timm_vit(variant), features=variant["channels"], hooks=variant["hooks"],
-                                 vit_features=variant["width"], use_readout="project")
+        net.pretrained = builder(
+            self.build_timm_vit(variant),
+            features=variant["channels"],
+            hooks=variant["hooks"],
+            vit_features=variant["width"],
+            use_readout="project",
+        )
         features = variant["features"]
         net.scratch = self.blocks._make_scratch(variant["channels"], features, groups=1, expand=False)
         for i in (1, 2, 3, 4):
@@ -131,16 +178,30 @@ class Official:
         elif arch_option == 2:
             net.scratch.head_block = self.net.depthwise_block(activation=activation)
             net.block_depth = block_depth
-        net.scratch.output_conv = nn.Sequential(self.blocks.Interpolate(scale_factor=2, mode="bilinear", align_corners=True))
+        net.scratch.output_conv = nn.Sequential(
+            self.blocks.Interpolate(scale_factor=2, mode="bilinear", align_corners=True)
+        )
         net.crop_size, net.scale_factor, net.labels = 480, 0.5, list(LABELS)
         return net
 
 
-OPENAI_VITB32 = {"embed_dim": 512, "image_resolution": 224, "vision_layers": 12, "vision_width": 768,
-                 "vision_patch_size": 32, "context_length": 77, "vocab_size": 49408, "transformer_width": 512,
-                 "transformer_heads": 8, "transformer_layers": 12}
-RELEASED = {"vitl16": "clip_vitl16_384", "vitb32": "clip_vitb32_384",  # lang-seg's --backbone of each release
-            "rn101_zs": "clip_resnet101"}  # LSegRNNetZS (modules/models/lseg_net_zs.py:240-360)
+OPENAI_VITB32 = {
+    "embed_dim": 512,
+    "image_resolution": 224,
+    "vision_layers": 12,
+    "vision_width": 768,
+    "vision_patch_size": 32,
+    "context_length": 77,
+    "vocab_size": 49408,
+    "transformer_width": 512,
+    "transformer_heads": 8,
+    "transformer_layers": 12,
+}
+RELEASED = {
+    "vitl16": "clip_vitl16_384",
+    "vitb32": "clip_vitb32_384",  # lang-seg's --backbone of each release
+    "rn101_zs": "clip_resnet101",
+}  # LSegRNNetZS (modules/models/lseg_net_zs.py:240-360)
 
 
 @contextlib.contextmanager
@@ -148,7 +209,6 @@ def offline_builders(off: Official):
     """``clip.load("ViT-B/32")`` answered by OpenAI's ``CLIP`` at ViT-B/32 size (random init, no download) and
     timm models built without pretrained weights: the released layouts' key names and shapes."""
     import timm
-
     import torchvision
 
     original_load, original_create = off.clip.load, timm.create_model
@@ -171,11 +231,25 @@ def released_recipes(off: Official) -> dict[str, list[tuple]]:
         for name, backbone in RELEASED.items():
             torch.manual_seed(0)
             if backbone == "clip_resnet101":
-                net = off.net_zs.LSegRNNetZS(label_list=["other"], backbone=backbone, features=256, arch_option=0,
-                                             block_depth=0, activation="lrelu", use_pretrained=False)
+                net = off.net_zs.LSegRNNetZS(
+                    label_list=["other"],
+                    backbone=backbone,
+                    features=256,
+                    arch_option=0,
+                    block_depth=0,
+                    activation="lrelu",
+                    use_pretrained=False,
+                )
             else:
-                net = off.net.LSegNet(labels=["other"], backbone=backbone, features=256, crop_size=480,
-                                      arch_option=0, block_depth=0, activation="lrelu")
+                net = off.net.LSegNet(
+                    labels=["other"],
+                    backbone=backbone,
+                    features=256,
+                    crop_size=480,
+                    arch_option=0,
+                    block_depth=0,
+                    activation="lrelu",
+                )
             recipes[name] = [("net." + r[0],) + tuple(r[1:]) for r in state_recipe(net.state_dict())]
             del net
     return recipes
@@ -187,17 +261,37 @@ def perturb(module: nn.Module, seed: int, prefix: str = "net.") -> list[tuple]:
     recipe = [(prefix + r[0],) + tuple(r[1:]) for r in state_recipe(module.state_dict())]
     state = perturbed_state(recipe, seed)
     current = module.state_dict()
-    module.load_state_dict({k[len(prefix):]: v.to(current[k[len(prefix):]].dtype) for k, v in state.items()}, strict=True)
+    module.load_state_dict(
+        {k[len(prefix) :]: v.to(current[k[len(prefix) :]].dtype) for k, v in state.items()}, strict=True
+    )
     return recipe
 
 
 def _fixture(name: str, commit: str, seed: int, config: dict, recipe, inputs: dict, outputs: dict) -> dict:
-    return {"method": "lseg", "name": name, "official_repo": REPO, "official_commit": commit, "seed": seed,
-            "config": config, "state": recipe, "inputs": inputs, "outputs": outputs}
+    return {
+        "method": "lseg",
+        "name": name,
+        "official_repo": REPO,
+        "official_commit": commit,
+        "seed": seed,
+        "config": config,
+        "state": recipe,
+        "inputs": inputs,
+        "outputs": outputs,
+    }
 
 
-def net_fixture(off: Official, variant_name: str, size_name: str, commit: str, seed: int, arch_option: int = 0,
-                block_depth: int = 0, activation: str = "lrelu", name: str | None = None) -> dict:
+def net_fixture(
+    off: Official,
+    variant_name: str,
+    size_name: str,
+    commit: str,
+    seed: int,
+    arch_option: int = 0,
+    block_depth: int = 0,
+    activation: str = "lrelu",
+    name: str | None = None,
+) -> dict:
     variant = VARIANTS[variant_name]
     torch.manual_seed(seed)
     net = off.build_lseg(variant, arch_option, block_depth, activation)
@@ -209,16 +303,34 @@ def net_fixture(off: Official, variant_name: str, size_name: str, commit: str, s
         logits = net((images - 0.5) / 0.5, LABELS)
     tokens = off.clip.tokenize(LABELS)
     name = name or f"lseg_net_{variant_name}_{size_name}"
-    config = {"variant": {k: v for k, v in variant.items()}, "clip": dict(TINY_CLIP), "size": [height, width],
-              "labels": list(LABELS), "arch_option": arch_option, "block_depth": block_depth,
-              "activation": activation}
+    config = {
+        "variant": {k: v for k, v in variant.items()},
+        "clip": dict(TINY_CLIP),
+        "size": [height, width],
+        "labels": list(LABELS),
+        "arch_option": arch_option,
+        "block_depth": block_depth,
+        "activation": activation,
+    }
     outputs = {"logits": digest(logits), "labels": logits.argmax(1).to(torch.uint8), "tokens": tokens.to(torch.int32)}
-    return _fixture(name, commit, seed, config, recipe,
-                    {"images": {"shape": [1, 3, height, width], "scale": 0.25, "offset": 0.5}}, outputs)
+    return _fixture(
+        name,
+        commit,
+        seed,
+        config,
+        recipe,
+        {"images": {"shape": [1, 3, height, width], "scale": 0.25, "offset": 0.5}},
+        outputs,
+    )
 
 
-PROTOCOL = {"base_size": 130, "crop_size": 96, "scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "flip": True,
-            "image": [75, 100]}  # lang-seg's ADE protocol (520 / 480, stride 2/3) at a small size
+PROTOCOL = {
+    "base_size": 130,
+    "crop_size": 96,
+    "scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75],
+    "flip": True,
+    "image": [75, 100],
+}  # lang-seg's ADE protocol (520 / 480, stride 2/3) at a small size
 
 
 @contextlib.contextmanager
@@ -262,11 +374,24 @@ def protocol_fixture(off: Official, root: Path, commit: str, seed: int) -> dict:
     normalized = (image.float() / 255 - 0.5) / 0.5  # LSegModule's val_transform: ToTensor + Normalize(0.5, 0.5)
     with torch.no_grad(), fp32_half(), cpu_cuda():
         scores = evaluator(normalized, LABELS)
-    config = {"variant": dict(VARIANTS["vitb32"]), "clip": dict(TINY_CLIP), "labels": list(LABELS), "arch_option": 0,
-              "block_depth": 0, "activation": "lrelu", "protocol": dict(PROTOCOL)}
-    return _fixture("lseg_protocol_multiscale_flip", commit, seed, config,
-                    recipe, {"image": image[0].clone()},
-                    {"scores": digest(scores), "labels": scores.argmax(1).to(torch.uint8)})
+    config = {
+        "variant": dict(VARIANTS["vitb32"]),
+        "clip": dict(TINY_CLIP),
+        "labels": list(LABELS),
+        "arch_option": 0,
+        "block_depth": 0,
+        "activation": "lrelu",
+        "protocol": dict(PROTOCOL),
+    }
+    return _fixture(
+        "lseg_protocol_multiscale_flip",
+        commit,
+        seed,
+        config,
+        recipe,
+        {"image": image[0].clone()},
+        {"scores": digest(scores), "labels": scores.argmax(1).to(torch.uint8)},
+    )
 
 
 def prompts_fixture(off: Official, root: Path, commit: str, seed: int) -> dict:
@@ -282,8 +407,15 @@ def prompts_fixture(off: Official, root: Path, commit: str, seed: int) -> dict:
     finally:
         os.chdir(cwd)
     tokens = off.clip.tokenize(labels).to(torch.int32)
-    return _fixture("lseg_prompts_ade150", commit, seed, {"dataset": "ade20k", "templates": "raw"}, [], {},
-                    {"labels": list(labels), "tokens": tokens})
+    return _fixture(
+        "lseg_prompts_ade150",
+        commit,
+        seed,
+        {"dataset": "ade20k", "templates": "raw"},
+        [],
+        {},
+        {"labels": list(labels), "tokens": tokens},
+    )
 
 
 def make(official_root: Path, extra_root: Path | None, out_dir: Path, commit: str, seed: int = 0) -> list[Path]:
@@ -297,14 +429,30 @@ def make(official_root: Path, extra_root: Path | None, out_dir: Path, commit: st
             paths.append(save_fixture(fixture, out_dir / f"{fixture['name']}.pt"))
     for arch_option in (1, 2):
         for depth in (0, 1, 2, 3):
-            fixture = net_fixture(off, "vitb32", "96x128", commit, seed, arch_option, depth, "lrelu",
-                                  name=f"lseg_regularization_arch{arch_option}_depth{depth}")
+            fixture = net_fixture(
+                off,
+                "vitb32",
+                "96x128",
+                commit,
+                seed,
+                arch_option,
+                depth,
+                "lrelu",
+                name=f"lseg_regularization_arch{arch_option}_depth{depth}",
+            )
             paths.append(save_fixture(fixture, out_dir / f"{fixture['name']}.pt"))
     fixture = protocol_fixture(off, official_root, commit, seed)
     paths.append(save_fixture(fixture, out_dir / f"{fixture['name']}.pt"))
     fixture = prompts_fixture(off, official_root, commit, seed)
     paths.append(save_fixture(fixture, out_dir / f"{fixture['name']}.pt"))
-    fixture = _fixture("lseg_released", commit, seed, {"backbones": dict(RELEASED), "clip": dict(OPENAI_VITB32)},
-                       released_recipes(off), {}, {})
+    fixture = _fixture(
+        "lseg_released",
+        commit,
+        seed,
+        {"backbones": dict(RELEASED), "clip": dict(OPENAI_VITB32)},
+        released_recipes(off),
+        {},
+        {},
+    )
     paths.append(save_fixture(fixture, out_dir / "lseg_released.pt"))
     return paths

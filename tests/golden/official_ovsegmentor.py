@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tests.golden.harness import digest, save_fixture, state_recipe, perturbed_state
+from tests.golden.harness import digest, perturbed_state, save_fixture, state_recipe
 from tests.golden.official_stubs import detectron2_function
 
 REPO = "Jazzcharles/OVSegmentor"
@@ -48,14 +48,33 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # the small model both sides build (the release: ViT-B/16 224, [6, 6] blocks, 64 -> 8 groups, BERT-base, 4096 / 256)
 CONFIG = {
-    "image_size": 56, "patch_size": 4, "embed_dim": 32, "depths": [1, 1], "num_heads": 8, "num_group_tokens": [8, 0],
-    "num_output_groups": [4], "output_dim": 16, "bert": {"hidden_size": 32, "num_hidden_layers": 2,
-    "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 80, "hidden_dropout_prob": 0.0,
-    "attention_probs_dropout_prob": 0.0, "initializer_range": 0.5}, "batch": 3, "template": "a photo of a {}.",
+    "image_size": 56,
+    "patch_size": 4,
+    "embed_dim": 32,
+    "depths": [1, 1],
+    "num_heads": 8,
+    "num_group_tokens": [8, 0],
+    "num_output_groups": [4],
+    "output_dim": 16,
+    "bert": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 80,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.5,
+    },
+    "batch": 3,
+    "template": "a photo of a {}.",
 }
 # captions of the loss batch: one unique entity each (the release joins a set of entities in hash order)
-LOSS_CAPTIONS = ["A brown dog sitting on the grass next to another dog.", "Two cats playing with a toy in the kitchen",
-                 "people walking down a busy street at night"]
+LOSS_CAPTIONS = [
+    "A brown dog sitting on the grass next to another dog.",
+    "Two cats playing with a toy in the kitchen",
+    "people walking down a busy street at night",
+]
 PAIR_ENTITIES = ["dog", "cat", "people"]
 
 # realistic captions for the parser and prompt strings (written for this test; the bugs each one exercises noted)
@@ -99,8 +118,12 @@ PARSER_CAPTIONS = [
 ]
 
 # the release's zero-shot class strings (segmentation/datasets/<file>.py CLASSES) for our packaged vocabularies
-CLASS_STRING_FILES = {"voc21": "segmentation/datasets/pascal_voc.py", "pc60": "segmentation/datasets/pascal_context.py",
-                      "coco_object81": "segmentation/datasets/coco_object.py", "ade150": "segmentation/datasets/ade20k.py"}
+CLASS_STRING_FILES = {
+    "voc21": "segmentation/datasets/pascal_voc.py",
+    "pc60": "segmentation/datasets/pascal_context.py",
+    "coco_object81": "segmentation/datasets/coco_object.py",
+    "ade150": "segmentation/datasets/ade20k.py",
+}
 
 
 # ----------------------------------------------------------------------------------------------- stubs
@@ -112,6 +135,7 @@ class _Registry:
         def register(cls):
             self.modules[cls.__name__] = cls
             return cls
+
         return register
 
     def build(self, cfg):
@@ -122,14 +146,26 @@ class _Registry:
 class _WordNetNounLemmatizer:
     """nltk's WordNetLemmatizer.lemmatize(word) for nouns: morphy's forms, the shortest one in the lemma list."""
 
-    rules = (("s", ""), ("ses", "s"), ("ves", "f"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"),
-             ("men", "man"), ("ies", "y"))
+    rules = (
+        ("s", ""),
+        ("ses", "s"),
+        ("ves", "f"),
+        ("xes", "x"),
+        ("zes", "z"),
+        ("ches", "ch"),
+        ("shes", "sh"),
+        ("men", "man"),
+        ("ies", "y"),
+    )
     exceptions = {"children": ["child"], "men": ["man"], "women": ["woman"], "mice": ["mouse"], "kine": ["cow"]}
     lemmas: set[str] = set()
 
     def lemmatize(self, word: str, pos: str = "n") -> str:
-        forms = [word] + (self.exceptions[word] if word in self.exceptions
-                          else [word[: -len(old)] + new for old, new in self.rules if word.endswith(old)])
+        forms = [word] + (
+            self.exceptions[word]
+            if word in self.exceptions
+            else [word[: -len(old)] + new for old, new in self.rules if word.endswith(old)]
+        )
         known = [f for f in forms if f in self.lemmas]
         return min(known, key=len) if known else word
 
@@ -195,16 +231,43 @@ def build_official(root: Path, group_ratio: float, seed: int) -> tuple[nn.Module
     bert_config = BertConfig(vocab_size=len(tokenizer), output_hidden_states=True, **CONFIG["bert"])
     transformer.AutoModel = types.SimpleNamespace(from_pretrained=lambda *a, **k: BertModel(bert_config))
     c = CONFIG
-    image = dict(type="GroupViT", img_size=c["image_size"], patch_size=c["patch_size"], embed_dim=c["embed_dim"],
-                 embed_factors=[1, 1], depths=c["depths"], num_heads=[c["num_heads"]] * 2,
-                 num_group_tokens=c["num_group_tokens"], num_output_groups=c["num_output_groups"], drop_rate=0.0,
-                 drop_path_rate=0.0, patch_norm=False, imgnet_pretrained=None, fixed=False)
-    text = dict(type="Bert", context_length=77, width=c["bert"]["hidden_size"], layers=c["bert"]["num_hidden_layers"],
-                vocab_size=len(tokenizer), pretrained=True, fixed=False)
+    image = dict(
+        type="GroupViT",
+        img_size=c["image_size"],
+        patch_size=c["patch_size"],
+        embed_dim=c["embed_dim"],
+        embed_factors=[1, 1],
+        depths=c["depths"],
+        num_heads=[c["num_heads"]] * 2,
+        num_group_tokens=c["num_group_tokens"],
+        num_output_groups=c["num_output_groups"],
+        drop_rate=0.0,
+        drop_path_rate=0.0,
+        patch_norm=False,
+        imgnet_pretrained=None,
+        fixed=False,
+    )
+    text = dict(
+        type="Bert",
+        context_length=77,
+        width=c["bert"]["hidden_size"],
+        layers=c["bert"]["num_hidden_layers"],
+        vocab_size=len(tokenizer),
+        pretrained=True,
+        fixed=False,
+    )
     torch.manual_seed(seed)
-    model = contrastive.MultiLabelContrastive(image, text, output_dim=c["output_dim"], proj_num_layers=2, multi_label=0,
-                                              use_entityloss=True, use_maskloss=True, cross_threshold=0.6,
-                                              group_ratio=group_ratio)
+    model = contrastive.MultiLabelContrastive(
+        image,
+        text,
+        output_dim=c["output_dim"],
+        proj_num_layers=2,
+        multi_label=0,
+        use_entityloss=True,
+        use_maskloss=True,
+        cross_threshold=0.6,
+        group_ratio=group_ratio,
+    )
     recipe = state_recipe(model.state_dict())
     model.load_state_dict(perturbed_state(recipe, seed))
     return model, recipe
@@ -244,9 +307,12 @@ def official_questions(root: Path, captions: list[str], template_index: int | No
 
 
 def _bn_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone().float() for k, v in model.state_dict().items()
-            if k.split(".")[0] in ("img_projector", "text_projector", "bridge_projector")
-            and k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+    return {
+        k: v.detach().clone().float()
+        for k, v in model.state_dict().items()
+        if k.split(".")[0] in ("img_projector", "text_projector", "bridge_projector")
+        and k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
+    }
 
 
 def make_step_fixture(root: Path, commit: str, seed: int, group_ratio: float) -> dict[str, Any]:
@@ -263,18 +329,31 @@ def make_step_fixture(root: Path, commit: str, seed: int, group_ratio: float) ->
     model.img_encoder.eval()
     model.img_encoder_momentum.eval()
     losses = model.forward_train(
-        image=_normalise(inputs["image"]).double(), text=process_text(LOSS_CAPTIONS),
+        image=_normalise(inputs["image"]).double(),
+        text=process_text(LOSS_CAPTIONS),
         cross_image=_normalise(inputs["pair_image"]).double(),
         cross_entity=process_text(["A photo of " + e for e in PAIR_ENTITIES]),
-        question=process_text([q for q, _ in qa]), answer=process_text([a for _, a in qa]), entity_masks=None,
-        question_masks=None)
+        question=process_text([q for q, _ in qa]),
+        answer=process_text([a for _, a in qa]),
+        entity_masks=None,
+        question_masks=None,
+    )
     losses["loss"].backward()
     grads = {k: digest(p.grad, seed, whole=256, sample=128) for k, p in model.named_parameters() if p.grad is not None}
     return {
-        "method": "ovsegmentor", "name": f"ovsegmentor_step_ratio{group_ratio}", "official_repo": REPO,
-        "official_commit": commit, "seed": seed, "config": {**CONFIG, "group_ratio": group_ratio},
-        "state": recipe, "inputs": {"captions": LOSS_CAPTIONS, "pair_entities": PAIR_ENTITIES,
-                                    "questions": [q for q, _ in qa], "answers": [a for _, a in qa]},
+        "method": "ovsegmentor",
+        "name": f"ovsegmentor_step_ratio{group_ratio}",
+        "official_repo": REPO,
+        "official_commit": commit,
+        "seed": seed,
+        "config": {**CONFIG, "group_ratio": group_ratio},
+        "state": recipe,
+        "inputs": {
+            "captions": LOSS_CAPTIONS,
+            "pair_entities": PAIR_ENTITIES,
+            "questions": [q for q, _ in qa],
+            "answers": [a for _, a in qa],
+        },
         "outputs": {"losses": {k: float(v) for k, v in losses.items()}, "grads": grads, "batchnorm": _bn_state(model)},
     }
 
@@ -288,20 +367,31 @@ def make_parser_fixture(root: Path, commit: str) -> dict[str, Any]:
         template = module.full_imagenet_templates[index % len(module.full_imagenet_templates)]
         prefix = template.split("{}")[0]
         assert answer.startswith(prefix)
-        entities = sorted(answer[len(prefix):].split(" and ")) if answer != prefix else []
-        rows.append({"caption": caption, "question": question, "answer": answer, "template": template,
-                     "entities": entities})
-    return {"method": "ovsegmentor", "name": "ovsegmentor_parser", "official_repo": REPO, "official_commit": commit,
-            "templates": list(module.full_imagenet_templates), "rows": rows,
-            "cross_entity_prefix": _cross_entity_prefix(root)}
+        entities = sorted(answer[len(prefix) :].split(" and ")) if answer != prefix else []
+        rows.append(
+            {"caption": caption, "question": question, "answer": answer, "template": template, "entities": entities}
+        )
+    return {
+        "method": "ovsegmentor",
+        "name": "ovsegmentor_parser",
+        "official_repo": REPO,
+        "official_commit": commit,
+        "templates": list(module.full_imagenet_templates),
+        "rows": rows,
+        "cross_entity_prefix": _cross_entity_prefix(root),
+    }
 
 
 def _cross_entity_prefix(root: Path) -> str:
     """The literal the release puts before a shared entity (datasets/clip_dataset.py: ``'A photo of ' + e``)."""
     tree = ast.parse((root / "datasets" / "clip_dataset.py").read_text())
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.BinOp) and isinstance(node.value.left, ast.Constant)
-                and any(isinstance(t, ast.Name) and t.id == "crossentity" for t in node.targets)):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.BinOp)
+            and isinstance(node.value.left, ast.Constant)
+            and any(isinstance(t, ast.Name) and t.id == "crossentity" for t in node.targets)
+        ):
             return node.value.left.value
     raise RuntimeError("the cross-entity prompt was not found in datasets/clip_dataset.py")
 
@@ -328,11 +418,21 @@ def make_schedule_fixture(root: Path, commit: str) -> dict[str, Any]:
         for idx in range(steps_per_epoch):
             curve.append(optimizer.param_groups[0]["lr"])  # the lr this step's optimizer.step() uses
             scheduler.step_update(epoch * steps_per_epoch + idx)  # main_pretrain.py:356, after the step
-    return {"method": "ovsegmentor", "name": "ovsegmentor_lr_stage1", "official_repo": REPO, "official_commit": commit,
-            "config": {"base_lr": float(train.base_lr), "warmup_lr": float(train.warmup_lr), "min_lr": float(train.min_lr),
-                       "warmup_epochs": int(train.warmup_epochs), "epochs": int(train.epochs),
-                       "steps_per_epoch": steps_per_epoch},
-            "lr": torch.tensor(curve, dtype=torch.float64)}
+    return {
+        "method": "ovsegmentor",
+        "name": "ovsegmentor_lr_stage1",
+        "official_repo": REPO,
+        "official_commit": commit,
+        "config": {
+            "base_lr": float(train.base_lr),
+            "warmup_lr": float(train.warmup_lr),
+            "min_lr": float(train.min_lr),
+            "warmup_epochs": int(train.warmup_epochs),
+            "epochs": int(train.epochs),
+            "steps_per_epoch": steps_per_epoch,
+        },
+        "lr": torch.tensor(curve, dtype=torch.float64),
+    }
 
 
 def class_strings(root: Path, commit: str, out_dir: Path) -> list[Path]:
@@ -343,8 +443,11 @@ def class_strings(root: Path, commit: str, out_dir: Path) -> list[Path]:
     for vocabulary, relative in CLASS_STRING_FILES.items():
         source = (root / relative).read_text()
         tree = ast.parse(source)
-        node = next(n for n in ast.walk(tree) if isinstance(n, ast.Assign)
-                    and any(isinstance(t, ast.Name) and t.id == "CLASSES" for t in n.targets))
+        node = next(
+            n
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "CLASSES" for t in n.targets)
+        )
         official = list(ast.literal_eval(node.value))  # exactly as sent to the text tower ("bed " included)
         ours = list(load_vocabulary(vocabulary).classes)
         if "background" in official and "background" in ours:
@@ -361,8 +464,12 @@ def class_strings(root: Path, commit: str, out_dir: Path) -> list[Path]:
         lines = f"{node.lineno}-{node.end_lineno}"
         path = out_dir / f"{vocabulary}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"citation": f"{REPO}@{commit} {relative}:{lines}", "strings": strings},
-                                   indent=1, ensure_ascii=False) + "\n")
+        path.write_text(
+            json.dumps(
+                {"citation": f"{REPO}@{commit} {relative}:{lines}", "strings": strings}, indent=1, ensure_ascii=False
+            )
+            + "\n"
+        )
         written.append(path)
     return written
 

@@ -12,8 +12,9 @@ import ast
 import importlib
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +27,12 @@ class _Registry:
 
 def _configurable(init):
     """detectron2's @configurable, for direct keyword construction only (no cfg objects here)."""
+
     def wrapped(self, *args, **kwargs):
         # official subclasses call their (also @configurable) base __init__ with positional arguments (OVSeg's
         # OpenVocabTransformerPredictor); no cfg object is ever passed here
         return init(self, *args, **kwargs)
+
     return wrapped
 
 
@@ -65,9 +68,17 @@ def install_detectron2_stubs() -> None:
     _module("detectron2", __path__=[])
     _module("detectron2.config", configurable=_configurable, CfgNode=dict)
     _module("detectron2.data", MetadataCatalog=None, DatasetCatalog=None)
-    _module("detectron2.modeling", META_ARCH_REGISTRY=_Registry(), SEM_SEG_HEADS_REGISTRY=_Registry(),
-            BACKBONE_REGISTRY=_Registry(), build_backbone=None, build_sem_seg_head=None, Backbone=torch.nn.Module,
-            ShapeSpec=None, __path__=[])
+    _module(
+        "detectron2.modeling",
+        META_ARCH_REGISTRY=_Registry(),
+        SEM_SEG_HEADS_REGISTRY=_Registry(),
+        BACKBONE_REGISTRY=_Registry(),
+        build_backbone=None,
+        build_sem_seg_head=None,
+        Backbone=torch.nn.Module,
+        ShapeSpec=None,
+        __path__=[],
+    )
     _module("detectron2.modeling.backbone", Backbone=torch.nn.Module)
     _module("detectron2.modeling.postprocessing", sem_seg_postprocess=None)
     _module("detectron2.structures", ImageList=_ImageList)
@@ -109,7 +120,15 @@ def detectron2_function(detectron2_root: Path, relative_file: str, qualname: str
     node.decorator_list = []
     import os
 
-    namespace: dict[str, Any] = {"np": np, "torch": torch, "F": F, "Image": Image, "sys": sys, "os": os,
-                                 "Tuple": tuple, "List": list}
+    namespace: dict[str, Any] = {
+        "np": np,
+        "torch": torch,
+        "F": F,
+        "Image": Image,
+        "sys": sys,
+        "os": os,
+        "Tuple": tuple,
+        "List": list,
+    }
     exec(compile(ast.Module(body=[node], type_ignores=[]), relative_file, "exec"), namespace)
     return namespace[node.name]

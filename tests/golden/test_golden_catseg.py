@@ -16,16 +16,33 @@ from ovseg_lab.eval.inference import InferenceConfig, segment
 from ovseg_lab.layers.losses import per_pixel_bce
 from ovseg_lab.models.catseg import CATSeg, CATSegHead
 from tests.golden.harness import (
-    TOLERANCE, convert_and_evaluate, digest_error, load_fixture, openai_clip_cfg, perturbed_state, relative_error, seeded_image,
-    seeded_input, seeded_labels,
+    TOLERANCE,
+    convert_and_evaluate,
+    digest_error,
+    load_fixture,
+    openai_clip_cfg,
+    perturbed_state,
+    relative_error,
+    seeded_image,
+    seeded_input,
+    seeded_labels,
 )
 
-AGGREGATOR_FIXTURES = ["catseg_aggregator_vitb_c20_pool1_trunc", "catseg_aggregator_vitb_c20_pool2_trunc",
-                       "catseg_aggregator_vitl_c20_pool1_trunc", "catseg_aggregator_vitl_c20_pool2_trunc",
-                       "catseg_aggregator_vitb_c300_pool1_trunc", "catseg_aggregator_vitb_c300_pool1"]
+AGGREGATOR_FIXTURES = [
+    "catseg_aggregator_vitb_c20_pool1_trunc",
+    "catseg_aggregator_vitb_c20_pool2_trunc",
+    "catseg_aggregator_vitl_c20_pool1_trunc",
+    "catseg_aggregator_vitl_c20_pool2_trunc",
+    "catseg_aggregator_vitb_c300_pool1_trunc",
+    "catseg_aggregator_vitb_c300_pool1",
+]
 # official CLIP_FINETUNE value -> our finetune strategy (the official code has these four)
-FINETUNE = {"none": {"strategy": "freeze"}, "attention": {"strategy": "qv"}, "full": {"strategy": "full"},
-            "prompt": {"strategy": "prompt", "prompt_length": 4}}
+FINETUNE = {
+    "none": {"strategy": "freeze"},
+    "attention": {"strategy": "qv"},
+    "full": {"strategy": "full"},
+    "prompt": {"strategy": "prompt", "prompt_length": 4},
+}
 
 
 def converted_state(fixture: dict, recipe=None) -> dict[str, torch.Tensor]:
@@ -35,19 +52,35 @@ def converted_state(fixture: dict, recipe=None) -> dict[str, torch.Tensor]:
 
 def head_kwargs(agg: dict) -> dict:
     """The official Aggregator settings as CATSegHead keyword arguments."""
-    return dict(hidden_dim=agg["hidden_dim"], num_layers=agg["num_layers"], num_heads=agg["nheads"],
-                window_size=agg["window_size"], appearance_guidance_proj_dim=agg["appearance_guidance_proj_dim"],
-                text_guidance_proj_dim=agg["text_guidance_proj_dim"], decoder_dims=agg["decoder_dims"],
-                decoder_guidance_dims=agg["decoder_guidance_dims"],
-                decoder_guidance_proj_dims=agg["decoder_guidance_proj_dims"], pad_len=256)
+    return dict(
+        hidden_dim=agg["hidden_dim"],
+        num_layers=agg["num_layers"],
+        num_heads=agg["nheads"],
+        window_size=agg["window_size"],
+        appearance_guidance_proj_dim=agg["appearance_guidance_proj_dim"],
+        text_guidance_proj_dim=agg["text_guidance_proj_dim"],
+        decoder_dims=agg["decoder_dims"],
+        decoder_guidance_dims=agg["decoder_guidance_dims"],
+        decoder_guidance_proj_dims=agg["decoder_guidance_proj_dims"],
+        pad_len=256,
+    )
 
 
 def our_clip(cfg: dict, finetune=None) -> CLIPBackbone:
     """Our CLIP tower with the official one's architecture; the position grid stays the checkpoint's."""
     model_cfg = openai_clip_cfg(cfg)
-    return CLIPBackbone(model_name="golden", pretrained=None, model_cfg=model_cfg, image_size=cfg["run_resolution"],
-                        position_embedding="forward", quick_gelu=True, feature_layers=cfg["hooked"],
-                        templates="catseg", synonyms="first", finetune=finetune)
+    return CLIPBackbone(
+        model_name="golden",
+        pretrained=None,
+        model_cfg=model_cfg,
+        image_size=cfg["run_resolution"],
+        position_embedding="forward",
+        quick_gelu=True,
+        feature_layers=cfg["hooked"],
+        templates="catseg",
+        synonyms="first",
+        finetune=finetune,
+    )
 
 
 def our_catseg(fixture: dict, finetune=None, **kwargs) -> CATSeg:
@@ -73,8 +106,13 @@ def test_catseg_aggregator_equals_official(name):
     head.eval()
     x = {k: seeded_input(tuple(s), fixture["seed"], k) for k, s in fixture["inputs"]["shapes"].items()}
     with torch.no_grad():
-        logits = head(x["dense"], [x["inter0"], x["inter1"]], x["text"], class_pool=cfg["pool"],
-                      truncate=256 if cfg["truncate"] else None)
+        logits = head(
+            x["dense"],
+            [x["inter0"], x["inter1"]],
+            x["text"],
+            class_pool=cfg["pool"],
+            truncate=256 if cfg["truncate"] else None,
+        )
     assert_close(logits, fixture["outputs"]["logits"], name)
     if cfg["num_classes"] > 256:  # truncation gives exactly -100 to the classes it drops, as the release does
         dropped = (logits == -100).all(dim=(-2, -1)).sum().item()
@@ -119,11 +157,15 @@ def test_catseg_position_embedding_load_mode_differs_from_the_release():
     state = {k.removeprefix("clip.model."): v for k, v in converted_state(fixture).items() if "positional" in k}
     pos = state["visual.positional_embedding"]
     resized = {"visual.positional_embedding": pos.clone()}
-    model = open_clip.model.CLIP(embed_dim=8, vision_cfg={"image_size": 384, "layers": 1, "width": pos.shape[1],
-                                                          "patch_size": 16, "head_width": 64},
-                                 text_cfg={"context_length": 8, "vocab_size": 10, "width": 8, "heads": 1, "layers": 1})
+    model = open_clip.model.CLIP(
+        embed_dim=8,
+        vision_cfg={"image_size": 384, "layers": 1, "width": pos.shape[1], "patch_size": 16, "head_width": 64},
+        text_cfg={"context_length": 8, "vocab_size": 10, "width": 8, "heads": 1, "layers": 1},
+    )
     open_clip.factory.resize_pos_embed(resized, model)
-    assert digest_error(resized["visual.positional_embedding"], fixture["outputs"]["position_embedding"]) > 100 * TOLERANCE
+    assert (
+        digest_error(resized["visual.positional_embedding"], fixture["outputs"]["position_embedding"]) > 100 * TOLERANCE
+    )
 
 
 # ---------------------------------------------------------------------------------------------- protocol
@@ -136,8 +178,17 @@ def test_catseg_inference_protocol_equals_official(setting):
     net = our_catseg(fixture)
     net.load_state_dict(converted_state(fixture), strict=True)
     net.eval()
-    protocol = InferenceConfig(mode="slide", score="sigmoid", slide_size=640, crop=384, stride=256, global_view=True,
-                               global_weight=0.5, resize_short=640, resize_max=2560)
+    protocol = InferenceConfig(
+        mode="slide",
+        score="sigmoid",
+        slide_size=640,
+        crop=384,
+        stride=256,
+        global_view=True,
+        global_weight=0.5,
+        resize_short=640,
+        resize_max=2560,
+    )
     image = fixture["inputs"]["image"].permute(2, 0, 1)[None]  # uint8 (1, 3, 150, 200)
     with torch.no_grad():
         scores = segment(lambda x: net(x, cfg["names"]), image, protocol)[0]
@@ -162,7 +213,9 @@ def test_catseg_loss_and_gradients_equal_official():
     net.train()
     inputs = fixture["inputs"]
     size = inputs["size"]
-    images = torch.stack([torch.from_numpy(seeded_image(s, size, size).transpose(2, 0, 1).copy()) for s in inputs["image_seeds"]])
+    images = torch.stack(
+        [torch.from_numpy(seeded_image(s, size, size).transpose(2, 0, 1).copy()) for s in inputs["image_seeds"]]
+    )
     images = images.double() / 255
     labels = seeded_labels(fixture["seed"], (len(images), size, size), **inputs["labels"])
     assert (labels == 255).any()
@@ -194,7 +247,9 @@ def test_catseg_finetune_options_train_the_official_parameters(option):
         finetune["prompt_depth"] = fixture["config"]["clip"]["vision_layers"]
     net = our_catseg(fixture, finetune=finetune)
     net.load_state_dict(converted_state(fixture, fixture["state"][option]), strict=True)
-    official = convert_catseg_state_dict({k: torch.zeros(0) for k in fixture["outputs"]["trainable"][option]}, prefix="")
+    official = convert_catseg_state_dict(
+        {k: torch.zeros(0) for k in fixture["outputs"]["trainable"][option]}, prefix=""
+    )
     assert sorted(n for n, p in net.named_parameters() if p.requires_grad) == sorted(official)
 
 
@@ -202,8 +257,13 @@ def test_catseg_finetune_options_train_the_official_parameters(option):
 def _convert_and_evaluate(setting: str, tmp_path, toy_data_dir) -> None:
     fixture = load_fixture("catseg_released")
     experiment = f"experiment=catseg_{'vitb16' if setting == 'vitb' else 'vitl14'}_coco"
-    convert_and_evaluate("catseg", {"model": perturbed_state(fixture["state"][setting], fixture["seed"])}, tmp_path,
-                         toy_data_dir, [experiment])
+    convert_and_evaluate(
+        "catseg",
+        {"model": perturbed_state(fixture["state"][setting], fixture["seed"])},
+        tmp_path,
+        toy_data_dir,
+        [experiment],
+    )
 
 
 def test_catseg_released_vitb16_checkpoint_converts_and_evaluates(tmp_path, toy_data_dir):

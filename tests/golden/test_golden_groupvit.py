@@ -23,7 +23,13 @@ from ovseg_lab.models.ovsegmentor import GroupViTEncoder, OVSegmentor
 from ovseg_lab.models.text_encoders import GroupViTTextEncoder
 from ovseg_lab.vocab import Vocabulary, load_vocabulary, release_class_strings
 from tests.golden.harness import (
-    TOLERANCE, convert_and_evaluate, digest_error, load_fixture, perturbed_state, relative_error, seeded_input,
+    TOLERANCE,
+    convert_and_evaluate,
+    digest_error,
+    load_fixture,
+    perturbed_state,
+    relative_error,
+    seeded_input,
 )
 
 
@@ -31,13 +37,32 @@ def our_net(fixture: dict, activation: str = "quick_gelu", **net_kwargs) -> OVSe
     cfg = fixture["config"]
     enc, text, projection = cfg["encoder"], cfg["text"], cfg["projection"]
     encoder = GroupViTEncoder(
-        image_size=enc["img_size"], patch_size=enc["patch_size"], embed_dim=enc["embed_dim"], depths=enc["depths"],
-        num_heads=enc["num_heads"][0], num_group_tokens=enc["num_group_tokens"],
-        num_output_groups=enc["num_output_groups"], drop_path_rate=0.0, hard_assignment=True)
-    text_encoder = GroupViTTextEncoder(context_length=text["context_length"], width=text["width"], layers=text["layers"],
-                                       vocab_size=text["vocab_size"], activation=activation)
-    net = OVSegmentor(encoder, text_encoder, embed_dim=projection["output_dim"], proj_hidden=projection["inner_dim"],
-                      objective="multi_label", prompt_template="a photo of a {}.", **net_kwargs)
+        image_size=enc["img_size"],
+        patch_size=enc["patch_size"],
+        embed_dim=enc["embed_dim"],
+        depths=enc["depths"],
+        num_heads=enc["num_heads"][0],
+        num_group_tokens=enc["num_group_tokens"],
+        num_output_groups=enc["num_output_groups"],
+        drop_path_rate=0.0,
+        hard_assignment=True,
+    )
+    text_encoder = GroupViTTextEncoder(
+        context_length=text["context_length"],
+        width=text["width"],
+        layers=text["layers"],
+        vocab_size=text["vocab_size"],
+        activation=activation,
+    )
+    net = OVSegmentor(
+        encoder,
+        text_encoder,
+        embed_dim=projection["output_dim"],
+        proj_hidden=projection["inner_dim"],
+        objective="multi_label",
+        prompt_template="a photo of a {}.",
+        **net_kwargs,
+    )
     state = convert_groupvit_state_dict(perturbed_state(fixture["state"], fixture["seed"]), prefix="")
     net.load_state_dict(state, strict=True)
     return net.eval()
@@ -45,7 +70,11 @@ def our_net(fixture: dict, activation: str = "quick_gelu", **net_kwargs) -> OVSe
 
 def assert_close(name: str, ours: torch.Tensor, expected, floor: float = 1e-30) -> None:
     ours = ours.detach()
-    error = digest_error(ours, expected, floor=floor) if isinstance(expected, dict) else relative_error(ours, expected, floor)
+    error = (
+        digest_error(ours, expected, floor=floor)
+        if isinstance(expected, dict)
+        else relative_error(ours, expected, floor)
+    )
     assert error <= TOLERANCE, f"{name}: relative error {error:.2e} > {TOLERANCE:.0e}"
 
 
@@ -98,12 +127,19 @@ def test_groupvit_losses_and_gradients_equal_official(case):
     log_scale = torch.tensor(cfg["log_scales"][case], requires_grad=True)
     log_multi = torch.tensor(cfg["log_scales"][case] + 0.1, requires_grad=True)
     contrastive = info_nce(image, text, log_scale.exp().clamp(max=100.0))
-    multi_label = multi_label_info_nce(image, prompts, torch.ones(b, k, dtype=torch.bool), log_multi.exp().clamp(max=100.0))
+    multi_label = multi_label_info_nce(
+        image, prompts, torch.ones(b, k, dtype=torch.bool), log_multi.exp().clamp(max=100.0)
+    )
     (contrastive + multi_label).backward()
     assert_close("contrastive", contrastive, expected["contrastive"])
     assert_close("multi_label", multi_label, expected["multi_label"])
-    for name, grad in (("grad_image", image.grad), ("grad_text", text.grad), ("grad_prompts", prompts.grad),
-                       ("grad_logit_scale", log_scale.grad), ("grad_multi_label_logit_scale", log_multi.grad)):
+    for name, grad in (
+        ("grad_image", image.grad),
+        ("grad_text", text.grad),
+        ("grad_prompts", prompts.grad),
+        ("grad_logit_scale", log_scale.grad),
+        ("grad_multi_label_logit_scale", log_multi.grad),
+    ):
         assert_close(name, grad, expected[name], floor=1e-12)
 
 
@@ -138,15 +174,28 @@ def test_groupvit_model_draws_the_official_prompts_and_mask_is_ours():
 
 
 # ------------------------------------------------------------------------------------------------ protocol
-PROTOCOL = InferenceConfig(mode="slide", slide_size=448, slide_max=2048, crop=448, stride=224, keep_ratio=True,
-                           global_view=False, score="identity")
+PROTOCOL = InferenceConfig(
+    mode="slide",
+    slide_size=448,
+    slide_max=2048,
+    crop=448,
+    stride=224,
+    keep_ratio=True,
+    global_view=False,
+    score="identity",
+)
 
 
-def run_protocol(fixture: dict, cfg: InferenceConfig = PROTOCOL, net_kwargs: dict | None = None
-                 ) -> tuple[torch.Tensor, OVSegmentor, Vocabulary]:
+def run_protocol(
+    fixture: dict, cfg: InferenceConfig = PROTOCOL, net_kwargs: dict | None = None
+) -> tuple[torch.Tensor, OVSegmentor, Vocabulary]:
     classes = fixture["config"]["classes"]
-    net = our_net(fixture, background_thresholds={"voc": fixture["config"]["protocol"]["bg_thresh"]}, topk_classes=5,
-                  **(net_kwargs or {}))
+    net = our_net(
+        fixture,
+        background_thresholds={"voc": fixture["config"]["protocol"]["bg_thresh"]},
+        topk_classes=5,
+        **(net_kwargs or {}),
+    )
     vocabulary = Vocabulary("voc", tuple(classes))  # background first, as the release's channel 0
     with torch.no_grad():
         scores = segment(lambda x: net(x, vocabulary), fixture["inputs"]["image"][None], cfg)
@@ -204,8 +253,8 @@ def test_groupvit_class_strings_are_the_release_classes(compose_cfg):
 def test_groupvit_released_layout_maps_onto_our_modules():
     """Every key of the released ViT-S checkpoint (group_vit_gcc_yfcc_30e) is understood and the converted keys and
     shapes are exactly those of model=groupvit (built on the meta device)."""
-    from ovseg_lab.convert.groupvit import groupvit_overrides
     from ovseg_lab.build import build_net
+    from ovseg_lab.convert.groupvit import groupvit_overrides
 
     recipe = load_fixture("groupvit_released")["state"]
     official = {key: torch.empty(shape, device="meta") for key, shape, *_ in recipe}
@@ -219,12 +268,28 @@ def _tiny_hf_model(seed: int = 0):
     from transformers import GroupViTConfig, GroupViTModel
 
     config = GroupViTConfig(
-        text_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1,
-                         max_position_embeddings=77, vocab_size=49408),
-        vision_config=dict(hidden_size=48, intermediate_size=192, depths=[2, 1, 1], num_hidden_layers=4,
-                           num_group_tokens=[8, 4, 0], num_output_groups=[8, 4, 4], num_attention_heads=6,
-                           image_size=224, patch_size=16),
-        projection_dim=32, projection_intermediate_dim=96)
+        text_config=dict(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=1,
+            max_position_embeddings=77,
+            vocab_size=49408,
+        ),
+        vision_config=dict(
+            hidden_size=48,
+            intermediate_size=192,
+            depths=[2, 1, 1],
+            num_hidden_layers=4,
+            num_group_tokens=[8, 4, 0],
+            num_output_groups=[8, 4, 4],
+            num_attention_heads=6,
+            image_size=224,
+            patch_size=16,
+        ),
+        projection_dim=32,
+        projection_intermediate_dim=96,
+    )
     torch.manual_seed(seed)
     model = GroupViTModel(config).eval()
     from tests.golden.harness import state_recipe
@@ -264,20 +329,36 @@ def test_groupvit_release_and_hf_checkpoints_convert_and_evaluate(layout, tmp_pa
     image with the printed line (two subprocesses, about 30 s of CPU each: slow)."""
     if layout == "groupvit":
         fixture = load_fixture("groupvit_model_groupvit")
-        checkpoint = {"model": {"module." + k: v for k, v in perturbed_state(fixture["state"], fixture["seed"]).items()}}
+        checkpoint = {
+            "model": {"module." + k: v for k, v in perturbed_state(fixture["state"], fixture["seed"]).items()}
+        }
     else:
         checkpoint = _tiny_hf_model()[1]
-    convert_and_evaluate(layout, checkpoint, tmp_path, toy_data_dir,
-                         ["model=groupvit", "model.net.image_encoder.embed_dim=48", "model.net.text_encoder.width=64"])
+    convert_and_evaluate(
+        layout,
+        checkpoint,
+        tmp_path,
+        toy_data_dir,
+        ["model=groupvit", "model.net.image_encoder.embed_dim=48", "model.net.text_encoder.width=64"],
+    )
 
 
 def test_groupvit_paper_recipe_keeps_the_official_behaviour(compose_cfg):
     cfg = compose_cfg("train", ["model=groupvit"])
     net = cfg.model.net
     assert net.text_encoder.activation == "quick_gelu"
-    assert (net.multi_label_padding, net.multi_label_templates, net.patch_remainder) == ("caption", "imagenet80", "crop")
+    assert (net.multi_label_padding, net.multi_label_templates, net.patch_remainder) == (
+        "caption",
+        "imagenet80",
+        "crop",
+    )
     inference = cfg.model.inference
-    assert (inference.mode, inference.keep_ratio, inference.slide_size, inference.slide_max) == ("slide", True, 448, 2048)
+    assert (inference.mode, inference.keep_ratio, inference.slide_size, inference.slide_max) == (
+        "slide",
+        True,
+        448,
+        2048,
+    )
     assert (inference.crop, inference.stride, inference.global_view) == (448, 224, False)
     assert dict(net.background_thresholds) == {"voc21": 0.95, "pc60": 0.35, "coco_object81": 0.95}
     assert json.loads(json.dumps(list(net.keys())))  # composes without interpolation errors

@@ -15,7 +15,13 @@ from ovseg_lab.convert.lseg import convert_lseg_state_dict
 from ovseg_lab.models.lseg import LSegNet, SpatialRegularization, ViTPyramid
 from ovseg_lab.vocab import Vocabulary
 from tests.golden.harness import (
-    TOLERANCE, convert_and_evaluate, digest_error, load_fixture, openai_clip_cfg, perturbed_state, seeded_input,
+    TOLERANCE,
+    convert_and_evaluate,
+    digest_error,
+    load_fixture,
+    openai_clip_cfg,
+    perturbed_state,
+    seeded_input,
 )
 
 NET_FIXTURES = [f"lseg_net_{variant}_{size}" for variant in ("vitb32", "vitl16") for size in ("384", "480", "352x512")]
@@ -26,8 +32,15 @@ ARCH_OPTIONS = {0: "none", 1: "bottleneck", 2: "depthwise"}  # lang-seg's arch_o
 def our_clip(cfg: dict) -> CLIPBackbone:
     """Our CLIP tower with the official (OpenAI) one's architecture; LSeg sends the label strings as they are."""
     model_cfg = openai_clip_cfg(cfg)
-    return CLIPBackbone(model_name="golden", pretrained=None, model_cfg=model_cfg, quick_gelu=True,
-                        feature_layers=(), templates="raw", synonyms="full")
+    return CLIPBackbone(
+        model_name="golden",
+        pretrained=None,
+        model_cfg=model_cfg,
+        quick_gelu=True,
+        feature_layers=(),
+        templates="raw",
+        synonyms="full",
+    )
 
 
 def our_lseg(fixture: dict, position_embedding: str = "forward") -> LSegNet:
@@ -35,12 +48,25 @@ def our_lseg(fixture: dict, position_embedding: str = "forward") -> LSegNet:
 
     cfg = fixture["config"]
     variant = cfg["variant"]
-    vit = VisionTransformer(img_size=384, patch_size=variant["patch"], embed_dim=variant["width"],
-                            depth=variant["depth"], num_heads=variant["heads"], num_classes=0, dynamic_img_size=True)
+    vit = VisionTransformer(
+        img_size=384,
+        patch_size=variant["patch"],
+        embed_dim=variant["width"],
+        depth=variant["depth"],
+        num_heads=variant["heads"],
+        num_classes=0,
+        dynamic_img_size=True,
+    )
     encoder = ViTPyramid(vit, variant["hooks"], variant["channels"], "project", position_embedding=position_embedding)
     regularization = SpatialRegularization(ARCH_OPTIONS[cfg["arch_option"]], cfg["block_depth"], cfg["activation"])
-    net = LSegNet(our_clip(cfg["clip"]), encoder, features=variant["features"], use_bn=True,
-                  regularization=regularization, templates="raw")
+    net = LSegNet(
+        our_clip(cfg["clip"]),
+        encoder,
+        features=variant["features"],
+        use_bn=True,
+        regularization=regularization,
+        templates="raw",
+    )
     state = convert_lseg_state_dict(perturbed_state(fixture["state"], fixture["seed"]), prefix="")
     net.load_state_dict(state, strict=True)
     return net.eval()
@@ -93,9 +119,14 @@ def _convert_and_evaluate(setting: str, tmp_path, toy_data_dir) -> None:
     fixture = load_fixture("lseg_released")
     encoder = {"vitl16": "vit_large_16_384", "vitb32": "vit_base_32_384", "rn101_zs": "resnet101"}[setting]
     # the recipe's multi-scale protocol at one scale (0.5: one 480 window) and without flips keeps the test short
-    convert_and_evaluate("lseg", {"state_dict": perturbed_state(fixture["state"][setting], fixture["seed"])}, tmp_path,
-                         toy_data_dir, ["experiment=lseg_ade20k", f"model.net.encoder.name={encoder}"],
-                         ("model.inference.scales=[0.5]", "model.inference.flip=false"))
+    convert_and_evaluate(
+        "lseg",
+        {"state_dict": perturbed_state(fixture["state"][setting], fixture["seed"])},
+        tmp_path,
+        toy_data_dir,
+        ["experiment=lseg_ade20k", f"model.net.encoder.name={encoder}"],
+        ("model.inference.scales=[0.5]", "model.inference.flip=false"),
+    )
 
 
 @pytest.mark.parametrize("setting", ["vitl16", "vitb32", "rn101_zs"])
@@ -112,8 +143,10 @@ def test_lseg_released_layouts_map_onto_our_modules(setting):
     with torch.device("meta"):
         encoder = build_encoder(override.split("=", 1)[1], pretrained=False)
         decoder = LSegDecoder(encoder.out_channels, 256, 512, SpatialRegularization("none"))
-    expected = {**{f"encoder.{k}": v.shape for k, v in encoder.state_dict().items()},
-                **{f"decoder.{k}": v.shape for k, v in decoder.state_dict().items()}}
+    expected = {
+        **{f"encoder.{k}": v.shape for k, v in encoder.state_dict().items()},
+        **{f"decoder.{k}": v.shape for k, v in decoder.state_dict().items()},
+    }
     ours = {k: v.shape for k, v in converted.items() if k.startswith(("encoder.", "decoder."))}
     assert ours == expected
     assert sum(k.startswith("clip.model.") for k in converted) > 100
@@ -183,8 +216,15 @@ def test_lseg_multiscale_flip_protocol_equals_official():
     net = our_lseg(fixture)
     vocabulary = Vocabulary("golden", tuple(fixture["config"]["labels"]))
     crop = protocol["crop_size"]
-    cfg = InferenceConfig(mode="multiscale", score="identity", crop=crop, stride=int(crop * 2.0 / 3.0),
-                          base_size=protocol["base_size"], scales=tuple(protocol["scales"]), flip=protocol["flip"])
+    cfg = InferenceConfig(
+        mode="multiscale",
+        score="identity",
+        crop=crop,
+        stride=int(crop * 2.0 / 3.0),
+        base_size=protocol["base_size"],
+        scales=tuple(protocol["scales"]),
+        flip=protocol["flip"],
+    )
     with torch.no_grad():
         scores = segment(lambda x: net(x, vocabulary), fixture["inputs"]["image"][None], cfg)
     error = digest_error(scores, fixture["outputs"]["scores"])

@@ -19,7 +19,13 @@ from ovseg_lab.models.maskformer import MaskFormer
 from ovseg_lab.models.ovseg import OVSeg
 from ovseg_lab.vocab import Vocabulary
 from tests.golden.harness import (
-    TOLERANCE, digest_error, load_fixture, openai_clip_cfg, perturbed_state, relative_error, seeded_input,
+    TOLERANCE,
+    digest_error,
+    load_fixture,
+    openai_clip_cfg,
+    perturbed_state,
+    relative_error,
+    seeded_input,
 )
 
 
@@ -29,20 +35,44 @@ def assert_close(ours: torch.Tensor, expected: dict, what: str, floor: float = 1
 
 
 def our_clip(cfg: dict) -> CLIPBackbone:
-    return CLIPBackbone(model_name="golden", pretrained=None, model_cfg=openai_clip_cfg(cfg), image_size=cfg["image_resolution"],
-                        position_embedding="forward", quick_gelu=True, templates="vild14", synonyms="full",
-                        mask_prompt_depth=cfg["mask_prompt_depth"], feature_layers=())
+    return CLIPBackbone(
+        model_name="golden",
+        pretrained=None,
+        model_cfg=openai_clip_cfg(cfg),
+        image_size=cfg["image_resolution"],
+        position_embedding="forward",
+        quick_gelu=True,
+        templates="vild14",
+        synonyms="full",
+        mask_prompt_depth=cfg["mask_prompt_depth"],
+        feature_layers=(),
+    )
 
 
 def our_ovseg(cfg: dict, **kwargs) -> OVSeg:
     swin, head = cfg["swin"], cfg["head"]
-    backbone = {"type": "swin", "embed_dim": swin["embed_dim"], "depths": swin["depths"], "num_heads": swin["num_heads"],
-                "window_size": swin["window_size"], "drop_path_rate": swin["drop_path_rate"]}
+    backbone = {
+        "type": "swin",
+        "embed_dim": swin["embed_dim"],
+        "depths": swin["depths"],
+        "num_heads": swin["num_heads"],
+        "window_size": swin["window_size"],
+        "drop_path_rate": swin["drop_path_rate"],
+    }
 
     def maskformer(embed_dim: int) -> MaskFormer:
-        return MaskFormer(backbone, embed_dim, num_queries=head["num_queries"], hidden_dim=head["hidden_dim"],
-                          heads=head["nheads"], ffn_dim=head["dim_feedforward"], dec_layers=head["dec_layers"],
-                          conv_dim=head["conv_dim"], mask_dim=head["mask_dim"], class_hidden=head["embed_hidden_dim"])
+        return MaskFormer(
+            backbone,
+            embed_dim,
+            num_queries=head["num_queries"],
+            hidden_dim=head["hidden_dim"],
+            heads=head["nheads"],
+            ffn_dim=head["dim_feedforward"],
+            dec_layers=head["dec_layers"],
+            conv_dim=head["conv_dim"],
+            mask_dim=head["mask_dim"],
+            class_hidden=head["embed_hidden_dim"],
+        )
 
     return OVSeg(our_clip(cfg["clip"]), maskformer, mask_threshold=cfg["mask_threshold"], templates="vild14", **kwargs)
 
@@ -65,7 +95,9 @@ def test_ovseg_inference_equals_official(weight):
     net = loaded_ovseg(fixture, ensemble_weight=cfg["ensemble_weight"])
     captured = {}
     net.maskformer.register_forward_hook(lambda m, i, o: captured.update(o))
-    protocol = InferenceConfig(mode="whole", score="identity", resize_short=cfg["test_short"], resize_max=cfg["test_max"])
+    protocol = InferenceConfig(
+        mode="whole", score="identity", resize_short=cfg["test_short"], resize_max=cfg["test_max"]
+    )
     image = fixture["inputs"]["image"].permute(2, 0, 1)[None]  # uint8 (1, 3, 75, 101)
     vocabulary = Vocabulary("golden", tuple(cfg["names"]))
     with torch.no_grad():
@@ -101,14 +133,36 @@ def our_maskformer(cfg: dict) -> MaskFormer:
     head = cfg["head"]
     if cfg["backbone"] == "swin":
         swin = cfg["swin"]
-        backbone = {"type": "swin", "embed_dim": swin["embed_dim"], "depths": swin["depths"], "num_heads": swin["num_heads"],
-                    "window_size": swin["window_size"], "drop_path_rate": swin["drop_path_rate"]}
+        backbone = {
+            "type": "swin",
+            "embed_dim": swin["embed_dim"],
+            "depths": swin["depths"],
+            "num_heads": swin["num_heads"],
+            "window_size": swin["window_size"],
+            "drop_path_rate": swin["drop_path_rate"],
+        }
     else:  # experiment=ovseg ovseg.setting=r101c_vitb16's backbone
-        backbone = {"type": "timm", "name": "resnet101c", "pretrained": False, "multi_grid": [1, 2, 4],
-                    "model_kwargs": {"stem_width": 64}, "frozen_bn": True, "freeze_at": 2}
-    return MaskFormer(backbone, cfg["embed_dim"], num_queries=head["num_queries"], hidden_dim=head["hidden_dim"],
-                      heads=head["nheads"], ffn_dim=head["dim_feedforward"], dec_layers=head["dec_layers"],
-                      conv_dim=head["conv_dim"], mask_dim=head["mask_dim"], class_hidden=head["embed_hidden_dim"])
+        backbone = {
+            "type": "timm",
+            "name": "resnet101c",
+            "pretrained": False,
+            "multi_grid": [1, 2, 4],
+            "model_kwargs": {"stem_width": 64},
+            "frozen_bn": True,
+            "freeze_at": 2,
+        }
+    return MaskFormer(
+        backbone,
+        cfg["embed_dim"],
+        num_queries=head["num_queries"],
+        hidden_dim=head["hidden_dim"],
+        heads=head["nheads"],
+        ffn_dim=head["dim_feedforward"],
+        dec_layers=head["dec_layers"],
+        conv_dim=head["conv_dim"],
+        mask_dim=head["mask_dim"],
+        class_hidden=head["embed_hidden_dim"],
+    )
 
 
 @pytest.mark.parametrize("backbone", ["swin", "r101c"])
@@ -120,8 +174,7 @@ def test_ovseg_maskformer_equals_official(backbone):
     fixture = load_fixture(f"ovseg_maskformer_{backbone}")
     cfg, out = fixture["config"], fixture["outputs"]
     net = our_maskformer(cfg)
-    state = convert_maskformer_state_dict(
-        perturbed_state(fixture["state"], fixture["seed"]), prefix="")
+    state = convert_maskformer_state_dict(perturbed_state(fixture["state"], fixture["seed"]), prefix="")
     net.load_state_dict(state, strict=True)
     net.eval()
     images = seeded_input(tuple(fixture["inputs"]["image_shape"]), fixture["seed"], "maskformer_images")
@@ -155,7 +208,7 @@ def test_ovseg_class_strings_and_token_ids_equal_official(vocabulary):
     tokens = clip.tokenize([template.format(name) for name in ours])
     index = [official["strings"].index(name) for name in ours]
     expected = official["tokens"][index].long()
-    assert torch.equal(tokens[:, : expected.shape[1]], expected) and not tokens[:, expected.shape[1]:].any()
+    assert torch.equal(tokens[:, : expected.shape[1]], expected) and not tokens[:, expected.shape[1] :].any()
 
 
 @pytest.mark.parametrize("setting", ["swinb_vitl14", "r101c_vitb16"])
@@ -204,9 +257,17 @@ def test_ovseg_released_checkpoint_converts_and_evaluates(setting, tmp_path, toy
     from tests.golden.harness import convert_and_evaluate
 
     fixture = load_fixture("ovseg_released")
-    expect = ["experiment=ovseg", "clip.mask_prompt_depth=3"] + (["ovseg.setting=r101c_vitb16"] if setting == "r101c_vitb16" else [])
-    run_dir = convert_and_evaluate("ovseg", {"model": perturbed_state(fixture["state"][setting], fixture["seed"])}, tmp_path,
-                                   toy_data_dir, expect, eval_overrides=("model.inference.resize_short=64",))
+    expect = ["experiment=ovseg", "clip.mask_prompt_depth=3"] + (
+        ["ovseg.setting=r101c_vitb16"] if setting == "r101c_vitb16" else []
+    )
+    run_dir = convert_and_evaluate(
+        "ovseg",
+        {"model": perturbed_state(fixture["state"][setting], fixture["seed"])},
+        tmp_path,
+        toy_data_dir,
+        expect,
+        eval_overrides=("model.inference.resize_short=64",),
+    )
     assert (run_dir / "metrics.json").is_file()
 
 
@@ -231,17 +292,30 @@ def test_ovseg_adaptation_loss_parameter_groups_and_crop_transform_equal_officia
 
     cfg = fixture["config"]["clip"]
     vision, text_cfg = cfg["vision_cfg"], cfg["text_cfg"]
-    clip = CLIPBackbone(model_name="golden", pretrained=None, model_cfg={
-        "embed_dim": cfg["embed_dim"], "vision_cfg": {k: vision[k] for k in ("layers", "width", "head_width", "patch_size", "image_size")},
-        "text_cfg": text_cfg}, quick_gelu=True, feature_layers=(), mask_prompt_depth=vision["mask_emb_depth"])
+    clip = CLIPBackbone(
+        model_name="golden",
+        pretrained=None,
+        model_cfg={
+            "embed_dim": cfg["embed_dim"],
+            "vision_cfg": {k: vision[k] for k in ("layers", "width", "head_width", "patch_size", "image_size")},
+            "text_cfg": text_cfg,
+        },
+        quick_gelu=True,
+        feature_layers=(),
+        mask_prompt_depth=vision["mask_emb_depth"],
+    )
     shapes = {name: torch.zeros(1) for name in out["parameters"]}
-    renamed = {official: next(iter(convert_ovseg_clip_state_dict({official: shapes[official]}, prefix="")))
-               for official in out["parameters"]}
+    renamed = {
+        official: next(iter(convert_ovseg_clip_state_dict({official: shapes[official]}, prefix="")))
+        for official in out["parameters"]
+    }
     ours = dict(clip.named_parameters())
     expected_exempt = set()
     for official, our_key in renamed.items():
         our_key = our_key.removeprefix("clip.")
-        for key in ([our_key] if our_key in ours else [our_key.replace("in_proj_weight", f"{q}_proj_weight") for q in "qkv"]):
+        for key in (
+            [our_key] if our_key in ours else [our_key.replace("in_proj_weight", f"{q}_proj_weight") for q in "qkv"]
+        ):
             assert key in ours, key
             if official in out["no_decay"]:
                 expected_exempt.add(key)
@@ -249,7 +323,9 @@ def test_ovseg_adaptation_loss_parameter_groups_and_crop_transform_equal_officia
 
     torch.manual_seed(fixture["seed"])
     crop = inputs["crop"].permute(2, 0, 1).contiguous()
-    tensor, mask = release_crop_transform(crop, torch.ones(crop.shape[1:], dtype=torch.bool), "colour", RELEASE_MASK_COLOUR)
+    tensor, mask = release_crop_transform(
+        crop, torch.ones(crop.shape[1:], dtype=torch.bool), "colour", RELEASE_MASK_COLOUR
+    )
     assert torch.equal(mask, out["crop_mask"]) and 0 < mask.float().mean() < 1
     normalised = clip.normalize(tensor.float()[None] / 255)[0]
     assert_close(normalised, out["crop_tensor"], "RandomResizedCrop (PIL bicubic) + normalisation")

@@ -9,7 +9,6 @@ recipe's options and compares every loss, every gradient and the projectors' Bat
 from __future__ import annotations
 
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,14 @@ from ovseg_lab.convert.ovsegmentor import convert_ovsegmentor_state_dict, rename
 from ovseg_lab.data.entities import OfficialEntityParser
 from ovseg_lab.models.ovsegmentor import GroupViTEncoder, OVSegmentor
 from ovseg_lab.models.text_encoders import BertTextEncoder
-from tests.golden.harness import TOLERANCE, convert_and_evaluate, digest_error, load_fixture, perturbed_state, relative_error
+from tests.golden.harness import (
+    TOLERANCE,
+    convert_and_evaluate,
+    digest_error,
+    load_fixture,
+    perturbed_state,
+    relative_error,
+)
 from tests.golden.official_ovsegmentor import TOKENIZER_DIR, loss_inputs
 
 # the release's BatchNorm updates per training step (stage 2): image projector 4, text projector 8, bridge 1
@@ -27,20 +33,48 @@ RELEASE_UPDATES = {"img_projector": 4, "text_projector": 8, "bridge_projector": 
 
 def our_net(fixture: dict, **options) -> OVSegmentor:
     cfg = fixture["config"]
-    encoder = GroupViTEncoder(image_size=cfg["image_size"], patch_size=cfg["patch_size"], embed_dim=cfg["embed_dim"],
-                              depths=cfg["depths"], num_heads=cfg["num_heads"], num_group_tokens=cfg["num_group_tokens"],
-                              num_output_groups=cfg["num_output_groups"], drop_path_rate=0.0, patch_norm=False)
+    encoder = GroupViTEncoder(
+        image_size=cfg["image_size"],
+        patch_size=cfg["patch_size"],
+        embed_dim=cfg["embed_dim"],
+        depths=cfg["depths"],
+        num_heads=cfg["num_heads"],
+        num_group_tokens=cfg["num_group_tokens"],
+        num_output_groups=cfg["num_output_groups"],
+        drop_path_rate=0.0,
+        patch_norm=False,
+    )
     from transformers import AutoTokenizer
 
     vocab_size = len(AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)))  # the release's BERT was built at this size
-    text = BertTextEncoder(pretrained=str(TOKENIZER_DIR), pretrained_weights=False,
-                           config={**cfg["bert"], "vocab_size": vocab_size}, max_length=77,
-                           padding=options.pop("padding", "max_length"))
-    paper = dict(group_ratio_mode="detach_least", dice_reduction="official", decoder_padding_mask=False,
-                 projector_statistics="official", entity_prompts="official")
-    net = OVSegmentor(encoder, text, embed_dim=cfg["output_dim"], proj_hidden=4096, objective="all_entities",
-                      cross_image_weight=0.1, group_ratio=cfg["group_ratio"], mask_size=224,
-                      answer_templates=[cfg["template"]], decoder_heads=8, momentum_mode="eval", **{**paper, **options})
+    text = BertTextEncoder(
+        pretrained=str(TOKENIZER_DIR),
+        pretrained_weights=False,
+        config={**cfg["bert"], "vocab_size": vocab_size},
+        max_length=77,
+        padding=options.pop("padding", "max_length"),
+    )
+    paper = dict(
+        group_ratio_mode="detach_least",
+        dice_reduction="official",
+        decoder_padding_mask=False,
+        projector_statistics="official",
+        entity_prompts="official",
+    )
+    net = OVSegmentor(
+        encoder,
+        text,
+        embed_dim=cfg["output_dim"],
+        proj_hidden=4096,
+        objective="all_entities",
+        cross_image_weight=0.1,
+        group_ratio=cfg["group_ratio"],
+        mask_size=224,
+        answer_templates=[cfg["template"]],
+        decoder_heads=8,
+        momentum_mode="eval",
+        **{**paper, **options},
+    )
     official = perturbed_state(fixture["state"], fixture["seed"])
     state = {k.removeprefix("net."): v for k, v in convert_ovsegmentor_state_dict(official).items()}
     for key, value in official.items():  # the converter drops the momentum copy (evaluation never reads it)
@@ -56,10 +90,16 @@ def training_step(fixture: dict, net: OVSegmentor) -> dict[str, torch.Tensor]:
     captions = fixture["inputs"]["captions"]
     parsed = [parser.parse(c) for c in captions]
     inputs = loss_inputs(fixture["seed"])
-    batch = {"image": inputs["image"].double(), "pair_image": inputs["pair_image"].double(), "caption": captions,
-             "question": [q for q, _ in parsed], "mentions": [[m.to_list() for m in ms] for _, ms in parsed],
-             "entities": [list(dict.fromkeys(m.entity for m in ms)) for _, ms in parsed],
-             "pair_entity": fixture["inputs"]["pair_entities"], "has_pair": torch.ones(len(captions), dtype=torch.bool)}
+    batch = {
+        "image": inputs["image"].double(),
+        "pair_image": inputs["pair_image"].double(),
+        "caption": captions,
+        "question": [q for q, _ in parsed],
+        "mentions": [[m.to_list() for m in ms] for _, ms in parsed],
+        "entities": [list(dict.fromkeys(m.entity for m in ms)) for _, ms in parsed],
+        "pair_entity": fixture["inputs"]["pair_entities"],
+        "has_pair": torch.ones(len(captions), dtype=torch.bool),
+    }
     assert batch["question"] == fixture["inputs"]["questions"], "the official parser's questions differ"
     net.train()
     net.image_encoder.eval()  # the generator ran the release's encoders without Gumbel noise too
@@ -95,15 +135,25 @@ def test_training_step_equals_release(name):
         error = digest_error(grad, expected, fixture["seed"], floor=1e-4)
         assert error <= TOLERANCE, f"{name}: gradient of {key} relative error {error:.2e}"
     # BatchNorm running statistics after the step (the release updates them 4 / 8 / 1 times)
-    state = {k.removeprefix("net."): v for k, v in
-             convert_ovsegmentor_state_dict(fixture["outputs"]["batchnorm"]).items()}
+    state = {
+        k.removeprefix("net."): v for k, v in convert_ovsegmentor_state_dict(fixture["outputs"]["batchnorm"]).items()
+    }
     own = net.state_dict()
     for key, expected in state.items():
         if key.endswith("num_batches_tracked"):
-            head = {"image_head": "img_projector", "text_head": "text_projector", "answer_head": "bridge_projector"}[key.split(".")[0]]
+            head = {"image_head": "img_projector", "text_head": "text_projector", "answer_head": "bridge_projector"}[
+                key.split(".")[0]
+            ]
             assert int(own[key]) == int(expected), f"{key}: {int(own[key])} updates vs release {int(expected)}"
-            assert int(own[key]) - int(perturbed_state(fixture["state"], fixture["seed"])[
-                f"{head}.linear_hidden.1.num_batches_tracked"].long()) == RELEASE_UPDATES[head]
+            assert (
+                int(own[key])
+                - int(
+                    perturbed_state(fixture["state"], fixture["seed"])[
+                        f"{head}.linear_hidden.1.num_batches_tracked"
+                    ].long()
+                )
+                == RELEASE_UPDATES[head]
+            )
             continue
         error = relative_error(own[key].float(), expected)
         assert error <= TOLERANCE, f"{name}: {key} relative error {error:.2e}"
@@ -124,7 +174,10 @@ def test_our_fixes_are_what_differs_from_the_release():
     release = our_net(fixture)
     training_step(fixture, release)
     online_q = "image_encoder.stages.0.grouping.assign.q_proj.weight"
-    assert relative_error(dict(most.named_parameters())[online_q].grad, dict(release.named_parameters())[online_q].grad) > 1e-3
+    assert (
+        relative_error(dict(most.named_parameters())[online_q].grad, dict(release.named_parameters())[online_q].grad)
+        > 1e-3
+    )
     stats = our_net(fixture, projector_statistics="ours")
     training_step(fixture, stats)
     assert int(stats.image_head.bn.num_batches_tracked) - int(release.image_head.bn.num_batches_tracked) == -2
@@ -136,7 +189,9 @@ def test_parser_questions_entities_and_prompt_strings_equal_release():
     assert len(fixture["rows"]) >= 30
     from ovseg_lab.clip.prompts import resolve_templates
 
-    assert list(resolve_templates("imagenet80")) == fixture["templates"], "answer templates differ from the release's 80"
+    assert list(resolve_templates("imagenet80")) == fixture["templates"], (
+        "answer templates differ from the release's 80"
+    )
     for row in fixture["rows"]:
         question, mentions = parser.parse(row["caption"])
         assert question == row["question"], row["caption"]
@@ -146,7 +201,10 @@ def test_parser_questions_entities_and_prompt_strings_equal_release():
         answer = OVSegmentor._answer(owner, entities)
         prefix = row["template"].split("{}")[0]
         # the release joins a Python set (hash order): same prefix, same entities, ours in order of mention
-        assert answer.startswith(prefix) and sorted(answer[len(prefix):].split(" and ") if entities else []) == row["entities"]
+        assert (
+            answer.startswith(prefix)
+            and sorted(answer[len(prefix) :].split(" and ") if entities else []) == row["entities"]
+        )
         if len(entities) <= 1:
             assert answer == row["answer"]
         owner = types.SimpleNamespace(entity_prompts="official")
@@ -199,7 +257,15 @@ def test_release_checkpoint_converts_and_evaluates(tmp_path, toy_data_dir):
     checkpoint = {"model": perturbed_state(fixture["state"], fixture["seed"]), "epoch": 9}
     size = fixture["config"]["image_size"]
     convert_and_evaluate(
-        "ovsegmentor", checkpoint, tmp_path, toy_data_dir, ["model=ovsegmentor", "model.net.embed_dim=16"],
-        eval_overrides=(f"model.inference.slide_size={size}", f"model.inference.crop={size}",
-                        f"model.inference.stride={size // 2}"),
-        convert_overrides=(f"model.net.text_encoder.pretrained={TOKENIZER_DIR}",))
+        "ovsegmentor",
+        checkpoint,
+        tmp_path,
+        toy_data_dir,
+        ["model=ovsegmentor", "model.net.embed_dim=16"],
+        eval_overrides=(
+            f"model.inference.slide_size={size}",
+            f"model.inference.crop={size}",
+            f"model.inference.stride={size // 2}",
+        ),
+        convert_overrides=(f"model.net.text_encoder.pretrained={TOKENIZER_DIR}",),
+    )
