@@ -225,6 +225,24 @@ def convert_and_evaluate(
     return run_dir
 
 
+def fixture_record(
+    method: str, repo: str, name: str, commit: str, seed: int, config: dict, recipe, inputs: dict, outputs: dict
+) -> dict[str, Any]:
+    """One fixture as every generator writes it: which official code made it (repository @ commit), the seed and
+    config it ran with, the state recipe, the inputs and the official outputs."""
+    return {
+        "method": method,
+        "name": name,
+        "official_repo": repo,
+        "official_commit": commit,
+        "seed": seed,
+        "config": config,
+        "state": recipe,
+        "inputs": inputs,
+        "outputs": outputs,
+    }
+
+
 def save_fixture(fixture: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -10,6 +10,7 @@ methods read; every forward that produces a fixture is the official code.
 
 from __future__ import annotations
 
+import functools
 import types
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from tests.golden.harness import (
     digest,
+    fixture_record,
     perturbed_state,
     save_fixture,
     seeded_image,
@@ -259,18 +261,7 @@ def perturb(module: nn.Module, seed: int, rename=lambda key: key) -> list[tuple]
     return recipe
 
 
-def fixture(name: str, commit: str, seed: int, config: dict, recipe, inputs: dict, outputs: dict) -> dict:
-    return {
-        "method": "catseg",
-        "name": name,
-        "official_repo": REPO,
-        "official_commit": commit,
-        "seed": seed,
-        "config": config,
-        "state": recipe,
-        "inputs": inputs,
-        "outputs": outputs,
-    }
+fixture = functools.partial(fixture_record, "catseg", REPO)
 
 
 # ---------------------------------------------------------------------------------------------- fixtures

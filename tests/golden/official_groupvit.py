@@ -35,6 +35,7 @@ Adaptations, all at the stub level:
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.machinery
 import logging
 import math
@@ -47,7 +48,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.golden.harness import digest, perturbed_state, save_fixture, seeded_image, seeded_input, state_recipe
+from tests.golden.harness import (
+    digest,
+    fixture_record,
+    perturbed_state,
+    save_fixture,
+    seeded_image,
+    seeded_input,
+    state_recipe,
+)
 from tests.golden.official_stubs import import_official
 
 REPO = "NVlabs/GroupViT"
@@ -297,18 +306,7 @@ def perturb(module: nn.Module, seed: int) -> list[tuple]:
     return recipe
 
 
-def _fixture(name: str, commit: str, seed: int, config: dict, recipe, inputs: dict, outputs: dict) -> dict:
-    return {
-        "method": "groupvit",
-        "name": name,
-        "official_repo": REPO,
-        "official_commit": commit,
-        "seed": seed,
-        "config": config,
-        "state": recipe,
-        "inputs": inputs,
-        "outputs": outputs,
-    }
+_fixture = functools.partial(fixture_record, "groupvit", REPO)
 
 
 def model_fixture(off: Official, encoder: str, commit: str, seed: int) -> dict:

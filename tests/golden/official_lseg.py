@@ -30,6 +30,7 @@ Adaptations, all at the stub level:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import types
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tests.golden.harness import digest, perturbed_state, save_fixture, seeded_input, state_recipe
+from tests.golden.harness import digest, fixture_record, perturbed_state, save_fixture, seeded_input, state_recipe
 from tests.golden.official_stubs import detectron2_function, import_official
 
 REPO = "isl-org/lang-seg"
@@ -267,18 +268,7 @@ def perturb(module: nn.Module, seed: int, prefix: str = "net.") -> list[tuple]:
     return recipe
 
 
-def _fixture(name: str, commit: str, seed: int, config: dict, recipe, inputs: dict, outputs: dict) -> dict:
-    return {
-        "method": "lseg",
-        "name": name,
-        "official_repo": REPO,
-        "official_commit": commit,
-        "seed": seed,
-        "config": config,
-        "state": recipe,
-        "inputs": inputs,
-        "outputs": outputs,
-    }
+_fixture = functools.partial(fixture_record, "lseg", REPO)
 
 
 def net_fixture(

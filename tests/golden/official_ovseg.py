@@ -15,6 +15,7 @@ a fixture is the official code (``OVSeg.forward`` in eval mode, ``GeneralizedSem
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import sys
 import tempfile
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tests.golden.harness import digest, perturbed_state, save_fixture, seeded_image, state_recipe
+from tests.golden.harness import digest, fixture_record, perturbed_state, save_fixture, seeded_image, state_recipe
 from tests.golden.official_stubs import detectron2_function, import_official, install_detectron2_stubs
 
 REPO = "facebookresearch/ov-seg"
@@ -358,18 +359,7 @@ def perturb(module: nn.Module, seed: int, adjust=None) -> list[tuple]:
     return recipe
 
 
-def fixture(name: str, commit: str, seed: int, config: dict, recipe, inputs: dict, outputs: dict) -> dict:
-    return {
-        "method": "ovseg",
-        "name": name,
-        "official_repo": REPO,
-        "official_commit": commit,
-        "seed": seed,
-        "config": config,
-        "state": recipe,
-        "inputs": inputs,
-        "outputs": outputs,
-    }
+fixture = functools.partial(fixture_record, "ovseg", REPO)
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
