@@ -22,9 +22,8 @@ from ovseg_lab.clip.finetune import FinetuneSpec, apply_finetune
 from ovseg_lab.clip.loading import build_open_clip
 from ovseg_lab.clip.prompts import SYNONYM_MODES, class_synonyms, resolve_templates
 from ovseg_lab.errors import SetupError
+from ovseg_lab.layers.normalize import OPENAI_MEAN, OPENAI_STD
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 POSITION_EMBEDDING_MODES = ("load", "forward")
 
 

@@ -25,6 +25,7 @@ from ovseg_lab.data.benchmark import IMAGE_EXTENSIONS, read_image
 from ovseg_lab.data.datamodule import SegmentationDataModule
 from ovseg_lab.data.shards import shard_urls as find_shards
 from ovseg_lab.errors import DataError, SetupError
+from ovseg_lab.layers.normalize import OPENAI_MEAN
 
 
 # ---------------------------------------------------------------------------------------------- captions
@@ -163,8 +164,6 @@ class PairShards(IterableDataset):
 
 def fill_colour() -> tuple[int, int, int]:
     """The uint8 colour our miner fills the background of a masked crop with: round(255 * CLIP mean)."""
-    from ovseg_lab.clip.backbone import OPENAI_MEAN
-
     return tuple(int(round(255 * c)) for c in OPENAI_MEAN)
 
 
