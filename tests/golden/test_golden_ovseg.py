@@ -288,6 +288,7 @@ def test_ovseg_adaptation_loss_parameter_groups_and_crop_transform_equal_officia
     loss = info_nce(image, text, inputs["logit_scale"], gather=False)
     loss.backward()
     assert relative_error(loss.detach(), out["loss"]) <= TOLERANCE
+
     # the release's ClipLoss takes unit vectors as they are; info_nce normalises its inputs itself, so the gradient
     # it returns is the release's through that normalisation: (I - x x^T) g / |x| (the same for every parameter
     # upstream of the unit features, whose radial component the Jacobian of their own normalisation removes)
