@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ovseg_lab.tools.compare_official import RELEASED_AGGREGATOR as RELEASED_AGGREGATOR_EVAL
 from tests.golden.harness import (
     digest,
     fixture_record,
@@ -102,21 +103,9 @@ RELEASED_CLIPS = {
         run_resolution=336,
     ),
 }
-RELEASED_AGGREGATOR = dict(
-    text_guidance_proj_dim=128,
-    appearance_guidance_proj_dim=128,
-    decoder_dims=(64, 32),
-    decoder_guidance_dims=(256, 128),
-    decoder_guidance_proj_dims=(32, 16),
-    num_layers=2,
-    nheads=4,
-    hidden_dim=128,
-    pooling_size=(2, 2),
-    feature_resolution=(24, 24),
-    window_size=12,
-    attention_type="linear",
-    prompt_channel=1,
-)
+# the release's Aggregator arguments (configs/vitb_384.yaml, vitl_336.yaml: one home, the speed tool's), with the
+# training pooling 2 of the configs
+RELEASED_AGGREGATOR = dict(RELEASED_AGGREGATOR_EVAL, pooling_size=(2, 2))
 SMALL_AGGREGATOR = dict(RELEASED_AGGREGATOR, hidden_dim=64)  # the whole-model fixtures: a narrower head, same structure
 VOC20 = [
     "aeroplane",
