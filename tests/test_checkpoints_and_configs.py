@@ -41,6 +41,47 @@ def test_atomic_checkpoint_io_keeps_the_old_file_when_a_save_fails(tmp_path):
         io.load_checkpoint(tmp_path / "cut.ckpt")
 
 
+@pytest.mark.parametrize("steps, saved", [(7, [5, 7]), (10, [5, 10])])
+def test_last_checkpoint_holds_the_final_weights_whatever_the_save_schedule(tmp_path, steps, saved):
+    import lightning as L
+
+    from ovseg_lab.lit.checkpoint_io import FinalStepCheckpoint
+
+    class Line(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            return ((self.w - batch) ** 2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    writes = []
+
+    class Counting(AtomicCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            writes.append(checkpoint["global_step"])
+            return super().save_checkpoint(checkpoint, path, storage_options)
+
+    callback = FinalStepCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=5)
+    module = Line()
+    trainer = L.Trainer(
+        max_steps=steps,
+        callbacks=[callback],
+        plugins=[Counting()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(torch.ones(4, 1), batch_size=1))
+    last = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == steps and torch.equal(last["state_dict"]["w"], module.w.detach())
+    assert writes == saved  # the final step once, not twice when the schedule already saved it
+
+
 def test_ckpt_path_last_resolves_in_the_run_directory(tmp_path):
     assert resolve_ckpt_path(None, tmp_path) is None
     with pytest.raises(SetupError, match=r"ckpt_path=last: no checkpoint at .*checkpoints/last.ckpt.*hydra.run.dir"):
