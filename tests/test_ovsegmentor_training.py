@@ -89,6 +89,7 @@ def test_quickstart_ovsegmentor_reduced(toy_data_dir, tmp_path):
         "trainer.max_steps=6",
         "trainer.val_check_interval=6",
         "trainer.log_every_n_steps=2",
+        "model.metric_convention=mmseg",  # GroupViT's: the toy report must score the way the run did
         f"hydra.run.dir={run_dir}",
         *small_toy_overrides(toy_data_dir),
     ]

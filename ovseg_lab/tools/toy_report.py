@@ -89,7 +89,9 @@ def evaluate_grouping(module, bench_dir: Path, name: str, batch_size: int = 40) 
 
     vocab, images, labels = _read_split(bench_dir)
     vocabulary = Vocabulary(name, vocab)
-    metric, oracle = SegmentationMetric(len(vocab)), SegmentationMetric(len(vocab))
+    # scored as the run scored it (GroupViT's recipe reports mmseg's mIoU, the toy default detectron2's)
+    convention = getattr(module, "metric_convention", "detectron2")
+    metric, oracle = (SegmentationMetric(len(vocab), convention=convention) for _ in range(2))
     totals = {"groups": 0, "named_right": 0, "pure_pixels": 0, "pixels": 0}
     for start in range(0, len(images), batch_size):
         x, y = images[start : start + batch_size], labels[start : start + batch_size]
