@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow --durations=20
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -361,6 +361,7 @@ needs_official = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # 14 s: in the slow suite, which CI runs too, to keep the default suite under 10 minutes
 @needs_official
 def test_compare_official_tiny_prints_ratios_and_checks_outputs(capsys):
     """--compare-official with tiny widths: outputs equal to 1e-5, interleaved CPU-time ratio, memory children."""
