@@ -59,16 +59,17 @@ def test_a_clip_choice_for_a_model_without_one_is_refused():
 
 
 def test_callbacks_none_installs_only_the_bad_sample_report():
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor
 
     from ovseg_lab.lit.bad_sample_report import BadSampleReport
+    from ovseg_lab.lit.checkpoint_io import FinalStepCheckpoint
     from ovseg_lab.runner import run_callbacks
 
     none = run_callbacks(compose("train", ["experiment=quickstart", "callbacks=none"]), has_logger=True)
     assert [type(c) for c in none] == [BadSampleReport]
     default = run_callbacks(compose("train", ["experiment=quickstart"]), has_logger=False)
     kinds = [type(c) for c in default]
-    assert kinds.count(BadSampleReport) == 1 and ModelCheckpoint in kinds and LearningRateMonitor not in kinds
+    assert kinds.count(BadSampleReport) == 1 and FinalStepCheckpoint in kinds and LearningRateMonitor not in kinds
 
 
 def test_one_shard_resolver_for_captions_and_pairs(tmp_path):
