@@ -80,6 +80,8 @@ def test_last_checkpoint_holds_the_final_weights_whatever_the_save_schedule(tmp_
     last = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == steps and torch.equal(last["state_dict"]["w"], module.w.detach())
     assert writes == saved  # the final step once, not twice when the schedule already saved it
+    with pytest.raises(SetupError, match="save_last=link is not supported"):
+        FinalStepCheckpoint(dirpath=tmp_path, save_last="link")
 
 
 def test_ckpt_path_last_resolves_in_the_run_directory(tmp_path):

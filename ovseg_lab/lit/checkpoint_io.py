@@ -81,9 +81,17 @@ class FinalStepCheckpoint(ModelCheckpoint):
     Lightning saves on its schedule (``every_n_train_steps``) and, at the end, only if nothing was saved at all:
     a 600-step run saving every 250 steps ended with the step-500 weights in ``last.ckpt`` while its
     ``metrics.json`` scored step 600, so ``eval.py ckpt=last.ckpt`` did not reproduce the run (GroupViT's toy run:
-    3.37 against 3.63 mIoU). Here the final step is saved when the schedule missed it (not after an interrupt:
-    Lightning's exception path saves that state itself).
+    3.37 against 3.63 mIoU). Here the final step is saved when the schedule missed it; an interrupted run keeps
+    its last scheduled save (what ``ckpt_path=last`` resumes from).
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        if kwargs.get("save_last") == "link":  # Lightning would link last.ckpt to the last *scheduled* file
+            raise SetupError(
+                "callbacks.model_checkpoint.save_last=link is not supported: last.ckpt must hold the final weights "
+                "(set save_last: true)."
+            )
+        super().__init__(*args, **kwargs)
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
