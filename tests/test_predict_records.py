@@ -155,6 +155,7 @@ def test_bad_device_and_an_output_file_are_clear_errors(tmp_path, monkeypatch):
     assert default.parent == tmp_path / "run" / "predict"
 
 
+@pytest.mark.slow  # ~20-30 s: the default suite stays under 10 minutes; CI runs the slow suite too
 def test_a_messy_folder_predicts_the_good_images_and_reports_the_bad_one(quickstart_run, toy_data_dir, tmp_path):
     """Clashing stems, a corrupt file and outputs written into the input folder, predicted twice: exit status 1
     naming the corrupt file, every good image predicted under its own name, nothing read back; the default output

@@ -286,6 +286,7 @@ def test_a_full_disk_is_named_with_the_path(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir()), "no temporary file is left"
 
 
+@pytest.mark.slow  # ~20-30 s: the default suite stays under 10 minutes; CI runs the slow suite too
 def test_a_resume_with_another_learning_rate_is_refused_with_a_diff(quickstart_run, toy_data_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(quickstart_run, run)
