@@ -98,7 +98,7 @@ def stage_load(path, tmp_path):
 
 def stage_weights(path, tmp_path):
     """OVSeg's nets reading an earlier stage's file (clip_weights, maskformer_weights, init_weights)."""
-    from ovseg_lab.utils.weights import load_state_from
+    from ovseg_lab.checkpoints import load_state_from
 
     load_state_from(path, ("net.clip.", "clip.", ""))
 

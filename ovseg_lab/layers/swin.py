@@ -309,8 +309,8 @@ class SwinBackbone(nn.Module):
     def load_imagenet(self, path: str) -> None:
         from pathlib import Path
 
+        from ovseg_lab.checkpoints import load_into
         from ovseg_lab.errors import SetupError
-        from ovseg_lab.utils.weights import load_into
 
         if not Path(path).is_file():
             raise SetupError(

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ovseg_lab.checkpoints import load_state_from
 from ovseg_lab.errors import SetupError
 from ovseg_lab.eval.inference import segment
 from ovseg_lab.layers.contrastive import info_nce
 from ovseg_lab.lit.base import OpenVocabModule, to_unit_float
 from ovseg_lab.lit.nonfinite import NonFiniteLossPolicy
 from ovseg_lab.utils.io import atomic_path
-from ovseg_lab.utils.weights import load_state_from
 from ovseg_lab.vocab import with_release_strings
 
 ADAPT_KINDS = ("ft", "mpt", "pretrain")

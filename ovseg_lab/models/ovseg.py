@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ovseg_lab.checkpoints import load_into, load_state_from
 from ovseg_lab.clip import CLIPBackbone
 from ovseg_lab.errors import SetupError
 from ovseg_lab.layers.normalize import IMAGENET_MEAN, IMAGENET_STD
-from ovseg_lab.utils.weights import load_into, load_state_from
 from ovseg_lab.vocab import Vocabulary
 
 MASK_PROMPT_HINT = " Mask prompts need the same clip.mask_prompt_depth and image size."
