@@ -131,17 +131,9 @@ def build_official(
     return official.eval(), checkpoint
 
 
-def build_ours(checkpoint: dict[str, torch.Tensor], setting: str, aggregator: dict | None = None):
-    """Our CATSegHead with the official checkpoint's weights, through our converter, loaded strictly."""
-    from ovseg_lab.convert.catseg import convert_catseg_state_dict
-    from ovseg_lab.models.catseg import CATSegHead
-
-    agg = dict(aggregator or RELEASED_AGGREGATOR)
-    dims = SETTINGS[setting]
-    head = CATSegHead(
-        dims["embed_dim"],
-        dims["width"],
-        num_templates=agg["prompt_channel"],
+def aggregator_head_kwargs(agg: dict) -> dict:
+    """The official Aggregator's arguments (``RELEASED_AGGREGATOR``'s keys) as CATSegHead keyword arguments."""
+    return dict(
         hidden_dim=agg["hidden_dim"],
         num_layers=agg["num_layers"],
         num_heads=agg["nheads"],
@@ -152,6 +144,18 @@ def build_ours(checkpoint: dict[str, torch.Tensor], setting: str, aggregator: di
         decoder_guidance_dims=agg["decoder_guidance_dims"],
         decoder_guidance_proj_dims=agg["decoder_guidance_proj_dims"],
         pad_len=256,
+    )
+
+
+def build_ours(checkpoint: dict[str, torch.Tensor], setting: str, aggregator: dict | None = None):
+    """Our CATSegHead with the official checkpoint's weights, through our converter, loaded strictly."""
+    from ovseg_lab.convert.catseg import convert_catseg_state_dict
+    from ovseg_lab.models.catseg import CATSegHead
+
+    agg = dict(aggregator or RELEASED_AGGREGATOR)
+    dims = SETTINGS[setting]
+    head = CATSegHead(
+        dims["embed_dim"], dims["width"], num_templates=agg["prompt_channel"], **aggregator_head_kwargs(agg)
     )
     state = {k.removeprefix("head."): v for k, v in convert_catseg_state_dict(checkpoint, prefix="").items()}
     head.load_state_dict(state, strict=True)

@@ -15,6 +15,7 @@ from ovseg_lab.convert.catseg import convert_catseg_state_dict
 from ovseg_lab.eval.inference import InferenceConfig, segment
 from ovseg_lab.layers.losses import per_pixel_bce
 from ovseg_lab.models.catseg import CATSeg, CATSegHead
+from ovseg_lab.tools.compare_official import aggregator_head_kwargs
 from tests.golden.harness import (
     TOLERANCE,
     convert_and_evaluate,
@@ -50,22 +51,6 @@ def converted_state(fixture: dict, recipe=None) -> dict[str, torch.Tensor]:
     return convert_catseg_state_dict(perturbed_state(recipe or fixture["state"], fixture["seed"]), prefix="")
 
 
-def head_kwargs(agg: dict) -> dict:
-    """The official Aggregator settings as CATSegHead keyword arguments."""
-    return dict(
-        hidden_dim=agg["hidden_dim"],
-        num_layers=agg["num_layers"],
-        num_heads=agg["nheads"],
-        window_size=agg["window_size"],
-        appearance_guidance_proj_dim=agg["appearance_guidance_proj_dim"],
-        text_guidance_proj_dim=agg["text_guidance_proj_dim"],
-        decoder_dims=agg["decoder_dims"],
-        decoder_guidance_dims=agg["decoder_guidance_dims"],
-        decoder_guidance_proj_dims=agg["decoder_guidance_proj_dims"],
-        pad_len=256,
-    )
-
-
 def our_clip(cfg: dict, finetune=None) -> CLIPBackbone:
     """Our CLIP tower with the official one's architecture; the position grid stays the checkpoint's."""
     model_cfg = openai_clip_cfg(cfg)
@@ -86,7 +71,7 @@ def our_clip(cfg: dict, finetune=None) -> CLIPBackbone:
 def our_catseg(fixture: dict, finetune=None, **kwargs) -> CATSeg:
     cfg = fixture["config"]
     clip = our_clip(cfg["clip"], finetune)
-    return CATSeg(clip, head=head_kwargs(cfg["aggregator"]), class_pool_train=2, class_pool_eval=1, **kwargs)
+    return CATSeg(clip, head=aggregator_head_kwargs(cfg["aggregator"]), class_pool_train=2, class_pool_eval=1, **kwargs)
 
 
 def assert_close(ours: torch.Tensor, expected: dict, what: str, floor: float = 1e-30) -> None:
@@ -100,7 +85,7 @@ def test_catseg_aggregator_equals_official(name):
     """Cost embedding, spatial + class aggregation, upsampling decoder, class padding / top-256 truncation."""
     fixture = load_fixture(name)
     cfg = fixture["config"]
-    head = CATSegHead(cfg["embed_dim"], cfg["width"], num_templates=1, **head_kwargs(cfg["aggregator"]))
+    head = CATSegHead(cfg["embed_dim"], cfg["width"], num_templates=1, **aggregator_head_kwargs(cfg["aggregator"]))
     state = {k.removeprefix("head."): v for k, v in converted_state(fixture).items()}
     head.load_state_dict(state, strict=True)
     head.eval()
