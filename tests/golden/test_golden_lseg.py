@@ -22,6 +22,7 @@ from tests.golden.harness import (
     openai_clip_cfg,
     perturbed_state,
     seeded_input,
+    undecided_pixels,
 )
 
 NET_FIXTURES = [f"lseg_net_{variant}_{size}" for variant in ("vitb32", "vitl16") for size in ("384", "480", "352x512")]
@@ -82,9 +83,8 @@ def run(fixture: dict, net: LSegNet) -> torch.Tensor:
 def assert_equal_to_official(fixture: dict, logits: torch.Tensor) -> None:
     error = digest_error(logits, fixture["outputs"]["logits"])
     assert error <= TOLERANCE, f"{fixture['name']}: logits relative error {error:.2e} > {TOLERANCE:.0e}"
-    labels = logits.argmax(1).to(torch.uint8)
-    agree = (labels == fixture["outputs"]["labels"]).float().mean().item()
-    assert agree == 1.0, f"{fixture['name']}: {100 * (1 - agree):.3f}% of pixels change label"
+    changed = (logits.argmax(1).to(torch.uint8) != fixture["outputs"]["labels"]) & ~undecided_pixels(logits)
+    assert not changed.any(), f"{fixture['name']}: {100 * changed.float().mean():.3f}% of decided pixels change label"
 
 
 @pytest.mark.parametrize("name", NET_FIXTURES)
