@@ -28,6 +28,23 @@ def resize_pair(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int])
     return image, label
 
 
+def pil_resize_pair(
+    image: torch.Tensor, label: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize image and label to ``size`` = (H, W) with PIL itself, as PyTorch-Encoding's datasets do: bilinear
+    for the uint8 image, nearest for the label (as 32-bit integers: PIL's nearest samples pixel centres in 16.16
+    fixed point, which a floating-point nearest misses on a few rows and columns)."""
+    from PIL import Image
+
+    height, width = size
+    if tuple(image.shape[-2:]) == (height, width):
+        return image, label
+    pixels = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).resize((width, height), Image.BILINEAR)
+    ids = Image.fromarray(label.to(torch.int32).numpy(), mode="I").resize((width, height), Image.NEAREST)
+    image = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).contiguous()
+    return image, torch.from_numpy(np.array(ids)).to(label.dtype)
+
+
 def short_side_size(height: int, width: int, short: int, max_size: int | None = None) -> tuple[int, int]:
     """detectron2's ResizeShortestEdge output size: short side -> ``short``, long side capped at ``max_size``,
     rounded half up."""
@@ -178,7 +195,7 @@ class LongSideTransform:
 
     In the release's order: a horizontal flip with probability 1/2; the long side resized to an integer drawn
     uniformly from ``long_side`` = [low, high] (the release: [base_size * 0.5, base_size * 2.0] = [260, 1040]),
-    aspect kept, the other side rounded half up (PIL bilinear for the image, nearest for the label); right /
+    aspect kept, the other side rounded half up (PIL's bilinear for the image, nearest for the label); right /
     bottom padding to the crop size when the short side is smaller (image ``pad_value``, black in the release;
     label ``ignore_index``: the release pads the raw mask with 0, which its ``mask - 1`` turns into its ignore
     value -1); a random crop_size square.
@@ -210,7 +227,7 @@ class LongSideTransform:
     def apply(self, image: torch.Tensor, label: torch.Tensor, draw: LongSideDraw) -> tuple[torch.Tensor, torch.Tensor]:
         if draw.flip:
             image, label = image.flip(-1), label.flip(-1)
-        image, label = resize_pair(image, label, self.resized_size(*label.shape, draw.long_side))
+        image, label = pil_resize_pair(image, label, self.resized_size(*label.shape, draw.long_side))
         pad_h, pad_w = max(0, self.crop_size - label.shape[0]), max(0, self.crop_size - label.shape[1])
         if pad_h or pad_w:  # only when the short side is below the crop (the release's condition)
             image = F.pad(image, (0, pad_w, 0, pad_h), value=self.pad_value)
