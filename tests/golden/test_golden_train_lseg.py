@@ -217,3 +217,63 @@ def test_golden_train_lseg_three_steps_equal_the_release(compose_cfg):
     moved = {k for k, d in fixture["outputs"]["updates"].items() if digest_error(torch.zeros(d["shape"]), d) > 0}
     assert any("running_mean" in k for k in moved) and any("scratch.head1" in k for k in moved)
     assert any("pretrained.model.blocks" in k for k in moved)
+
+
+# ------------------------------------------------------------------------------------------- recipe facts
+# lang-seg's train.sh / utils.py / lsegmentation_module.py values, as each LSeg paper recipe composes them
+RELEASE_TRAINING = {
+    "devices": 6,  # the paper's GPU count (a choice: the release trains on every visible GPU)
+    "batch_size": 1,  # per process: train.sh --batch_size 1
+    "accumulate_grad_batches": 2,
+    "sync_batchnorm": True,  # utils.py: hparams.sync_batchnorm = True
+    "precision": "32-true",  # Lightning 1.4's default, amp disabled in the module
+    "gradient_clip_val": None,
+    "lr": 0.004 / 16 * 1,  # base_lr / 16 x the per-process batch
+}
+
+
+@pytest.mark.parametrize("experiment", ["lseg_ade20k", "lseg_ovs"])
+def test_golden_train_lseg_recipes_take_the_release_training(compose_cfg, experiment):
+    """Batch per process and global, accumulation, SyncBN, precision, clipping, lr formula, optimizer, decoder
+    multiplier, transform of the supervised LSeg recipes; the ADE run's length, schedule, evaluation period and
+    checkpoint selection (lseg_ovs's length is ours: LSeg never trained on COCO-Stuff)."""
+    cfg = compose_cfg("train", [f"experiment={experiment}"])
+    trainer = cfg.trainer
+    assert trainer.devices == RELEASE_TRAINING["devices"] and cfg.data.batch_size == RELEASE_TRAINING["batch_size"]
+    assert trainer.accumulate_grad_batches == RELEASE_TRAINING["accumulate_grad_batches"]
+    assert trainer.devices * cfg.data.batch_size * trainer.accumulate_grad_batches == 12  # images per step
+    assert trainer.sync_batchnorm is RELEASE_TRAINING["sync_batchnorm"]
+    assert trainer.strategy._target_.endswith("DDPStrategy")
+    assert trainer.precision == RELEASE_TRAINING["precision"]
+    assert trainer.gradient_clip_val is RELEASE_TRAINING["gradient_clip_val"]
+    optimizer = cfg.model.optimizer
+    assert optimizer._target_ == "torch.optim.SGD" and optimizer.lr == RELEASE_TRAINING["lr"]
+    assert (optimizer.momentum, optimizer.weight_decay) == (0.9, 1e-4)
+    assert cfg.model.net.decoder_lr_multiplier == 10 and cfg.model.backbone_lr_multiplier == 1
+    assert cfg.model.weight_decay_norm is None and cfg.model.weight_decay_embed is None
+    assert (cfg.model.scheduler.kind, cfg.model.scheduler.power) == ("poly", 0.9)
+    transform = cfg.data.transform
+    assert transform.style == "encoding" and transform.crop_size == 480 and list(transform.long_side) == [260, 1040]
+    assert transform.pad_value == 0 and transform.flip is True
+    if experiment == "lseg_ade20k":
+        release = cfg.lseg_release
+        assert (release.train_images, release.max_epochs) == (20210, 240)
+        assert release.epoch_batches == -(-20210 // 6) == 3369 and release.epoch_steps == 1685
+        assert trainer.max_steps == 240 * 1685 and cfg.model.scheduler.steps_per_epoch == 1685
+        assert trainer.val_check_interval == 3369  # every epoch (Lightning counts batches)
+        best = cfg.callbacks.best_checkpoint
+        assert (best.monitor, best.mode, best.save_top_k) == ("val/ade150/pixel_accuracy", "max", 3)
+        assert cfg.callbacks.model_checkpoint.save_last is True
+    else:
+        assert trainer.max_steps == 80000 and trainer.val_check_interval == 10000
+        assert cfg.model.scheduler.get("steps_per_epoch") is None
+
+
+@pytest.mark.parametrize(("experiment", "steps"), [("lseg_fss1000", 5000), ("lseg_folds", 1700)])
+def test_golden_train_lseg_zero_shot_recipes_keep_the_release_precision_and_lr(compose_cfg, experiment, steps):
+    """The zero-shot recipes (no training script in the release: length, batch and episodes are ours) train fp32
+    as lsegmentation_module_zs.py does, unclipped, at its lr formula 0.004 / 16 x batch."""
+    cfg = compose_cfg("train", [f"experiment={experiment}"])
+    assert cfg.trainer.precision == "32-true" and cfg.trainer.gradient_clip_val is None
+    assert cfg.model.optimizer.lr == pytest.approx(0.004 / 16 * cfg.data.batch_size)
+    assert cfg.trainer.max_steps == steps
