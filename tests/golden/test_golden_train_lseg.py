@@ -264,6 +264,15 @@ def test_golden_train_lseg_recipes_take_the_release_training(compose_cfg, experi
         best = cfg.callbacks.best_checkpoint
         assert (best.monitor, best.mode, best.save_top_k) == ("val/ade150/pixel_accuracy", "max", 3)
         assert cfg.callbacks.model_checkpoint.save_last is True
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        from ovseg_lab.runner import run_callbacks
+
+        checkpoints = [c for c in run_callbacks(cfg, has_logger=False) if isinstance(c, ModelCheckpoint)]
+        assert [(c.monitor, c.save_top_k, c.save_last) for c in checkpoints] == [
+            (None, 0, True),  # last.ckpt (FinalStepCheckpoint)
+            ("val/ade150/pixel_accuracy", 3, False),
+        ]
     else:
         assert trainer.max_steps == 80000 and trainer.val_check_interval == 10000
         assert cfg.model.scheduler.get("steps_per_epoch") is None
