@@ -59,15 +59,18 @@ def recipe_module(compose_cfg, fixture: dict, overrides: tuple[str, ...] = ()) -
 
 
 # ------------------------------------------------------------------------------------------------ transform
-def test_golden_train_lseg_transform_replays_the_release():
+def test_golden_train_lseg_transform_replays_the_release(compose_cfg):
     """PyTorch-Encoding's _sync_transform (flip, random long side, PIL bilinear / nearest, black padding of the
-    image and ignore padding of the label, random crop; then mask - 1) with the release's draws replayed:
-    labels exact, images within 1 grey level, padded and unpadded crops, flipped and not."""
+    image and ignore padding of the label, random crop; then mask - 1) with the release's draws replayed on the
+    recipe's transform (at the fixture's small size): labels exact, images within 1 grey level, padded and
+    unpadded crops, flipped and not."""
     fixture = load_fixture("lseg_train_transform")
     config = fixture["config"]
-    transform = build_train_transform(
-        style="encoding", crop_size=config["crop_size"], long_side=config["long_side"], pad_value=0
+    low, high = config["long_side"]
+    cfg = compose_cfg(
+        "train", [RECIPE, f"data.transform.crop_size={config['crop_size']}", f"data.transform.long_side=[{low},{high}]"]
     )
+    transform = build_train_transform(ignore_index=cfg.data.train.ignore_index, **cfg.data.transform)
     worst = 0
     for case in fixture["outputs"]["cases"]:
         image = fixture["inputs"]["images"][case["image_index"]]
