@@ -7,8 +7,9 @@ matrices cover every image exactly once.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader, Sampler
 from ovseg_lab.data.bad_samples import BadSampleLog, split_bad
 from ovseg_lab.data.benchmark import BenchmarkSpec, SegmentationFolder
 from ovseg_lab.data.sampling import ResumableSampler
-from ovseg_lab.data.transforms import TrainTransform
+from ovseg_lab.data.transforms import build_train_transform
 from ovseg_lab.errors import DataError
 from ovseg_lab.vocab import Vocabulary
 
@@ -169,12 +170,10 @@ class SegmentationDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ datasets and loaders
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_spec is not None and self._train_set is None:
-            transform = TrainTransform(ignore_index=self.train_spec.ignore_index, **self.transform_cfg)
+            transform = build_train_transform(ignore_index=self.train_spec.ignore_index, **self.transform_cfg)
             self._train_set = SegmentationFolder(self.train_spec, len(self.train_vocabulary), transform)
         if not self._eval_sets:
-            self._eval_sets = [
-                SegmentationFolder(b.spec, len(b.vocabulary)) for b in self.eval_benchmarks
-            ]
+            self._eval_sets = [SegmentationFolder(b.spec, len(b.vocabulary)) for b in self.eval_benchmarks]
 
     def _loader_kwargs(self) -> dict[str, Any]:
         return {
@@ -196,7 +195,9 @@ class SegmentationDataModule(L.LightningDataModule):
         # The order and each sample's augmentation depend only on (seed, epoch, index) (ResumableSampler), so a
         # run resumed mid-epoch (resume_at) trains on exactly the batches an uninterrupted run would.
         rank, world = self._rank_and_world()
-        sampler = ResumableSampler(self._train_set, num_replicas=world, rank=rank, seed=self.shuffle_seed, drop_last=True)
+        sampler = ResumableSampler(
+            self._train_set, num_replicas=world, rank=rank, seed=self.shuffle_seed, drop_last=True
+        )
         if self._resume is not None:
             epoch, batches = self._resume
             sampler.resume(epoch, batches * self.batch_size)

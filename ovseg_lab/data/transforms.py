@@ -9,8 +9,8 @@ generator, which Lightning seeds per worker.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,23 @@ def resize_pair(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int])
     image = image.round().clamp(0, 255).to(torch.uint8)
     label = F.interpolate(label[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(label.dtype)
     return image, label
+
+
+def pil_resize_pair(
+    image: torch.Tensor, label: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize image and label to ``size`` = (H, W) with PIL itself, as PyTorch-Encoding's datasets do: bilinear
+    for the uint8 image, nearest for the label (as 32-bit integers: PIL's nearest samples pixel centres in 16.16
+    fixed point, which a floating-point nearest misses on a few rows and columns)."""
+    from PIL import Image
+
+    height, width = size
+    if tuple(image.shape[-2:]) == (height, width):
+        return image, label
+    pixels = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).resize((width, height), Image.BILINEAR)
+    ids = Image.fromarray(label.to(torch.int32).numpy(), mode="I").resize((width, height), Image.NEAREST)
+    image = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).contiguous()
+    return image, torch.from_numpy(np.array(ids)).to(label.dtype)
 
 
 def short_side_size(height: int, width: int, short: int, max_size: int | None = None) -> tuple[int, int]:
@@ -54,8 +71,13 @@ def _hsv_channel_change(image: torch.Tensor, channel: int, change) -> torch.Tens
     return torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)
 
 
-def ssd_color_jitter(image: torch.Tensor, brightness_delta: int = 32, contrast: tuple[float, float] = (0.5, 1.5),
-                     saturation: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18) -> torch.Tensor:
+def ssd_color_jitter(
+    image: torch.Tensor,
+    brightness_delta: int = 32,
+    contrast: tuple[float, float] = (0.5, 1.5),
+    saturation: tuple[float, float] = (0.5, 1.5),
+    hue_delta: int = 18,
+) -> torch.Tensor:
     """SSD photometric distortion (detectron2's ColorAugSSDTransform) on a uint8 (3, H, W) image.
 
     Brightness +-32 first; then contrast, saturation, hue or saturation, hue, contrast (coin flip); each step
@@ -154,3 +176,85 @@ class TrainTransform:
             image = F.pad(image, (0, pad_w, 0, pad_h), value=self.pad_value)
             label = F.pad(label, (0, pad_w, 0, pad_h), value=self.ignore_index)
         return image.contiguous(), label.contiguous()
+
+
+@dataclass(frozen=True)
+class LongSideDraw:
+    """The random draws of one :class:`LongSideTransform` call, in the order the release draws them."""
+
+    flip: bool
+    long_side: int
+    left: int
+    top: int
+
+
+@dataclass
+class LongSideTransform:
+    """PyTorch-Encoding's ``BaseDataset._sync_transform`` (LSeg's training transform): image uint8 (3, H, W),
+    label int64 (H, W) -> both (crop_size, crop_size).
+
+    In the release's order: a horizontal flip with probability 1/2; the long side resized to an integer drawn
+    uniformly from ``long_side`` = [low, high] (the release: [base_size * 0.5, base_size * 2.0] = [260, 1040]),
+    aspect kept, the other side rounded half up (PIL's bilinear for the image, nearest for the label); right /
+    bottom padding to the crop size when the short side is smaller (image ``pad_value``, black in the release;
+    label ``ignore_index``: the release pads the raw mask with 0, which its ``mask - 1`` turns into its ignore
+    value -1); a random crop_size square.
+    """
+
+    crop_size: int = 480
+    long_side: Sequence[int] = (260, 1040)
+    flip: bool = True
+    pad_value: int = 0
+    ignore_index: int = 255
+
+    def draw(self, height: int, width: int) -> LongSideDraw:
+        """The draws for an image of ``height`` x ``width`` (torch's global generator, seeded per worker)."""
+        flip = self.flip and bool(torch.rand(()) < 0.5)
+        low, high = self.long_side
+        long_side = int(torch.randint(int(low), int(high) + 1, ()))
+        out_h, out_w = self.resized_size(height, width, long_side)
+        left = int(torch.randint(0, max(out_w, self.crop_size) - self.crop_size + 1, ()))
+        top = int(torch.randint(0, max(out_h, self.crop_size) - self.crop_size + 1, ()))
+        return LongSideDraw(flip, long_side, left, top)
+
+    @staticmethod
+    def resized_size(height: int, width: int, long_side: int) -> tuple[int, int]:
+        """(H, W) with the long side ``long_side``: ``int(side * long / long_of_image + 0.5)`` as the release."""
+        if height > width:
+            return long_side, int(1.0 * width * long_side / height + 0.5)
+        return int(1.0 * height * long_side / width + 0.5), long_side
+
+    def apply(self, image: torch.Tensor, label: torch.Tensor, draw: LongSideDraw) -> tuple[torch.Tensor, torch.Tensor]:
+        if draw.flip:
+            image, label = image.flip(-1), label.flip(-1)
+        image, label = pil_resize_pair(image, label, self.resized_size(*label.shape, draw.long_side))
+        pad_h, pad_w = max(0, self.crop_size - label.shape[0]), max(0, self.crop_size - label.shape[1])
+        if pad_h or pad_w:  # only when the short side is below the crop (the release's condition)
+            image = F.pad(image, (0, pad_w, 0, pad_h), value=self.pad_value)
+            label = F.pad(label, (0, pad_w, 0, pad_h), value=self.ignore_index)
+        size = self.crop_size
+        image = image[:, draw.top : draw.top + size, draw.left : draw.left + size]
+        label = label[draw.top : draw.top + size, draw.left : draw.left + size]
+        return image.contiguous(), label.contiguous()
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.apply(image, label, self.draw(*label.shape))
+
+
+TRAIN_TRANSFORMS = {"detectron2": TrainTransform, "encoding": LongSideTransform}
+# TrainTransform's keys that LongSideTransform has no use for: the data configs set them, so a recipe choosing
+# style encoding must switch them off (a value left on would otherwise be dropped without a word)
+_DETECTRON2_ONLY = {"short_side": None, "max_size": None, "cat_max_ratio": 1.0, "color_jitter": False}
+
+
+def build_train_transform(style: str = "detectron2", **kwargs):
+    """``data.transform``: ``style`` detectron2 (:class:`TrainTransform`, CAT-Seg / OVSeg and our default) or
+    encoding (:class:`LongSideTransform`, PyTorch-Encoding's ``_sync_transform``, LSeg's paper recipes)."""
+    if style not in TRAIN_TRANSFORMS:
+        raise ValueError(f"data.transform.style={style!r}: one of {sorted(TRAIN_TRANSFORMS)}")
+    if style == "encoding":
+        for key, off in _DETECTRON2_ONLY.items():
+            value = kwargs.pop(key, off)
+            if value != off and not (off is None and not value):
+                raise ValueError(f"data.transform.{key}={value!r} has no effect with style=encoding: set it to {off}")
+    return TRAIN_TRANSFORMS[style](**kwargs)

@@ -72,6 +72,7 @@ def lr_schedule(
     power: float = 0.9,
     min_factor: float = 0.0,
     style: str = "scaled",
+    steps_per_epoch: int | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step schedule: linear warm-up from ``warmup_factor``, then cosine / poly decay (to ``min_factor``) or
     constant; factors are of each parameter group's base lr.
@@ -81,6 +82,10 @@ def lr_schedule(
     main_pretrain.py:351-356): a plain linear warm-up from ``warmup_factor`` to 1 over ``warmup_steps``, the cosine
     counted from step 0 (so it starts below its top), ``min_factor`` from ``total_steps`` on, and ``step_update``
     called after each optimizer step, so step s uses the value of step max(s - 1, 0).
+
+    steps_per_epoch: the schedule moves once per epoch of this many optimizer steps, as a ``LambdaLR`` stepped
+    per epoch (Lightning's ``interval: epoch``, lang-seg's poly): every step of epoch e uses the factor of step
+    e * steps_per_epoch. None: every step (ours).
     """
     if kind not in ("cosine", "poly", "constant"):
         raise ValueError(f"unknown schedule kind {kind!r}")
@@ -99,6 +104,8 @@ def lr_schedule(
         return min_factor + (1 - min_factor) * value
 
     def factor(step: int) -> float:
+        if steps_per_epoch:
+            step = step // steps_per_epoch * steps_per_epoch
         if style == "timm":
             t = max(step - 1, 0)
             if t < warmup_steps:

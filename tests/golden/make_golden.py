@@ -21,6 +21,7 @@ from tests.golden.harness import FIXTURE_DIR  # noqa: E402
 METHODS = {
     "catseg": "tests.golden.official_catseg",
     "lseg": "tests.golden.official_lseg",
+    "lseg_train": "tests.golden.official_lseg_train",
     "groupvit": "tests.golden.official_groupvit",
     "ovsegmentor": "tests.golden.official_ovsegmentor",
     "ovseg": "tests.golden.official_ovseg",
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--mmseg", type=Path, help="mmseg 0.x mmseg/models/segmentors/encoder_decoder.py tree (GroupViT)"
     )
+    parser.add_argument("--encoding", type=Path, help="extracted PyTorch-Encoding (LSeg training: dataset, loss)")
     parser.add_argument("--commit", help="official commit, when --official is not a git checkout")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=FIXTURE_DIR)
@@ -57,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     module = importlib.import_module(METHODS[args.method])
-    extra = {"lseg": args.clip, "groupvit": {"mmcv": args.mmcv, "mmseg": args.mmseg}}.get(args.method, args.detectron2)
+    extra = {
+        "lseg": args.clip,
+        "lseg_train": {"clip": args.clip, "encoding": args.encoding},
+        "groupvit": {"mmcv": args.mmcv, "mmseg": args.mmseg},
+    }.get(args.method, args.detectron2)
     paths = module.make(args.official, extra, args.out, official_commit(args.official, args.commit), args.seed)
     for path in paths:
         print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
