@@ -160,6 +160,9 @@ class CLIPAdaptModule(LabelAwareEval):
             ``parameter`` (the release, train.py:117-119: the parameter itself clamped to [0, ln 100] after every
             optimizer step, read unclamped).
         betas / eps: AdamW's (torch's defaults; the release: (0.9, 0.98) / 1e-6 for ViTs, params.py:4-10).
+        ft_mask_prompts: whether FT already runs the image tower with the mask prompts (ours: the tower FT adapts
+            is the one MPT and inference use) or without them, background patches as they are (the release: its FT
+            CLIP has no mask embedding, ``--mask-emb-depth`` 0 and no ``--with-mask``).
         schedule: ``ours`` (the warm-up factor multiplies a cosine over the whole phase) or ``release``
             (open_clip_training/src/training/scheduler.py: linear warm-up ``(step + 1) / warmup`` to the base lr,
             then a cosine over the phase's remaining steps).
@@ -185,6 +188,7 @@ class CLIPAdaptModule(LabelAwareEval):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         schedule: str = "ours",
+        ft_mask_prompts: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -222,6 +226,7 @@ class CLIPAdaptModule(LabelAwareEval):
         if schedule not in ("ours", "release"):
             raise SetupError(f"model.schedule must be 'ours' or 'release', got '{schedule}'.")
         self.schedule = schedule
+        self.ft_mask_prompts = ft_mask_prompts
         clip = self.net.clip
         if init_weights:
             state = load_state_from(init_weights, ("net.clip.", "clip.", ""))
@@ -357,7 +362,8 @@ class CLIPAdaptModule(LabelAwareEval):
         masks = batch["mask"].bool()
         # background exactly at the CLIP mean (0) whatever rounding the stored crop went through
         crops = clip.normalize(to_unit_float(batch["image"])) * masks[:, None]
-        image = self.net.region.region_features(crops, masks)
+        prompted = self.ft_mask_prompts or self.phases[self._phase] != "ft"
+        image = self.net.region.region_features(crops, masks if prompted else None)
         texts = list(batch["text"])
         if self.duplicate_texts == "unique":
             unique = list(dict.fromkeys(texts))

@@ -495,6 +495,176 @@ def maskformer_steps_fixture(off: Official, rel: Release, commit: str, seed: int
     return fixture("ovseg_train_steps_maskformer", commit, seed, config, recipe, inputs, outputs)
 
 
+# the adaptation steps: a small open_clip CLIP with mask embedding of depth 3 (MPT; FT's CLIP has none), 64 px
+# inputs (4x4 patches) to keep the stored crops small
+STEP_CLIP = dict(
+    embed_dim=32,
+    vision_cfg=dict(layers=3, width=64, head_width=64, patch_size=16, image_size=64, mask_emb_depth=3),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=2),
+)
+ADAPT_STEPS = dict(steps=3, warmup=2, batch=4, lr={"ft": 5e-6, "mpt": 0.05}, wd=0.2, mask_wd=0.0)
+ADAPT_NOUNS = ["dog", "grass", "dog", "sky"]  # a repeated noun: a false negative, as the release trains
+ADAPT_TEMPLATE = "a photo of a {}."  # the CSV's titles are not published; the test uses the same template
+
+
+def open_clip_training(root: Path) -> types.SimpleNamespace:
+    """The release's open_clip (model, loss, tokenizer) and the training functions of its scripts, each from its
+    source file: main.py / main_mask_prompt_tuning.py's optimizer statements, scheduler.py's ``cosine_lr``,
+    train.py's ``train_one_epoch`` / ``train_one_epoch_w_mask``."""
+    src = root / "open_clip_training" / "src"
+    if "ovseg_open_clip" not in sys.modules:
+        package = types.ModuleType("ovseg_open_clip")
+        package.__path__ = [str(src / "open_clip")]
+        sys.modules["ovseg_open_clip"] = package
+    loss = importlib_module("ovseg_open_clip.loss")
+    train = {}
+    for name in ("train_one_epoch", "train_one_epoch_w_mask"):
+        fn = detectron2_function(src, "training/train.py", name)
+        fn.__globals__.update(
+            math=math,
+            time=time,
+            suppress=__import__("contextlib").suppress,
+            ClipLoss=loss.ClipLoss,
+            AverageMeter=detectron2_function(src, "training/train.py", "AverageMeter"),
+            unwrap_model=detectron2_function(src, "training/train.py", "unwrap_model"),
+            is_master=lambda args, local=False: False,  # rank-0 logging only
+        )
+        train[name] = fn
+    cosine_lr = detectron2_function(src, "training/scheduler.py", "cosine_lr")
+    for name in ("assign_learning_rate", "_warmup_lr"):
+        cosine_lr.__globals__[name] = detectron2_function(src, "training/scheduler.py", name)
+    return types.SimpleNamespace(
+        src=src,
+        model=importlib_module("ovseg_open_clip.model"),
+        tokenize=importlib_module("ovseg_open_clip.tokenizer").tokenize,
+        train=train,
+        cosine_lr=cosine_lr,
+    )
+
+
+def release_optimizer(src: Path, script: str, model: nn.Module, args: types.SimpleNamespace):
+    """The optimizer statements of ``main()`` (the ``if args.train_data:`` block up to ``optim.AdamW(...)``) run as
+    written on ``model``."""
+    tree = ast.parse((src / "training" / script).read_text())
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    block = next(n for n in ast.walk(main) if isinstance(n, ast.If) and ast.unparse(n.test) == "args.train_data")
+    body = []
+    for statement in block.body:
+        if isinstance(statement, ast.Assert):
+            continue
+        body.append(statement)
+        if isinstance(statement, ast.Assign) and getattr(statement.targets[0], "id", None) == "optimizer":
+            break
+    namespace = {"model": model, "args": args, "optim": torch.optim}
+    exec(compile(ast.Module(body=body, type_ignores=[]), script, "exec"), namespace)
+    return namespace["optimizer"]
+
+
+def adaptation_batches(seed: int, image_size: int) -> list[dict]:
+    """Per step: uint8 crops with block masks (a patch wholly background in places), nouns."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(ADAPT_STEPS["steps"]):
+        n = ADAPT_STEPS["batch"]
+        images = torch.randint(0, 256, (n, 3, image_size, image_size), generator=gen, dtype=torch.uint8)
+        blocks = torch.rand(n, 7, 7, generator=gen) > 0.4
+        masks = blocks.repeat_interleave(image_size // 7 + 1, 1).repeat_interleave(image_size // 7 + 1, 2)
+        batches.append({"image": images, "mask": masks[:, :image_size, :image_size], "text": list(ADAPT_NOUNS)})
+    return batches
+
+
+def adaptation_steps_fixture(root: Path, commit: str, seed: int) -> dict:
+    """Three steps of FT, then three of MPT on its result, each as its script runs them: ``lock_text`` (FT, a
+    CLIP without mask embedding) / ``lock_image_tower(0)`` + ``lock_text`` (MPT, the mask embedding of depth 3),
+    the optimizer of main.py / main_mask_prompt_tuning.py (no decay on gains, biases and the logit scale; the MPT
+    group at ``--mask_wd``), ``cosine_lr`` over the phase (short here: warm-up 2, 3 steps), ``train_one_epoch`` /
+    ``train_one_epoch_w_mask`` (ClipLoss, AdamW, the logit scale clamped to [0, ln 100] after each step). Inputs:
+    masked crops normalised as our module normalises them (the release's transform is ``ovseg_adaptation``'s)."""
+    oc = open_clip_training(root)
+    torch.manual_seed(seed)
+    full = oc.model.CLIP(**STEP_CLIP, quick_gelu=True)  # depth 3 (MPT's layout)
+    recipe = perturb(full, seed)
+    with torch.no_grad():  # above ln 100: the first forward reads it unclamped, the step's clamp then acts
+        full.logit_scale.fill_(math.log(100) + 0.1)
+    start = {k: v.clone() for k, v in full.state_dict().items()}
+    size = STEP_CLIP["vision_cfg"]["image_size"]
+    batches = adaptation_batches(seed, size)
+    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+
+    def loader(with_mask: bool):
+        items = []
+        for batch in batches:
+            images = (batch["image"].float() / 255 - mean) / std * batch["mask"][:, None]
+            texts = oc.tokenize([ADAPT_TEMPLATE.format(t) for t in batch["text"]])
+            items.append(((images, batch["mask"].float()), texts) if with_mask else (images, texts))
+        data = types.SimpleNamespace(num_batches=len(items), num_samples=len(items) * ADAPT_STEPS["batch"])
+        return {"train": types.SimpleNamespace(set_epoch=lambda e: None, dataloader=Loader(items, data))}
+
+    phases, record = {}, {}
+    for phase in ("ft", "mpt"):
+        cfg = copy.deepcopy(STEP_CLIP)
+        if phase == "ft":
+            cfg["vision_cfg"]["mask_emb_depth"] = 0
+        model = oc.model.CLIP(**cfg, quick_gelu=True)
+        state = start if phase == "ft" else {**start, **phases["ft"]}
+        missing, unexpected = model.load_state_dict(
+            {k: v for k, v in state.items() if k in model.state_dict()}, strict=False
+        )
+        assert not missing and not unexpected
+        if phase == "mpt":
+            model.lock_image_tower(unlocked_groups=0)
+        model.loc_text_tower()
+        args = types.SimpleNamespace(
+            train_data="csv",
+            trace=False,
+            horovod=False,
+            lr=ADAPT_STEPS["lr"][phase],
+            wd=ADAPT_STEPS["wd"],
+            mask_wd=ADAPT_STEPS["mask_wd"],
+            mask_lr_multiplier=1.0,
+            beta1=0.9,
+            beta2=0.98,
+            eps=1e-6,  # params.py get_default_params for ViTs
+            precision="fp32",
+            ema=False,
+            device="cpu",
+            local_loss=False,
+            gather_with_grad=False,
+            rank=0,
+            world_size=1,
+            batch_size=ADAPT_STEPS["batch"],
+            wandb=False,
+        )
+        script = "main.py" if phase == "ft" else "main_mask_prompt_tuning.py"
+        optimizer = release_optimizer(oc.src, script, model, args)
+        scheduler = oc.cosine_lr(optimizer, args.lr, ADAPT_STEPS["warmup"], ADAPT_STEPS["steps"])
+        trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        train = oc.train["train_one_epoch" if phase == "ft" else "train_one_epoch_w_mask"]
+        train(model, loader(phase == "mpt"), 0, optimizer, None, scheduler, None, args)
+        after = {n: p.detach().clone() for n, p in model.named_parameters() if n in trained}
+        phases[phase] = {k: v.clone() for k, v in model.state_dict().items()}
+        record[phase] = {
+            "params": update_record(trained, after, seed),
+            "logit_scale": model.logit_scale.detach().clone(),
+            "groups": [
+                {"size": len(g["params"]), "weight_decay": float(g["weight_decay"]), "lr": float(g["lr"])}
+                for g in optimizer.param_groups
+            ],
+        }
+    config = {"clip": STEP_CLIP, "template": ADAPT_TEMPLATE, **ADAPT_STEPS}
+    inputs = {"batches": batches, "logit_scale": start["logit_scale"]}
+    return fixture("ovseg_train_steps_adaptation", commit, seed, config, recipe, inputs, record)
+
+
+class Loader(list):
+    """The dataloader ``train_one_epoch`` iterates, with the attributes it reads (num_batches, num_samples)."""
+
+    def __init__(self, items: list, info: types.SimpleNamespace) -> None:
+        super().__init__(items)
+        self.num_batches, self.num_samples = info.num_batches, info.num_samples
+
+
 def make(root: Path, detectron2_root: Path, out_dir: Path, commit: str, seed: int) -> list[Path]:
     if detectron2_root is None:
         raise SystemExit("--method ovseg_train needs --detectron2 (an extracted detectron2)")
@@ -506,5 +676,6 @@ def make(root: Path, detectron2_root: Path, out_dir: Path, commit: str, seed: in
         schedule_fixture(rel, commit, seed),
         adaptation_schedule_fixture(root, commit, seed),
         maskformer_steps_fixture(off, rel, commit, seed),
+        adaptation_steps_fixture(root, commit, seed),
     ]
     return [save_fixture(f, out_dir / f"{f['name']}.pt") for f in fixtures]

@@ -309,6 +309,112 @@ def test_golden_train_ovseg_three_maskformer_steps_equal_official(compose_cfg):
     assert frozen and all(torch.equal(ours_params[name], before[name]) for name in frozen)  # the CLIP
 
 
+def assert_updates_equal(record: dict, ours_after, before, mapping: dict, seed: int) -> int:
+    """Every official parameter's update after the steps (update_record of the generator: 8 seeded projections,
+    norms) against ours, gathered through ``mapping`` (our q / k / v concatenated as the release's in_proj)."""
+
+    def gathered(values, names):
+        order = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+        names = sorted(names, key=lambda n: next((i for k, i in order.items() if k in n), 0))
+        return torch.cat([values[n].detach().double().flatten() for n in names])
+
+    for checked, (official, entry) in enumerate(record.items()):
+        delta = gathered(ours_after, mapping[official]) - gathered(before, mapping[official])
+        gen = torch.Generator().manual_seed(seed + checked)
+        directions = torch.randn(8, delta.numel(), generator=gen, dtype=torch.float64)
+        # |P (d_ours - d_official)| / sqrt(8) estimates |d_ours - d_official|: bounded relative to the parameter
+        difference = (directions @ delta - entry["projections"]).norm() / 8**0.5
+        assert difference <= TOLERANCE * entry["after_norm"], (official, float(difference), entry["after_norm"])
+        # and the update itself (a parameter whose gradient is 0 in exact arithmetic, e.g. a bias in front of a
+        # GroupNorm, moves by float noise on either side: the parameter's tolerance bounds that)
+        update_error = abs(float(delta.norm()) - entry["update_norm"])
+        assert update_error <= 1e-3 * entry["update_norm"] + TOLERANCE * entry["after_norm"], official
+    return len(record)
+
+
+def test_golden_train_ovseg_three_adaptation_steps_per_phase_equal_official(compose_cfg):
+    """Three FT steps, then three MPT steps on their result, as the release's scripts run them (train.py's
+    ``train_one_epoch`` / ``train_one_epoch_w_mask``: ClipLoss with a repeated noun, AdamW (0.9, 0.98) / 1e-6 with
+    main.py's no-decay groups, ``cosine_lr`` with its warm-up, the logit scale trained in both phases, read
+    unclamped and clamped to ln 100 after each step; FT without mask prompts) vs ``CLIPAdaptModule`` with the paper
+    adaptation's settings (``adapt: ft_mpt``, the fixture's 3 + 3 steps and warm-up 2), in Lightning's order:
+    every trained parameter and the logit scale after each phase."""
+    from ovseg_lab.clip import CLIPBackbone
+    from ovseg_lab.convert.ovseg import convert_ovseg_clip_state_dict
+
+    fixture = load_fixture("ovseg_train_steps_adaptation")
+    config, out, inputs = fixture["config"], fixture["outputs"], fixture["inputs"]
+    model_cfg = adaptation_cfg(compose_cfg, "swinb_vitl14").model
+    assert dict(model_cfg.lr) == {**model_cfg.lr, **config["lr"]} and model_cfg.weight_decay.ft == config["wd"]
+    assert model_cfg.train_template == config["template"] and model_cfg.duplicate_texts == "keep"
+    cfg = config["clip"]
+    vision = cfg["vision_cfg"]
+    clip = CLIPBackbone(
+        model_name="golden",
+        pretrained=None,
+        model_cfg={
+            "embed_dim": cfg["embed_dim"],
+            "vision_cfg": {k: vision[k] for k in ("layers", "width", "head_width", "patch_size", "image_size")},
+            "text_cfg": cfg["text_cfg"],
+        },
+        quick_gelu=True,
+        feature_layers=(),
+        mask_prompt_depth=vision["mask_emb_depth"],
+    )
+    official = perturbed_state(fixture["state"], fixture["seed"])
+    official["logit_scale"] = inputs["logit_scale"]
+    state = {k.removeprefix("clip."): v for k, v in convert_ovseg_clip_state_dict(official, prefix="").items()}
+    clip.load_state_dict(state, strict=True)
+    net = OVSeg(clip, None, analysis="gt_masks", templates=[config["template"]])
+    settings = OmegaConf.to_container(model_cfg, resolve=True)
+    keys = ("param_groups", "train_logit_scale", "logit_scale_clamp", "betas", "eps", "schedule", "ft_mask_prompts")
+    steps = config["steps"]
+
+    class Stepped(CLIPAdaptModule):  # the trainer's global step, without a trainer
+        step_now = 0
+        global_step = property(lambda self: self.step_now)
+
+    module = Stepped(
+        net,
+        adapt="ft_mpt",
+        total_steps=2 * steps,
+        phase_steps=[steps, steps],
+        lr=settings["lr"],
+        weight_decay=settings["weight_decay"],
+        warmup_steps=config["warmup"],
+        train_template=settings["train_template"],
+        duplicate_texts=settings["duplicate_texts"],
+        **{k: settings[k] for k in keys},
+    )
+    configured = module.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    module.optimizers = lambda use_pl_optimizer=True: optimizer
+    # official name -> our names (the index-fill trick of official_to_ours, through the CLIP converter)
+    filled = {k: torch.full(tuple(shape), float(i)) for i, (k, shape, _, _) in enumerate(fixture["state"])}
+    names = [k for k, _, _, _ in fixture["state"]]
+    mapping: dict[str, list[str]] = {}
+    for key, value in convert_ovseg_clip_state_dict(filled, prefix="").items():
+        mapping.setdefault(names[int(value.unique().item())], []).append(key.removeprefix("clip."))
+    ours = dict(clip.named_parameters())
+    for phase_index, phase in enumerate(("ft", "mpt")):
+        before = {n: p.detach().clone() for n, p in ours.items()}
+        for i, batch in enumerate(inputs["batches"]):
+            module.step_now = phase_index * steps + i
+            module.on_train_batch_start(batch, i)
+            loss = module.training_step(batch, i)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step()
+            module.on_train_batch_end(None, batch, i)
+        record = out[phase]
+        assert relative_error(clip.model.logit_scale.detach(), record["logit_scale"]) <= TOLERANCE, phase
+        trained = {n for n, p in ours.items() if not torch.equal(p, before[n])}
+        expected = {n for official in record["params"] for n in mapping[official]}
+        assert trained <= expected, (phase, sorted(trained - expected)[:3])
+        assert assert_updates_equal(record["params"], ours, before, mapping, fixture["seed"]) == len(record["params"])
+
+
 # ---------------------------------------------------------------------------------------------- recipe facts
 @pytest.mark.parametrize(
     "experiment",
