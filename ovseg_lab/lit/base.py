@@ -247,16 +247,19 @@ class OpenVocabModule(L.LightningModule):
             if hasattr(self.optimizer_factory, "keywords")
             else 0.0
         )
-        groups = build_param_groups(
-            self, base_lr, weight_decay, self.backbone_lr_multiplier, self.weight_decay_norm, self.weight_decay_embed
-        )
-        optimizer = self.optimizer_factory(groups)
+        optimizer = self.optimizer_factory(self.param_groups_for(base_lr, weight_decay))
         if self.scheduler_factory is None:
             return optimizer
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
         }
+
+    def param_groups_for(self, base_lr: float, weight_decay: float) -> list[dict]:
+        """The optimizer's parameter groups (a method may add its release's exemptions)."""
+        return build_param_groups(
+            self, base_lr, weight_decay, self.backbone_lr_multiplier, self.weight_decay_norm, self.weight_decay_embed
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -31,14 +31,18 @@ def build_param_groups(
     backbone_lr_multiplier: float = 1.0,
     weight_decay_norm: float | None = 0.0,
     weight_decay_embed: float | None = 0.0,
+    no_decay_names: Iterable[str] = (),
 ) -> list[dict]:
     """Trainable parameters grouped by (lr, weight decay), detectron2-style.
 
     Parameters inside CLIP towers (or modules flagged ``is_backbone``) get ``lr * backbone_lr_multiplier``;
     parameters inside a module with a float attribute ``lr_multiplier`` (e.g. LSeg's decoder, 10x) have their
     lr multiplied by it (the innermost such module wins); parameters of normalisation layers get
-    ``weight_decay_norm`` and of ``nn.Embedding`` ``weight_decay_embed`` (None: the general weight decay).
+    ``weight_decay_norm`` and of ``nn.Embedding`` ``weight_decay_embed`` (None: the general weight decay);
+    parameters whose own name (inside their module) contains one of ``no_decay_names`` get none (OVSeg's
+    ``build_optimizer``: Swin's ``relative_position_bias_table``).
     """
+    no_decay_names = tuple(no_decay_names)
     backbone_ids = {id(p) for m in _backbone_modules(module) for p in m.parameters()}
     module_multiplier: dict[int, float] = {}
     for submodule in module.modules():  # parents come before children, so inner flags overwrite outer ones
@@ -48,11 +52,11 @@ def build_param_groups(
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     seen: set[int] = set()
     for submodule in module.modules():
-        for param in submodule.parameters(recurse=False):
+        for name, param in submodule.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            decay = weight_decay
+            decay = 0.0 if any(n in name for n in no_decay_names) else weight_decay
             if isinstance(submodule, NORM_TYPES) and weight_decay_norm is not None:
                 decay = weight_decay_norm
             elif isinstance(submodule, nn.Embedding) and weight_decay_embed is not None:

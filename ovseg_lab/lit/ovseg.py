@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from ovseg_lab.eval.inference import segment
 from ovseg_lab.layers.contrastive import info_nce
 from ovseg_lab.lit.base import OpenVocabModule, to_unit_float
 from ovseg_lab.lit.nonfinite import NonFiniteLossPolicy
+from ovseg_lab.lit.optim import build_param_groups
 from ovseg_lab.utils.io import atomic_path
 from ovseg_lab.vocab import with_release_strings
 
@@ -71,10 +72,25 @@ class MaskFormerModule(NonFiniteLossPolicy, LabelAwareEval):
     The CLIP towers stay frozen (OVSeg trains MaskFormer against fixed CLIP text embeddings).
     """
 
-    def __init__(self, *args, nonfinite_loss: str = "raise", **kwargs) -> None:
+    def __init__(
+        self, *args, nonfinite_loss: str = "raise", no_weight_decay_names: Sequence[str] = (), **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._init_nonfinite(nonfinite_loss)
         self.net.clip.requires_grad_(False)
+        # parameter names without weight decay (experiment=ovseg: the release's Swin position bias tables)
+        self.no_weight_decay_names = tuple(no_weight_decay_names)
+
+    def param_groups_for(self, base_lr: float, weight_decay: float) -> list[dict]:
+        return build_param_groups(
+            self,
+            base_lr,
+            weight_decay,
+            self.backbone_lr_multiplier,
+            self.weight_decay_norm,
+            self.weight_decay_embed,
+            self.no_weight_decay_names,
+        )
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int):
         images = to_unit_float(batch["image"])
@@ -129,7 +145,7 @@ class CLIPAdaptModule(LabelAwareEval):
             ``pretrain`` (every CLIP parameter but the token embedding table, both towers and the logit scale:
             the toy stand-in for CLIP's web pre-training, on image-caption pairs); ``none`` exports the CLIP
             unchanged.
-        lr / weight_decay: per phase kind (OVSeg: FT 5e-6 / 0.2, MPT 2e-2 / 0).
+        lr / weight_decay: per phase kind (OVSeg: FT 5e-6 / 0.2, MPT 5e-2 / 0).
         train_template: how a noun becomes a prompt for the (frozen) text tower.
         duplicate_texts: ``unique`` (same noun twice in a batch = one text, both images positive) or ``keep``
             (CLIP's loss: duplicates are false negatives, as in the release).
@@ -137,8 +153,19 @@ class CLIPAdaptModule(LabelAwareEval):
         param_groups: ``ours`` (one AdamW group per phase, its weight decay on every parameter) or ``release``
             (open_clip_training/src/training/main.py:173-186: no weight decay on parameters with fewer than 2
             dimensions or named bn / ln / bias / logit_scale).
-        train_logit_scale: the release's fine-tuning also trains CLIP's logit scale (in the ``ft`` phase);
-            False keeps it fixed.
+        train_logit_scale: CLIP's logit scale trains in every phase, at that phase's learning rate (the release
+            trains it in FT and in MPT: neither ``--lock-text`` nor ``--lock-image`` freezes it); each phase starts
+            it with fresh AdamW moments, as each release phase is its own run. False keeps it fixed.
+        logit_scale_clamp: ``forward`` (ours: ``exp(logit_scale)`` capped at 100 where the loss reads it) or
+            ``parameter`` (the release, train.py:117-119: the parameter itself clamped to [0, ln 100] after every
+            optimizer step, read unclamped).
+        betas / eps: AdamW's (torch's defaults; the release: (0.9, 0.98) / 1e-6 for ViTs, params.py:4-10).
+        ft_mask_prompts: whether FT already runs the image tower with the mask prompts (ours: the tower FT adapts
+            is the one MPT and inference use) or without them, background patches as they are (the release: its FT
+            CLIP has no mask embedding, ``--mask-emb-depth`` 0 and no ``--with-mask``).
+        schedule: ``ours`` (the warm-up factor multiplies a cosine over the whole phase) or ``release``
+            (open_clip_training/src/training/scheduler.py: linear warm-up ``(step + 1) / warmup`` to the base lr,
+            then a cosine over the phase's remaining steps).
         export: file name in the run directory for the adapted CLIP state dict (``model.net.clip_weights``).
     """
 
@@ -157,6 +184,11 @@ class CLIPAdaptModule(LabelAwareEval):
         export: str = "clip_adapted.pt",
         param_groups: str = "ours",
         train_logit_scale: bool = False,
+        logit_scale_clamp: str = "forward",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        schedule: str = "ours",
+        ft_mask_prompts: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -177,7 +209,7 @@ class CLIPAdaptModule(LabelAwareEval):
                 )
             bounds = [int(sum(phase_steps[: i + 1])) for i in range(len(phase_steps))]
         self.phase_bounds = [0] + bounds  # phase i trains steps [bounds[i], bounds[i+1])
-        self.lr = {"ft": 5e-6, "mpt": 2e-2, "pretrain": 1e-3, **dict(lr or {})}
+        self.lr = {"ft": 5e-6, "mpt": 5e-2, "pretrain": 1e-3, **dict(lr or {})}
         self.weight_decay = {"ft": 0.2, "mpt": 0.0, "pretrain": 0.1, **dict(weight_decay or {})}
         self.warmup_steps = warmup_steps
         self.train_template = train_template
@@ -187,6 +219,14 @@ class CLIPAdaptModule(LabelAwareEval):
             raise SetupError(f"model.param_groups must be 'ours' or 'release', got '{param_groups}'.")
         self.param_groups = param_groups
         self.train_logit_scale = train_logit_scale
+        if logit_scale_clamp not in ("forward", "parameter"):
+            raise SetupError(f"model.logit_scale_clamp must be 'forward' or 'parameter', got '{logit_scale_clamp}'.")
+        self.logit_scale_clamp = logit_scale_clamp
+        self.betas, self.eps = tuple(float(b) for b in betas), float(eps)
+        if schedule not in ("ours", "release"):
+            raise SetupError(f"model.schedule must be 'ours' or 'release', got '{schedule}'.")
+        self.schedule = schedule
+        self.ft_mask_prompts = ft_mask_prompts
         clip = self.net.clip
         if init_weights:
             state = load_state_from(init_weights, ("net.clip.", "clip.", ""))
@@ -202,17 +242,23 @@ class CLIPAdaptModule(LabelAwareEval):
 
     # ------------------------------------------------------------------ what trains when
     def phase_params(self, kind: str) -> list[torch.nn.Parameter]:
+        """The parameters phase ``kind`` trains, without the logit scale when it has its own group
+        (``train_logit_scale``)."""
         clip = self.net.clip
         if kind == "ft":
-            return list(clip.model.visual.parameters()) + ([clip.model.logit_scale] if self.train_logit_scale else [])
-        if kind == "mpt":
-            return [clip.mask_prompts]
-        # pretrain: everything but the token embedding table (49k x width, random fixed inputs serve as well and
-        # its dense Adam update would dominate a tiny model's step)
-        embedding = clip.model.token_embedding.weight
-        return [p for p in clip.model.parameters() if p is not embedding] + (
-            [clip.mask_prompts] if clip.mask_prompts is not None else []
-        )
+            params = list(clip.model.visual.parameters())
+        elif kind == "mpt":
+            params = [clip.mask_prompts]
+        else:
+            # pretrain: everything but the token embedding table (49k x width, random fixed inputs serve as well
+            # and its dense Adam update would dominate a tiny model's step)
+            embedding = clip.model.token_embedding.weight
+            params = [p for p in clip.model.parameters() if p is not embedding] + (
+                [clip.mask_prompts] if clip.mask_prompts is not None else []
+            )
+        if self.train_logit_scale:
+            params = [p for p in params if p is not clip.model.logit_scale]
+        return params
 
     def phase_at(self, step: int) -> int:
         return next((i for i in range(len(self.phases)) if step < self.phase_bounds[i + 1]), len(self.phases) - 1)
@@ -222,7 +268,19 @@ class CLIPAdaptModule(LabelAwareEval):
         if index is not None:
             for param in self.phase_params(self.phases[index]):
                 param.requires_grad_(True)
+            if self.train_logit_scale:
+                self.net.clip.model.logit_scale.requires_grad_(True)
         self._phase = index
+
+    def _start_logit_scale_phase(self, optimizer: torch.optim.Optimizer, index: int) -> None:
+        """The logit scale's group takes phase ``index``'s weight decay and fresh AdamW moments (each release
+        phase is its own run with its own optimizer)."""
+        scale = self.net.clip.model.logit_scale
+        optimizer.state.pop(scale, None)
+        for group in optimizer.param_groups:
+            if any(p is scale for p in group["params"]):
+                decay = self.param_groups == "ours"  # the release exempts the logit scale
+                group["weight_decay"] = self.weight_decay[self.phases[index]] if decay else 0.0
 
     def on_train_start(self) -> None:
         if not self.phases:
@@ -233,6 +291,13 @@ class CLIPAdaptModule(LabelAwareEval):
             index = self.phase_at(self.global_step)
             if index != self._phase:
                 self._set_phase(index)
+                if self.train_logit_scale:
+                    self._start_logit_scale_phase(self.optimizers(use_pl_optimizer=False), index)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.logit_scale_clamp == "parameter":  # the release, after every optimizer step (train.py:117-119)
+            with torch.no_grad():
+                self.net.clip.model.logit_scale.clamp_(0, math.log(100))
 
     def configure_optimizers(self):
         if not self.phases:
@@ -250,22 +315,36 @@ class CLIPAdaptModule(LabelAwareEval):
                     }
                 )
                 phase_of_group.append(index)
-        optimizer = torch.optim.AdamW(groups, foreach=True)
-
-        def window(index: int):
-            start, span = self.phase_bounds[index], max(1, self.phase_bounds[index + 1] - self.phase_bounds[index])
-
-            def factor(step: int) -> float:
-                local = step - start
-                if local < 0 or local >= span:
-                    return 0.0  # another phase trains now
-                warm = min(1.0, (local + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-                return warm * 0.5 * (1 + math.cos(math.pi * local / span))
-
-            return factor
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [window(i) for i in phase_of_group])
+        factors = [self.phase_window(i) for i in phase_of_group]
+        if self.train_logit_scale:
+            # one group across the phases: its base lr is 1 and its factor the active phase's lr at this step
+            groups.append({"params": [self.net.clip.model.logit_scale], "lr": 1.0, "weight_decay": 0.0})
+            windows = [(self.lr[kind], self.phase_window(i)) for i, kind in enumerate(self.phases)]
+            factors.append(lambda step: sum(lr * window(step) for lr, window in windows))
+        optimizer = torch.optim.AdamW(groups, betas=self.betas, eps=self.eps, foreach=True)
+        if self.train_logit_scale:
+            self._start_logit_scale_phase(optimizer, self._phase or 0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def phase_window(self, index: int):
+        """step -> factor of phase ``index``'s base lr at that (global) step; 0 outside the phase. LambdaLR steps
+        after each optimizer step, so step s trains with factor(s), as the release's ``scheduler(step)`` before it."""
+        start, span = self.phase_bounds[index], max(1, self.phase_bounds[index + 1] - self.phase_bounds[index])
+        warmup = self.warmup_steps
+
+        def factor(step: int) -> float:
+            local = step - start
+            if local < 0 or local >= span:
+                return 0.0  # another phase trains now
+            if self.schedule == "release":  # scheduler.py cosine_lr: warm-up, then the cosine after it
+                if local < warmup:
+                    return (local + 1) / warmup
+                return 0.5 * (1 + math.cos(math.pi * (local - warmup) / max(1, span - warmup)))
+            warm = min(1.0, (local + 1) / warmup) if warmup else 1.0
+            return warm * 0.5 * (1 + math.cos(math.pi * local / span))
+
+        return factor
 
     def decay_split(self, params: list[torch.nn.Parameter]) -> list[tuple[list[torch.nn.Parameter], bool]]:
         """[(parameters, weight decay applies)]: one group (``ours``), or the release's split into decayed and
@@ -283,7 +362,8 @@ class CLIPAdaptModule(LabelAwareEval):
         masks = batch["mask"].bool()
         # background exactly at the CLIP mean (0) whatever rounding the stored crop went through
         crops = clip.normalize(to_unit_float(batch["image"])) * masks[:, None]
-        image = self.net.region.region_features(crops, masks)
+        prompted = self.ft_mask_prompts or self.phases[self._phase] != "ft"
+        image = self.net.region.region_features(crops, masks if prompted else None)
         texts = list(batch["text"])
         if self.duplicate_texts == "unique":
             unique = list(dict.fromkeys(texts))
@@ -293,7 +373,10 @@ class CLIPAdaptModule(LabelAwareEval):
         prompts = [self.train_template.format(t) for t in unique]
         with torch.set_grad_enabled(self.phases[self._phase] == "pretrain"):
             text = F.normalize(clip.encode_text(prompts).float(), dim=-1)
-        loss = info_nce(image, text, clip.model.logit_scale.exp().clamp(max=100), groups, gather=False)
+        scale = clip.model.logit_scale.exp()
+        if self.logit_scale_clamp == "forward":
+            scale = scale.clamp(max=100)
+        loss = info_nce(image, text, scale, groups, gather=False)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=crops.shape[0])
         self.log("train/phase", float(self._phase), on_step=True, on_epoch=False, batch_size=crops.shape[0])
         return loss

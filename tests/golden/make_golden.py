@@ -25,6 +25,7 @@ METHODS = {
     "groupvit": "tests.golden.official_groupvit",
     "ovsegmentor": "tests.golden.official_ovsegmentor",
     "ovseg": "tests.golden.official_ovseg",
+    "ovseg_train": "tests.golden.official_ovseg_train",
 }
 
 
