@@ -20,6 +20,7 @@ from tests.golden.harness import FIXTURE_DIR  # noqa: E402
 
 METHODS = {
     "catseg": "tests.golden.official_catseg",
+    "catseg_train": "tests.golden.official_catseg_train",
     "lseg": "tests.golden.official_lseg",
     "groupvit": "tests.golden.official_groupvit",
     "ovsegmentor": "tests.golden.official_ovsegmentor",
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--mmseg", type=Path, help="mmseg 0.x mmseg/models/segmentors/encoder_decoder.py tree (GroupViT)"
     )
+    parser.add_argument("--ovseg", type=Path, help="extracted ov-seg (catseg_train: its training mapper)")
     parser.add_argument("--commit", help="official commit, when --official is not a git checkout")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=FIXTURE_DIR)
@@ -57,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     module = importlib.import_module(METHODS[args.method])
-    extra = {"lseg": args.clip, "groupvit": {"mmcv": args.mmcv, "mmseg": args.mmseg}}.get(args.method, args.detectron2)
+    extra = {
+        "lseg": args.clip,
+        "groupvit": {"mmcv": args.mmcv, "mmseg": args.mmseg},
+        "catseg_train": {"detectron2": args.detectron2, "ovseg": args.ovseg},
+    }.get(args.method, args.detectron2)
     paths = module.make(args.official, extra, args.out, official_commit(args.official, args.commit), args.seed)
     for path in paths:
         print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
