@@ -2,19 +2,63 @@
 
 Short-side resize, random crop with a category-area constraint, SSD colour jitter, horizontal flip and
 padding to the crop size (image ``pad_value``, label ``ignore_index``). Each step follows detectron2's
-implementation (ResizeShortestEdge with PIL bilinear / nearest, RandomCrop_CategoryAreaConstraint,
-ColorAugSSDTransform), so the training distribution is the papers'. Randomness comes from torch's global
-generator, which Lightning seeds per worker.
+implementation (ResizeShortestEdge, RandomCrop_CategoryAreaConstraint, ColorAugSSDTransform, RandomFlip; the
+padding of CAT-Seg's / OVSeg's ``MaskFormerSemanticDatasetMapper``), so the training distribution is the papers'.
+
+``arithmetic="detectron2"`` (the paper recipes) computes every pixel as the release does: PIL's bilinear resize of
+the uint8 image, torch's legacy ``nearest`` on the label, the HSV steps of the colour jitter through OpenCV's uint8
+conversion (the ``cv2`` extra); the golden tests replay the release's random draws on it and match it exactly.
+``arithmetic="torch"`` is our own arithmetic (antialiased torch bilinear, ``nearest-exact``, matplotlib HSV on
+floats), the same distribution up to rounding.
+
+Randomness comes from a :class:`TorchDraws` (torch's global generator, which Lightning seeds per worker); the
+draws are the release's in kind and order (a choice of size, crop corners, coin flips, uniform factors).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+class TorchDraws:
+    """The random draws of :class:`TrainTransform`, from torch's global generator (one call per draw, in the order
+    the release draws them; a golden test substitutes the release's recorded values)."""
+
+    def index(self, n: int) -> int:
+        """One of ``range(n)`` (detectron2's ``np.random.choice`` over a list of sizes)."""
+        return int(torch.randint(0, n, ()))
+
+    def integer(self, low: int, high: int) -> int:
+        """An integer in [low, high) (``np.random.randint`` / ``random.randint(low, high - 1)``)."""
+        return int(torch.randint(low, high, ()))
+
+    def uniform(self, low: float, high: float) -> float:
+        return float(torch.empty(()).uniform_(low, high))
+
+    def chance(self) -> bool:
+        """A fair coin (``random.randrange(2)``, ``np.random.uniform() < 0.5``)."""
+        return bool(torch.rand(()) < 0.5)
+
+
+def resize_pair_detectron2(
+    image: torch.Tensor, label: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """detectron2's ResizeTransform: the uint8 image (3, H, W) through PIL's bilinear resize, the label (H, W) as
+    float64 through torch's legacy ``nearest`` (the mapper reads labels as double, which PIL cannot take)."""
+    from PIL import Image
+
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image, label
+    pil = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy()))
+    resized = np.asarray(pil.resize((size[1], size[0]), Image.BILINEAR))
+    image = torch.from_numpy(resized.copy()).permute(2, 0, 1).contiguous()
+    label = F.interpolate(label[None, None].double(), size=size, mode="nearest")[0, 0].to(label.dtype)
+    return image, label
 
 
 def resize_pair(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +93,8 @@ def short_side_size(height: int, width: int, short: int, max_size: int | None = 
     """detectron2's ResizeShortestEdge output size: short side -> ``short``, long side capped at ``max_size``,
     rounded half up."""
     scale = short / min(height, width)
-    new_h, new_w = height * scale, width * scale
+    # the short side is ``short`` itself, not short / min * min (ResizeShortestEdge.get_output_shape)
+    new_h, new_w = (float(short), width * scale) if height < width else (height * scale, float(short))
     if max_size is not None and max(new_h, new_w) > max_size:
         shrink = max_size / max(new_h, new_w)
         new_h, new_w = new_h * shrink, new_w * shrink
@@ -71,46 +116,63 @@ def _hsv_channel_change(image: torch.Tensor, channel: int, change) -> torch.Tens
     return torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)
 
 
+def _hsv_channel_change_cv2(image: torch.Tensor, channel: int, change) -> torch.Tensor:
+    """The same through OpenCV's uint8 BGR <-> HSV (hue 0..179, saturation 0..255), as ColorAugSSDTransform runs it:
+    ``change`` maps the uint8 channel to its new values."""
+    import cv2
+
+    bgr = np.ascontiguousarray(image.permute(1, 2, 0).numpy().astype(np.uint8)[:, :, ::-1])
+    hsv = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)
+    hsv[:, :, channel] = change(hsv[:, :, channel])
+    rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[:, :, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)
+
+
 def ssd_color_jitter(
     image: torch.Tensor,
     brightness_delta: int = 32,
     contrast: tuple[float, float] = (0.5, 1.5),
     saturation: tuple[float, float] = (0.5, 1.5),
     hue_delta: int = 18,
+    hsv: str = "matplotlib",
+    draws: TorchDraws | None = None,
 ) -> torch.Tensor:
     """SSD photometric distortion (detectron2's ColorAugSSDTransform) on a uint8 (3, H, W) image.
 
     Brightness +-32 first; then contrast, saturation, hue or saturation, hue, contrast (coin flip); each step
     applied with probability 0.5 and followed by clipping to uint8. Contrast multiplies the pixel values,
     saturation multiplies the HSV saturation by [0.5, 1.5], hue adds an integer in [-18, 18] in OpenCV's
-    0..180 hue units (= +-36 degrees).
+    0..180 hue units (= +-36 degrees). ``hsv``: ``cv2`` runs the HSV steps through OpenCV's uint8 conversion as
+    the release does (its saturation is truncated to uint8 in HSV space); ``matplotlib`` in float HSV (ours).
     """
-
-    def maybe() -> bool:
-        return bool(torch.rand(()) < 0.5)
-
-    def uniform(low: float, high: float) -> float:
-        return float(torch.empty(()).uniform_(low, high))
+    if hsv not in ("cv2", "matplotlib"):
+        raise ValueError(f"unknown hsv arithmetic {hsv!r} (cv2 or matplotlib)")
+    draws = draws or TorchDraws()
 
     def adjust_contrast(x: torch.Tensor) -> torch.Tensor:
-        return _to_uint8(x * uniform(*contrast)) if maybe() else x
+        return _to_uint8(x * draws.uniform(*contrast)) if draws.chance() else x
 
     def adjust_saturation(x: torch.Tensor) -> torch.Tensor:
-        if not maybe():
+        if not draws.chance():
             return x
-        factor = uniform(*saturation)
+        factor = draws.uniform(*saturation)
+        if hsv == "cv2":  # ColorAugSSDTransform.convert on the uint8 channel: float32 product, clip, truncate
+            scale = lambda s: np.clip(s.astype(np.float32) * factor, 0, 255).astype(np.uint8)  # noqa: E731
+            return _hsv_channel_change_cv2(x, 1, scale)
         return _to_uint8(_hsv_channel_change(x, 1, lambda s: np.clip(s * factor, 0.0, 1.0)))
 
     def adjust_hue(x: torch.Tensor) -> torch.Tensor:
-        if not maybe():
+        if not draws.chance():
             return x
-        shift = int(torch.randint(-hue_delta, hue_delta + 1, ())) / 180.0
-        return _to_uint8(_hsv_channel_change(x, 0, lambda h: (h + shift) % 1.0))
+        shift = draws.integer(-hue_delta, hue_delta + 1)
+        if hsv == "cv2":
+            return _hsv_channel_change_cv2(x, 0, lambda h: (h.astype(int) + shift) % 180)
+        return _to_uint8(_hsv_channel_change(x, 0, lambda h: (h + shift / 180.0) % 1.0))
 
     out = image.float()
-    if maybe():
-        out = _to_uint8(out + uniform(-brightness_delta, brightness_delta))
-    if maybe():
+    if draws.chance():
+        out = _to_uint8(out + draws.uniform(-brightness_delta, brightness_delta))
+    if draws.chance():
         out = adjust_hue(adjust_saturation(adjust_contrast(out)))
     else:
         out = adjust_contrast(adjust_hue(adjust_saturation(out)))
@@ -126,6 +188,9 @@ class TrainTransform:
     max_size: cap on the long side after the resize (detectron2's MAX_SIZE_TRAIN, 1333 by default).
     cat_max_ratio: a crop is redrawn (up to 10 times) while one class covers this fraction of its labelled
     pixels or more (1.0 disables the constraint, the CAT-Seg default).
+    arithmetic: ``detectron2`` (the paper recipes: PIL / legacy-nearest resize, OpenCV HSV, as the release) or
+    ``torch`` (ours, see the module docstring).
+    draws: where the random draws come from (torch's generator; the golden tests replay the release's).
     """
 
     crop_size: int = 384
@@ -136,14 +201,20 @@ class TrainTransform:
     flip: bool = True
     pad_value: int = 128
     ignore_index: int = 255
+    arithmetic: str = "torch"
+    draws: TorchDraws = field(default_factory=TorchDraws)
+
+    def __post_init__(self) -> None:
+        if self.arithmetic not in ("torch", "detectron2"):
+            raise ValueError(f"unknown transform arithmetic {self.arithmetic!r} (torch or detectron2)")
 
     def _crop_box(self, label: torch.Tensor) -> tuple[int, int]:
         height, width = label.shape
         ch, cw = min(self.crop_size, height), min(self.crop_size, width)
 
         def draw() -> tuple[int, int]:
-            top = int(torch.randint(0, height - ch + 1, ()))
-            left = int(torch.randint(0, width - cw + 1, ()))
+            top = self.draws.integer(0, height - ch + 1)
+            left = self.draws.integer(0, width - cw + 1)
             return top, left
 
         if self.cat_max_ratio >= 1.0:
@@ -161,15 +232,17 @@ class TrainTransform:
     def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.short_side:
             choices = list(self.short_side)
-            short = choices[int(torch.randint(0, len(choices), ()))]
-            image, label = resize_pair(image, label, short_side_size(*label.shape, short, self.max_size))
+            short = choices[self.draws.index(len(choices))]
+            resize = resize_pair_detectron2 if self.arithmetic == "detectron2" else resize_pair
+            image, label = resize(image, label, short_side_size(*label.shape, short, self.max_size))
         top, left = self._crop_box(label)
         size = self.crop_size
         image = image[:, top : top + size, left : left + size]
         label = label[top : top + size, left : left + size]
         if self.color_jitter:
-            image = ssd_color_jitter(image)
-        if self.flip and bool(torch.rand(()) < 0.5):
+            hsv = "cv2" if self.arithmetic == "detectron2" else "matplotlib"
+            image = ssd_color_jitter(image, hsv=hsv, draws=self.draws)
+        if self.flip and self.draws.chance():
             image, label = image.flip(-1), label.flip(-1)
         pad_h, pad_w = size - label.shape[0], size - label.shape[1]
         if pad_h or pad_w:

@@ -20,6 +20,7 @@ from tests.golden.harness import FIXTURE_DIR  # noqa: E402
 
 METHODS = {
     "catseg": "tests.golden.official_catseg",
+    "catseg_train": "tests.golden.official_catseg_train",
     "lseg": "tests.golden.official_lseg",
     "lseg_train": "tests.golden.official_lseg_train",
     "groupvit": "tests.golden.official_groupvit",
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         "--mmseg", type=Path, help="mmseg 0.x mmseg/models/segmentors/encoder_decoder.py tree (GroupViT)"
     )
     parser.add_argument("--encoding", type=Path, help="extracted PyTorch-Encoding (LSeg training: dataset, loss)")
+    parser.add_argument("--ovseg", type=Path, help="extracted ov-seg (catseg_train: its training mapper)")
     parser.add_argument("--commit", help="official commit, when --official is not a git checkout")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=FIXTURE_DIR)
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         "lseg": args.clip,
         "lseg_train": {"clip": args.clip, "encoding": args.encoding},
         "groupvit": {"mmcv": args.mmcv, "mmseg": args.mmseg},
+        "catseg_train": {"detectron2": args.detectron2, "ovseg": args.ovseg},
     }.get(args.method, args.detectron2)
     paths = module.make(args.official, extra, args.out, official_commit(args.official, args.commit), args.seed)
     for path in paths:
