@@ -24,6 +24,8 @@ METHODS = {
     "groupvit": "tests.golden.official_groupvit",
     "ovsegmentor": "tests.golden.official_ovsegmentor",
     "ovseg": "tests.golden.official_ovseg",
+    "groupvit_train": "tests.golden.official_groupvit_train",
+    "ovsegmentor_train": "tests.golden.official_ovsegmentor_train",
 }
 
 
@@ -50,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--mmseg", type=Path, help="mmseg 0.x mmseg/models/segmentors/encoder_decoder.py tree (GroupViT)"
     )
+    parser.add_argument(
+        "--timm", type=Path, help="timm extracted at the release's pinned tag (GroupViT 0.4.12, OVSegmentor 0.6.12)"
+    )
     parser.add_argument("--commit", help="official commit, when --official is not a git checkout")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=FIXTURE_DIR)
@@ -57,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     module = importlib.import_module(METHODS[args.method])
-    extra = {"lseg": args.clip, "groupvit": {"mmcv": args.mmcv, "mmseg": args.mmseg}}.get(args.method, args.detectron2)
+    extra = {
+        "lseg": args.clip,
+        "groupvit": {"mmcv": args.mmcv, "mmseg": args.mmseg},
+        "groupvit_train": {"timm": args.timm},
+        "ovsegmentor_train": {"timm": args.timm},
+    }.get(args.method, args.detectron2)
     paths = module.make(args.official, extra, args.out, official_commit(args.official, args.commit), args.seed)
     for path in paths:
         print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")

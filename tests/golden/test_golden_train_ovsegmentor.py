@@ -1,0 +1,233 @@
+"""OVSegmentor trains as the release trains (Jazzcharles/OVSegmentor): fixtures made by
+make_golden.py --method ovsegmentor_train (official_ovsegmentor_train.py) and --method ovsegmentor (the stage-1 LR).
+
+Every test reads the paper recipe from the composed config (``experiment=ovsegmentor_stage1`` / ``_stage2``) and
+runs our code with it: the training transform with the release's random draws, the optimizer's parameter groups,
+the learning rate of every step of both stages, and three stage-2 optimizer steps (loss, clipping, AdamW, schedule,
+momentum encoder, BatchNorm statistics), each against the release.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ovseg_lab.convert.ovsegmentor import convert_ovsegmentor_state_dict, rename_group_vit_key
+from ovseg_lab.data.captions import CaptionTransform
+from ovseg_lab.eval.inference import to_unit_float
+from ovseg_lab.layers.normalize import IMAGENET_MEAN, IMAGENET_STD
+from ovseg_lab.lit.caption import CaptionPretrainModule
+from ovseg_lab.lit.optim import lr_schedule
+from tests.conftest import compose
+from tests.golden.harness import TOLERANCE, digest_error, load_fixture
+from tests.golden.official_timm import crop_boxes, draw_seed, seed_all, transform_inputs
+from tests.golden.test_golden_ovsegmentor import caption_batch, our_net
+
+STAGES = {"stage1": "experiment=ovsegmentor_stage1", "stage2": "experiment=ovsegmentor_stage2"}
+
+
+@functools.cache
+def recipe(stage: str):
+    overrides = [STAGES[stage]] + (["model.init_from=unused.ckpt"] if stage == "stage2" else [])
+    return compose("train", overrides)
+
+
+def grey_levels(normalised: torch.Tensor) -> torch.Tensor:
+    """The release's normalised (3, H, W) tensor on the 0-255 scale."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (normalised * std + mean) * 255
+
+
+def run_transform(fixture: dict, augment: str, scale, flip: bool) -> tuple[list[torch.Tensor], list]:
+    """Our CaptionTransform on the fixture's pictures, seeded as the release was before each picture."""
+    import timm.data.transforms
+    from torchvision.transforms import RandomResizedCrop
+
+    transform = CaptionTransform(fixture["config"]["img_size"], scale, flip, augment)
+    images, boxes = [], []
+    for index, picture in enumerate(transform_inputs(fixture["seed"])):
+        seed_all(draw_seed(fixture["seed"], index))
+        with crop_boxes([RandomResizedCrop, timm.data.transforms.RandomResizedCropAndInterpolation]) as drawn:
+            images.append(to_unit_float(transform(picture)) * 255)
+        boxes.append(drawn)
+    return images, boxes
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_golden_train_ovsegmentor_transform_equals_release(stage):
+    """Stage 1: timm's DeiT pipeline (crop, flip, RandAugment, normalisation, random erasing) under timm 0.6.12;
+    stage 2: torchvision's crop + flip on the PIL image. Same crop boxes, pixels within 1 grey level."""
+    fixture = load_fixture(f"ovsegmentor_train_transform_{stage}")
+    data = recipe(stage).data
+    release = fixture["config"]["release_img_aug"]
+    assert data.image_size == release["img_size"]
+    expected_scale = (0.08, 1.0) if release["deit_aug"] else tuple(release["img_scale"])  # timm: its default
+    assert tuple(data.scale) == expected_scale and data.flip
+    images, boxes = run_transform(fixture, data.augment, data.scale, data.flip)
+    assert boxes == fixture["outputs"]["boxes"], "crop boxes differ from the release's draws"
+    erased = 0
+    for ours, theirs in zip(images, fixture["outputs"]["images"]):
+        release_grey = grey_levels(theirs)
+        worst = (ours - release_grey).abs().max().item()
+        assert worst <= 1.0, f"{stage}: pixels up to {worst:.2f} grey levels from the release's"
+        erased += bool((release_grey < -5).any())  # the erasing noise leaves the 0-255 range
+    if release["deit_aug"]:
+        assert erased >= 1, "no picture of the fixture was randomly erased: the test would not see erasing"
+    # the test can fail: our own augmentation is not the release's
+    ours_default, _ = run_transform(fixture, "ours", data.scale, data.flip)
+    assert max((a - grey_levels(b)).abs().max().item() for a, b in zip(ours_default, fixture["outputs"]["images"])) > 1
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_golden_train_ovsegmentor_lr_of_every_step_equals_release(stage):
+    fixture = load_fixture(f"ovsegmentor_lr_{stage}")
+    cfg = recipe(stage)
+    scheduler_cfg = OmegaConf.to_container(cfg.model.scheduler, resolve=True)
+    scheduler_cfg.pop("_target_"), scheduler_cfg.pop("_partial_")
+    lr = float(cfg.model.optimizer.lr)
+    assert lr == pytest.approx(fixture["config"]["base_lr"], rel=1e-12)
+    assert global_batch(cfg) == fixture["config"]["global_batch"]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    schedule = lr_schedule(optimizer, **scheduler_cfg)
+    official = fixture["lr"]
+    assert int(cfg.trainer.max_steps) == len(official)
+    stepped = []
+    for _ in range(5):  # what the optimizer sees is the schedule's factor of each step
+        stepped.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    factor = schedule.lr_lambdas[0]
+    ours = torch.tensor([lr * factor(step) for step in range(len(official))], dtype=torch.float64)
+    assert torch.allclose(ours[:5], torch.tensor(stepped, dtype=torch.float64))
+    worst = ((ours - official).abs() / official).max().item()
+    assert worst <= TOLERANCE, f"{stage}: per-step learning rate differs by up to {worst:.2e} (relative)"
+
+
+def global_batch(cfg) -> int:
+    return int(cfg.data.batch_size) * int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
+
+
+def our_module(fixture: dict, stage: str) -> CaptionPretrainModule:
+    """Our LightningModule around the fixture's net with the stage's composed optimizer, schedule and rule."""
+    cfg = recipe(stage)
+    net = our_net(fixture, freeze_text=bool(cfg.model.net.freeze_text))
+    return CaptionPretrainModule(
+        net,
+        optimizer=instantiate(cfg.model.optimizer),
+        scheduler=instantiate(cfg.model.scheduler),
+        weight_decay_rule=cfg.model.weight_decay_rule,
+    )
+
+
+def our_key(official_key: str, shape) -> str | None:
+    """Our state-dict key (``net.*``) of an official one, through our converter (the momentum copy, which the
+    converter drops for evaluation, as our_net loads it); None: dropped by the converter as never read (BERT's
+    pooler, the decoder's unused assignment, ``logit_scale_mask``)."""
+    if official_key.startswith("img_encoder_momentum."):
+        return "net.momentum_encoder." + rename_group_vit_key(official_key.removeprefix("img_encoder_momentum."))
+    converted = convert_ovsegmentor_state_dict({official_key: torch.zeros(shape)})
+    return next(iter(converted), None)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_golden_train_ovsegmentor_parameter_groups_equal_release(stage):
+    """lr, weight decay, betas and eps of every trained parameter as the release's build_optimizer sets them
+    (utils/optimizer.py: no decay for 1-D parameters and biases); the same parameters frozen."""
+    fixture = load_fixture(f"ovsegmentor_train_groups_{stage}")
+    module = our_module(fixture, stage)
+    optimizer = module.configure_optimizers()["optimizer"]
+    names = {id(p): n for n, p in module.named_parameters()}
+    ours = {  # base lr: the schedule (which has already scaled "lr") multiplies "initial_lr"
+        names[id(p)]: (g["initial_lr"], g["weight_decay"], *g["betas"], g["eps"])
+        for g in optimizer.param_groups
+        for p in g["params"]
+    }
+    shapes = {k: shape for k, shape, _, _ in fixture["state"]}
+    expected = {}
+    for key, group in fixture["outputs"]["groups"].items():
+        name = our_key(key, shapes[key])
+        if name is None:  # in the release's optimizer but never read: the step test shows it never moves
+            continue
+        expected[name] = (group["lr"], group["weight_decay"], *group["betas"], group["eps"])
+    assert set(ours) == set(expected), f"trained parameters differ: {sorted(set(ours) ^ set(expected))[:6]}"
+    wrong = [(n, ours[n], expected[n]) for n in expected if ours[n] != pytest.approx(expected[n], rel=1e-12)]
+    assert not wrong, f"{len(wrong)} parameters differ, e.g. {wrong[:3]}"
+    # the test can fail: our detectron2-style rule decays biases and spares embedding tables
+    module.weight_decay_rule = "types"
+    types_groups = module.configure_optimizers()["optimizer"].param_groups
+    decayed = {names[id(p)] for g in types_groups for p in g["params"] if g["weight_decay"] > 0}
+    assert decayed != {n for n, e in expected.items() if e[1] > 0}
+
+
+def stored_norm(expected: dict) -> float:
+    """The norm of a digested tensor (whole, or estimated from its seeded sample)."""
+    if "whole" in expected:
+        return expected["whole"].double().norm().item()
+    numel = math.prod(expected["shape"])
+    return expected["sample"].double().norm().item() * math.sqrt(numel / len(expected["sample"]))
+
+
+def test_golden_train_ovsegmentor_three_stage2_steps_equal_release():
+    """Three stage-2 optimizer steps from the same weights on three batches (images with partners sharing their
+    entity): every parameter and buffer after them, and what they changed, within 1e-5 (float64 both sides). The
+    gradients are clipped at 5 (their norms are ~300-500), AdamW with the release's groups, the stage-2 lr,
+    the momentum encoder's EMA after each step, the projectors' BatchNorm statistics."""
+    fixture = load_fixture("ovsegmentor_train_steps_stage2")
+    cfg = recipe("stage2")
+    assert float(cfg.trainer.gradient_clip_val) == fixture["config"]["clip_grad"]
+    assert cfg.trainer.gradient_clip_algorithm == "norm"
+    module = our_module(fixture, "stage2")
+    net = module.net
+    setup = module.configure_optimizers()
+    optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    trained = [p for g in optimizer.param_groups for p in g["params"]]
+    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    net.train()
+    net.image_encoder.eval()  # the generator ran the release's encoders without Gumbel noise
+    for step, image_seed in enumerate(fixture["inputs"]["batch_seeds"]):
+        optimizer.zero_grad()
+        losses = net.training_losses(caption_batch(fixture, image_seed))
+        losses["loss"].backward()
+        official = fixture["outputs"]["losses"][step]
+        assert abs(losses["loss"].item() - official["loss"]) <= TOLERANCE * abs(official["loss"]), (
+            f"loss of step {step}"
+        )
+        # Lightning's gradient_clip_algorithm=norm: clip_grad_norm_ over the optimizer's parameters
+        norm = torch.nn.utils.clip_grad_norm_(trained, float(cfg.trainer.gradient_clip_val))
+        assert norm.item() == pytest.approx(fixture["outputs"]["grad_norms"][step], rel=TOLERANCE)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(fixture["outputs"]["lr"][step], rel=1e-12)
+        optimizer.step()
+        scheduler.step()
+        module.on_train_batch_end(None, None, step)  # the momentum encoder's EMA
+    after = module.state_dict()
+    lr, steps = fixture["outputs"]["lr"][0], len(fixture["outputs"]["lr"])
+    compared = set()
+    for key, expected in fixture["outputs"]["state"].items():
+        name = our_key(key, expected["after"]["shape"])
+        if name is None:  # dropped by our converter: never read, so the release's optimizer never moves it
+            stored = [expected["delta"][k] for k in ("whole", "sample", "projections") if k in expected["delta"]]
+            assert all(bool((t == 0).all()) for t in stored), f"{key}: dropped by our converter, moved by the release"
+            continue
+        if name not in after:
+            continue  # buffers the release keeps and we derive (none trained)
+        compared.add(name)
+        ours = after[name].double().reshape(expected["after"]["shape"])
+        change = ours - before[name].double().reshape(expected["after"]["shape"])
+        assert digest_error(ours, expected["after"], fixture["seed"]) <= TOLERANCE, f"{key} after three steps"
+        # a parameter whose gradient is zero in exact arithmetic (attention key biases: softmax ignores a shift;
+        # biases right before a BatchNorm or LayerNorm: the norm removes them) moves by AdamW's normalised
+        # rounding noise only, 1e-16-1e-10 against a real update of ~lr per element: there both sides must stay
+        # below 1e-3 of a real update, elsewhere the change must equal the release's
+        real_update = lr * steps * math.sqrt(max(1, change.numel()))
+        if stored_norm(expected["delta"]) < 1e-3 * real_update:
+            assert change.norm().item() < 1e-3 * real_update, f"{key} moves here, not in the release"
+            continue
+        error = digest_error(change, expected["delta"], fixture["seed"])
+        assert error <= TOLERANCE, f"{key}: the three steps changed it by {error:.2e} relative from the release"
+    missing = {n for n, p in module.named_parameters()} - compared
+    assert not missing, f"parameters not compared with the release: {sorted(missing)[:6]}"
