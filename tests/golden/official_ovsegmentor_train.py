@@ -15,7 +15,6 @@ float64 with the encoders without Gumbel noise, as the one-step fixture (officia
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from tests.golden.official_ovsegmentor import (
     make_schedule_fixture,
     official_questions,
 )
-from tests.golden.official_stubs import detectron2_function
+from tests.golden.official_stubs import detectron2_function, source_module
 from tests.golden.official_timm import transform_fixture
 
 # the paper runs (scripts/run.sh, run_stage2.sh): stage 1 on 16 GPUs x 256, stage 2 on 8 GPUs x 128
@@ -46,13 +45,6 @@ STAGES = {
 }
 STEPS = 3  # optimizer steps of the training fixture
 STEP_SEED_OFFSET = 100  # batch k of the step fixture: loss_inputs(seed + 100 k)
-
-
-def _source_module(root: Path, relative: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, root / relative)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def stage_config(root: Path, stage: str):
@@ -106,7 +98,7 @@ def make_groups_fixture(root: Path, commit: str, seed: int, stage: str) -> dict[
     """lr, weight decay, betas and eps of every parameter the release's ``build_optimizer`` trains."""
     cfg = stage_config(root, stage)
     model, recipe = official_model(root, stage, seed)
-    optimizer_module = _source_module(root, "utils/optimizer.py", "ovsm_optimizer")
+    optimizer_module = source_module(root, "utils/optimizer.py", "ovsm_optimizer")
     optimizer = optimizer_module.build_optimizer(cfg.train, model)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = {
@@ -150,8 +142,8 @@ def make_steps_fixture(root: Path, commit: str, seed: int) -> dict[str, Any]:
     cfg = stage_config(root, "stage2")
     model, recipe = official_model(root, "stage2", seed)
     model.double()
-    optimizer = _source_module(root, "utils/optimizer.py", "ovsm_optimizer").build_optimizer(cfg.train, model)
-    scheduler = _source_module(root, "utils/lr_scheduler.py", "ovsm_lr_scheduler").build_scheduler(
+    optimizer = source_module(root, "utils/optimizer.py", "ovsm_optimizer").build_optimizer(cfg.train, model)
+    scheduler = source_module(root, "utils/lr_scheduler.py", "ovsm_lr_scheduler").build_scheduler(
         cfg.train, optimizer, STAGES["stage2"]["steps_per_epoch"]
     )
     misc = detectron2_function(root, "utils/misc.py", "momentum_update")

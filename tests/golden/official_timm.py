@@ -138,3 +138,51 @@ def transform_fixture(root: Path, img_aug: dict[str, Any], timm_dir: Path, seed:
             "boxes": boxes,
         },
     )
+
+
+# ----------------------------------------------------------------------------------------------- our side (tests)
+def grey_levels(normalised: torch.Tensor) -> torch.Tensor:
+    """The release's normalised (3, H, W) tensor on the 0-255 scale."""
+    from ovseg_lab.layers.normalize import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (normalised * std + mean) * 255
+
+
+def run_our_transform(fixture: dict, augment: str, scale, flip: bool) -> tuple[list[torch.Tensor], list]:
+    """Our ``CaptionTransform`` on the fixture's pictures (0-255 scale), seeded as the release was before each."""
+    import timm.data.transforms
+    from torchvision.transforms import RandomResizedCrop
+
+    from ovseg_lab.data.captions import CaptionTransform
+    from ovseg_lab.eval.inference import to_unit_float
+
+    transform = CaptionTransform(fixture["config"]["img_size"], scale, flip, augment)
+    images, boxes = [], []
+    for index, picture in enumerate(transform_inputs(fixture["seed"])):
+        seed_all(draw_seed(fixture["seed"], index))
+        with crop_boxes([RandomResizedCrop, timm.data.transforms.RandomResizedCropAndInterpolation]) as drawn:
+            images.append(to_unit_float(transform(picture)) * 255)
+        boxes.append(drawn)
+    return images, boxes
+
+
+def assert_transform_equals_release(fixture: dict, data) -> None:
+    """Our transform as the composed ``data`` config sets it draws the release's crop boxes and gives its pixels
+    within 1 grey level; our own augmentation (``ours``) does not (so the comparison can fail)."""
+    release = fixture["config"]["release_img_aug"]
+    assert data.image_size == release["img_size"]
+    expected_scale = (0.08, 1.0) if release["deit_aug"] else tuple(release["img_scale"])  # timm: its default
+    assert tuple(data.scale) == expected_scale and data.flip
+    images, boxes = run_our_transform(fixture, data.augment, data.scale, data.flip)
+    assert boxes == fixture["outputs"]["boxes"], "crop boxes differ from the release's draws"
+    erased = 0
+    for index, (ours, theirs) in enumerate(zip(images, fixture["outputs"]["images"])):
+        release_grey = grey_levels(theirs)
+        worst = (ours - release_grey).abs().max().item()
+        assert worst <= 1.0, f"picture {index}: pixels up to {worst:.2f} grey levels from the release's"
+        erased += bool((release_grey < -5).any())  # the erasing noise leaves the 0-255 range
+    if release["deit_aug"]:
+        assert erased >= 1, "no picture of the fixture was randomly erased: the test would not see erasing"
+    own, _ = run_our_transform(fixture, "ours", data.scale, data.flip)
+    assert max((a - grey_levels(b)).abs().max().item() for a, b in zip(own, fixture["outputs"]["images"])) > 1

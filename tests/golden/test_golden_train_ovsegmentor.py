@@ -18,14 +18,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ovseg_lab.convert.ovsegmentor import convert_ovsegmentor_state_dict, rename_group_vit_key
-from ovseg_lab.data.captions import CaptionTransform
-from ovseg_lab.eval.inference import to_unit_float
-from ovseg_lab.layers.normalize import IMAGENET_MEAN, IMAGENET_STD
 from ovseg_lab.lit.caption import CaptionPretrainModule
 from ovseg_lab.lit.optim import lr_schedule
 from tests.conftest import compose
 from tests.golden.harness import TOLERANCE, digest_error, load_fixture
-from tests.golden.official_timm import crop_boxes, draw_seed, seed_all, transform_inputs
+from tests.golden.official_timm import assert_transform_equals_release
 from tests.golden.test_golden_ovsegmentor import caption_batch, our_net
 
 STAGES = {"stage1": "experiment=ovsegmentor_stage1", "stage2": "experiment=ovsegmentor_stage2"}
@@ -37,50 +34,11 @@ def recipe(stage: str):
     return compose("train", overrides)
 
 
-def grey_levels(normalised: torch.Tensor) -> torch.Tensor:
-    """The release's normalised (3, H, W) tensor on the 0-255 scale."""
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (normalised * std + mean) * 255
-
-
-def run_transform(fixture: dict, augment: str, scale, flip: bool) -> tuple[list[torch.Tensor], list]:
-    """Our CaptionTransform on the fixture's pictures, seeded as the release was before each picture."""
-    import timm.data.transforms
-    from torchvision.transforms import RandomResizedCrop
-
-    transform = CaptionTransform(fixture["config"]["img_size"], scale, flip, augment)
-    images, boxes = [], []
-    for index, picture in enumerate(transform_inputs(fixture["seed"])):
-        seed_all(draw_seed(fixture["seed"], index))
-        with crop_boxes([RandomResizedCrop, timm.data.transforms.RandomResizedCropAndInterpolation]) as drawn:
-            images.append(to_unit_float(transform(picture)) * 255)
-        boxes.append(drawn)
-    return images, boxes
-
-
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
 def test_golden_train_ovsegmentor_transform_equals_release(stage):
     """Stage 1: timm's DeiT pipeline (crop, flip, RandAugment, normalisation, random erasing) under timm 0.6.12;
     stage 2: torchvision's crop + flip on the PIL image. Same crop boxes, pixels within 1 grey level."""
-    fixture = load_fixture(f"ovsegmentor_train_transform_{stage}")
-    data = recipe(stage).data
-    release = fixture["config"]["release_img_aug"]
-    assert data.image_size == release["img_size"]
-    expected_scale = (0.08, 1.0) if release["deit_aug"] else tuple(release["img_scale"])  # timm: its default
-    assert tuple(data.scale) == expected_scale and data.flip
-    images, boxes = run_transform(fixture, data.augment, data.scale, data.flip)
-    assert boxes == fixture["outputs"]["boxes"], "crop boxes differ from the release's draws"
-    erased = 0
-    for ours, theirs in zip(images, fixture["outputs"]["images"]):
-        release_grey = grey_levels(theirs)
-        worst = (ours - release_grey).abs().max().item()
-        assert worst <= 1.0, f"{stage}: pixels up to {worst:.2f} grey levels from the release's"
-        erased += bool((release_grey < -5).any())  # the erasing noise leaves the 0-255 range
-    if release["deit_aug"]:
-        assert erased >= 1, "no picture of the fixture was randomly erased: the test would not see erasing"
-    # the test can fail: our own augmentation is not the release's
-    ours_default, _ = run_transform(fixture, "ours", data.scale, data.flip)
-    assert max((a - grey_levels(b)).abs().max().item() for a, b in zip(ours_default, fixture["outputs"]["images"])) > 1
+    assert_transform_equals_release(load_fixture(f"ovsegmentor_train_transform_{stage}"), recipe(stage).data)
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
