@@ -189,3 +189,39 @@ def test_golden_train_ovsegmentor_three_stage2_steps_equal_release():
         assert error <= TOLERANCE, f"{key}: the three steps changed it by {error:.2e} relative from the release"
     missing = {n for n, p in module.named_parameters()} - compared
     assert not missing, f"parameters not compared with the release: {sorted(missing)[:6]}"
+
+
+# The releases' recipe facts (configs/default.yml train + each stage's file; OVSegmentor: 16 GPUs x 256 for stage 1,
+# 8 x 128 for stage 2, Jazzcharles/OVSegmentor issue #7; GroupViT: 16 GPUs, its README): global batch, epochs,
+# evaluation every epoch (evaluate.eval_freq 1), precision (train.amp_opt_level O0 = fp32, O1 = apex fp16 mixed),
+# train.clip_grad 5 (L2 norm of all gradients), the checkpoint kept (evaluate.seg.save_best: best VOC mIoU).
+RELEASE_RECIPES = {
+    "ovsegmentor_stage1": (["experiment=ovsegmentor_stage1"], 4096, 30, "32-true"),
+    "ovsegmentor_stage2": (["experiment=ovsegmentor_stage2", "model.init_from=unused.ckpt"], 1024, 10, "32-true"),
+    "ovsegmentor_main/ovsegmentor": (["experiment=ovsegmentor_main", "model=ovsegmentor"], 4096, 30, "32-true"),
+    "ovsegmentor_main/ovsegmentor_vits": (
+        ["experiment=ovsegmentor_main", "model=ovsegmentor_vits"],
+        4096,
+        30,
+        "32-true",
+    ),
+    "ovsegmentor_main/groupvit": (["experiment=ovsegmentor_main", "model=groupvit"], 4096, 30, "16-mixed"),
+    "ovsegmentor_masking": (["experiment=ovsegmentor_masking"], 4096, 30, "32-true"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASE_RECIPES))
+def test_golden_train_ovsegmentor_and_groupvit_recipe_facts_equal_release(name):
+    overrides, batch, epochs, precision = RELEASE_RECIPES[name]
+    cfg = compose("train", overrides)
+    steps_per_epoch = int(cfg.data.steps_per_epoch)
+    assert global_batch(cfg) == batch
+    assert int(cfg.trainer.max_steps) == epochs * steps_per_epoch
+    assert int(cfg.trainer.val_check_interval) == steps_per_epoch  # evaluated after every epoch
+    assert cfg.trainer.precision == precision
+    assert float(cfg.trainer.gradient_clip_val) == 5.0 and cfg.trainer.gradient_clip_algorithm == "norm"
+    best = cfg.callbacks.best_checkpoint
+    assert (best.monitor, best.mode, best.save_top_k, best.filename) == ("val/voc21/mIoU", "max", 1, "best")
+    assert "voc21" in cfg.data.eval  # the monitored benchmark is evaluated
+    warmup_epochs = 0 if name == "ovsegmentor_stage2" else 2
+    assert int(cfg.model.scheduler.warmup_steps) == warmup_epochs * steps_per_epoch
