@@ -22,10 +22,10 @@ Adaptations, all at the stub level:
   ``mmcv.Config`` is a dict with attribute access, mmseg's ``EncoderDecoder`` is an ``nn.Module`` carrying mmseg's
   own inference methods, ``mmseg.ops.resize`` is ``F.interpolate`` (its warnings dropped), ``diffdist``'s
   all-gather and ``torch.distributed`` are those of one process (rank 0 of 1).
-- The image resize of mmcv's ``Resize(keep_ratio=True)`` is cv2's bilinear filter on uint8 pixels; cv2 is not
-  installable here: the size comes from mmcv's ``rescale_size`` and the pixels from ``F.interpolate`` (bilinear,
-  ``align_corners=False``, float). cv2's fixed-point rounding to uint8 is the one part not reproduced
-  (docs/fidelity.md).
+- The image resize of mmcv's ``Resize(keep_ratio=True)`` is cv2's bilinear filter on uint8 pixels; these fixtures
+  (made before cv2 was installable here) take the size from mmcv's ``rescale_size`` and the pixels from
+  ``F.interpolate`` (bilinear, ``align_corners=False``, float) on both sides. cv2's fixed-point rounding to uint8
+  is the one part not reproduced (docs/fidelity.md: within 0.77 grey level).
 - nltk is not installed: ``WordAugTokenizeWrapper`` tags the caption with a stub whose nouns are the words of a
   fixed lexicon (``NOUN_LEXICON``), so the fixture tests the release's noun sampling, template draw and padding,
   not nltk's tagger.
