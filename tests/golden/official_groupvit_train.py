@@ -14,11 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from tests.golden.harness import save_fixture
-from tests.golden.official_groupvit import ENCODERS, PROJECTION, REPO, TEXT, Official, perturb
+from tests.golden.harness import save_fixture, seeded_input, state_change
+from tests.golden.official_groupvit import CAPTIONS, ENCODERS, NOUN_LEXICON, PROJECTION, REPO, TEXT, Official, perturb
 from tests.golden.official_stubs import source_module
 from tests.golden.official_timm import release_timm, transform_fixture
 
@@ -116,6 +117,62 @@ def make_groups_fixture(root: Path, commit: str, seed: int) -> dict[str, Any]:
     return _record("groupvit_train_groups", commit, seed, config, {}, {"groups": groups}, recipe)
 
 
+STEPS = 3  # optimizer steps of the training fixture
+STEP_CAPTIONS = CAPTIONS[:4]  # 3, 3, 1 and 4 nouns: one caption padded with itself, one with a noun left out
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def step_images(seed: int, step: int) -> torch.Tensor:
+    """[0, 1] images (4, 3, 224, 224) of training step ``step`` (regenerated on both sides)."""
+    return seeded_input((len(STEP_CAPTIONS), 3, 224, 224), seed, f"train_step_{step}").sigmoid()
+
+
+def make_steps_fixture(root: Path, timm_dir: Path, commit: str, seed: int) -> dict[str, Any]:
+    """Three optimizer steps as main_group_vit.py:221-264 runs them (``forward_train`` on images and the
+    ``WordAugTokenizeWrapper`` texts, ``parse_losses``, backward, ``clip_grad_norm_(model.parameters(), 5)``, AdamW
+    of ``build_optimizer``, ``step_update``), in float64 and with the image encoder in eval mode (no Gumbel noise)
+    instead of apex O1: every parameter and buffer after them (and their change), losses, gradient norms, lrs."""
+    cfg = release_config(root)
+    off = Official(root, None, None)
+    torch.manual_seed(seed)
+    model = off.build("groupvit")
+    recipe = perturb(model, seed)
+    model.double()
+    optimizer = source_module(root, "utils/optimizer.py", "gvit_optimizer").build_optimizer(cfg.train, model)
+    with release_timm(timm_dir):
+        scheduler_module = source_module(root, "utils/lr_scheduler.py", "gvit_lr_scheduler")
+        scheduler = scheduler_module.build_scheduler(cfg.train, optimizer, RUN["steps_per_epoch"])
+    wrapper = off.datasets.WordAugTokenizeWrapper(off.tokenize, max_word=3)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.train()
+    model.img_encoder.eval()
+    np.random.seed(seed)  # the prompts' noun and template draws (builder.py:330-332)
+    losses, norms, lrs = [], [], []
+    for idx in range(STEPS):
+        text = torch.stack([wrapper(caption) for caption in STEP_CAPTIONS])  # (B, 1 + 3, 77)
+        optimizer.zero_grad()
+        out = model.forward_train(((step_images(seed, idx) - mean) / std).double(), text)
+        loss = sum(value for key, value in out.items() if "loss" in key)  # utils/misc.py parse_losses
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)))
+        lrs.append(float(optimizer.param_groups[0]["lr"]))
+        optimizer.step()
+        scheduler.step_update(idx)
+        losses.append({"total": float(loss), **{k: float(v) for k, v in out.items()}})
+    config = {
+        "encoder": ENCODERS["groupvit"],
+        "text": TEXT,
+        "projection": PROJECTION,
+        "clip_grad": float(cfg.train.clip_grad),
+        "steps": STEPS,
+    }
+    inputs = {"captions": STEP_CAPTIONS, "nouns": [[w for w in c.split() if w in NOUN_LEXICON] for c in STEP_CAPTIONS]}
+    outputs = {"losses": losses, "grad_norms": norms, "lr": lrs, "state": state_change(model, before, seed)}
+    return _record("groupvit_train_steps", commit, seed, config, inputs, outputs, recipe)
+
+
 def make(official: Path, extra: dict, out: Path, commit: str, seed: int) -> list[Path]:
     official = Path(official).resolve()
     if not extra.get("timm"):
@@ -123,4 +180,5 @@ def make(official: Path, extra: dict, out: Path, commit: str, seed: int) -> list
     fixtures = [make_transform_fixture(official, Path(extra["timm"]), commit, seed)]  # before timm's models load
     fixtures.append(make_schedule_fixture(official, Path(extra["timm"]), commit))
     fixtures.append(make_groups_fixture(official, commit, seed))
+    fixtures.append(make_steps_fixture(official, Path(extra["timm"]), commit, seed))
     return [save_fixture(f, out / f"{f['name']}.pt") for f in fixtures]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tests.golden.harness import digest, save_fixture
+from tests.golden.harness import save_fixture, state_change
 from tests.golden.official_ovsegmentor import (
     CONFIG,
     LOSS_CAPTIONS,
@@ -123,17 +123,6 @@ def make_groups_fixture(root: Path, commit: str, seed: int, stage: str) -> dict[
         {"groups": groups, "frozen": frozen},
         recipe,
     )
-
-
-def state_change(model: nn.Module, before: dict[str, torch.Tensor], seed: int) -> dict[str, Any]:
-    """Digests of every parameter and buffer (``after``) and of what the steps changed (``delta``)."""
-    return {
-        key: {
-            "after": digest(value, seed, whole=256, sample=128),
-            "delta": digest(value.double() - before[key].double(), seed, whole=256, sample=128),
-        }
-        for key, value in model.state_dict().items()
-    }
 
 
 def make_steps_fixture(root: Path, commit: str, seed: int) -> dict[str, Any]:
