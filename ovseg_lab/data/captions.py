@@ -18,8 +18,9 @@ import io
 import json
 import random
 from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,25 +31,77 @@ from ovseg_lab.data.caption_shards import from_toy, shard_urls, write_caption_sh
 from ovseg_lab.data.datamodule import SegmentationDataModule
 from ovseg_lab.data.entities import EntityParser, EntityVocabulary, build_parser, parsed_caption
 from ovseg_lab.errors import DataError, SetupError
+from ovseg_lab.layers.normalize import IMAGENET_MEAN, IMAGENET_STD
 from ovseg_lab.vocab import Vocabulary
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
+CAPTION_AUGMENTS = ("ours", "crop_flip", "deit")
+# the releases' timm arguments (GroupViT / OVSegmentor configs/default.yml ``data.img_aug``, datasets/builder.py)
+DEIT_AUGMENT = dict(
+    color_jitter=0.4,  # unused by timm next to an auto-augment policy
+    auto_augment="rand-m9-mstd0.5-inc1",
+    re_prob=0.25,
+    re_mode="pixel",
+    re_count=1,
+    interpolation="bilinear",
+)
+
+
 class CaptionTransform:
-    """uint8 (3, H, W) -> (3, S, S): random resized crop (scale range of the crop's area) and horizontal flip."""
+    """uint8 (3, H, W) -> (3, S, S): random resized crop (scale range of the crop's area) and horizontal flip.
 
-    def __init__(self, image_size: int = 224, scale: Sequence[float] = (0.08, 1.0), flip: bool = True) -> None:
-        from torchvision.transforms import v2
+    ``augment`` says whose:
 
-        self.image_size = image_size
-        ops = [v2.RandomResizedCrop(image_size, scale=tuple(scale), antialias=True)]
-        if flip:
-            ops.append(v2.RandomHorizontalFlip())
-        self.ops = v2.Compose(ops)
+    - ``ours``: torchvision v2 on the uint8 tensor (antialiased bilinear), uint8 out;
+    - ``crop_flip``: the releases' ``deit_aug: false`` (OVSegmentor stage 2, datasets/builder.py:170-177):
+      torchvision ``RandomResizedCrop`` (ratio 3/4-4/3) on the PIL image with PIL's bilinear filter, then
+      ``RandomHorizontalFlip``; uint8 out;
+    - ``deit``: the releases' ``deit_aug: true`` (GroupViT, OVSegmentor stage 1, builder.py:186-199): timm's
+      ``create_transform`` with :data:`DEIT_AUGMENT` (``RandomResizedCropAndInterpolation``, flip, RandAugment
+      ``rand-m9-mstd0.5-inc1``, normalisation, random erasing with per-pixel noise in the normalised space, 1 in
+      4). The erased noise lies outside [0, 1], so the result is un-normalised back to the [0, 1] scale in float16
+      (within 0.13 grey level of the release's tensor; 2 bytes a pixel in the shuffle buffer).
+    """
+
+    def __init__(
+        self, image_size: int = 224, scale: Sequence[float] = (0.08, 1.0), flip: bool = True, augment: str = "ours"
+    ) -> None:
+        if augment not in CAPTION_AUGMENTS:
+            raise DataError(f"data.augment must be one of {CAPTION_AUGMENTS}, got {augment!r}.")
+        self.image_size, self.augment = image_size, augment
+        if augment == "ours":
+            from torchvision.transforms import v2
+
+            ops = [v2.RandomResizedCrop(image_size, scale=tuple(scale), antialias=True)]
+            if flip:
+                ops.append(v2.RandomHorizontalFlip())
+            self.ops = v2.Compose(ops)
+        elif augment == "crop_flip":
+            from torchvision import transforms
+
+            ops = [transforms.RandomResizedCrop(image_size, scale=tuple(scale))]
+            if flip:
+                ops.append(transforms.RandomHorizontalFlip())
+            self.ops = transforms.Compose(ops)
+        else:
+            from timm.data import create_transform
+
+            self.ops = create_transform(
+                input_size=image_size, is_training=True, scale=tuple(scale), hflip=0.5 if flip else 0.0, **DEIT_AUGMENT
+            )
+            self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+            self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return self.ops(image).contiguous()
+        if self.augment == "ours":
+            return self.ops(image).contiguous()
+        picture = Image.fromarray(image.permute(1, 2, 0).numpy())
+        out = self.ops(picture)
+        if self.augment == "crop_flip":
+            return torch.from_numpy(np.array(out)).permute(2, 0, 1).contiguous()
+        return (out * self.std + self.mean).to(torch.float16).contiguous()
 
 
 def decode_image(data: bytes) -> torch.Tensor:
@@ -143,8 +196,13 @@ class CaptionStream(IterableDataset):
                 name = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
                 self._new_bad.append({"bad": name, "reason": f"{type(err).__name__}: {err}"[:200]})
                 continue
-            item = {"image": image, "caption": caption, "mentions": meta.get("mentions", []),
-                    "entities": meta.get("entities", []), "key": raw.get("__key__", "")}
+            item = {
+                "image": image,
+                "caption": caption,
+                "mentions": meta.get("mentions", []),
+                "entities": meta.get("entities", []),
+                "key": raw.get("__key__", ""),
+            }
             if "question" in meta:  # shards written with the official parser (make_caption_shards.py --parser official)
                 item["question"] = meta["question"]
             if self.entity_parser is not None:  # re-parsed here instead of the shard's stored mentions (and question)
@@ -175,8 +233,12 @@ class CaptionStream(IterableDataset):
                 entity, partner = rng.choice(candidates)
                 item = {**item, "pair_image": partner["image"], "pair_entity": entity, "has_pair": True}
             else:
-                item = {**item, "pair_image": torch.zeros_like(item["image"]),
-                        "pair_entity": item["entities"][0] if item["entities"] else "", "has_pair": False}
+                item = {
+                    **item,
+                    "pair_image": torch.zeros_like(item["image"]),
+                    "pair_entity": item["entities"][0] if item["entities"] else "",
+                    "has_pair": False,
+                }
             if len(recent) == recent.maxlen:
                 old = recent[0]
                 for e in old["entities"]:
@@ -208,8 +270,14 @@ class CaptionStream(IterableDataset):
 NOUN_PADDINGS = ("caption", "mask")
 
 
-def noun_prompts(caption: str, nouns: Sequence[str], k: int, templates: Sequence[str], rng: np.random.RandomState,
-                 padding: str = "caption") -> tuple[list[str], list[bool]]:
+def noun_prompts(
+    caption: str,
+    nouns: Sequence[str],
+    k: int,
+    templates: Sequence[str],
+    rng: np.random.RandomState,
+    padding: str = "caption",
+) -> tuple[list[str], list[bool]]:
     """GroupViT's multi-label prompts of one caption: ``k`` strings and which of them are real prompts.
 
     Up to ``k`` distinct positions of ``nouns`` drawn without replacement, each put into a template drawn from
@@ -261,7 +329,8 @@ class CaptionDataModule(SegmentationDataModule):
         toy_shards: on the toy benchmark, where to write caption shards made from ``train``'s captions
             (entities = the training class names); ``shards`` is then ignored.
         steps_per_epoch: batches per rank per epoch (the resampled stream has no natural end).
-        image_size, scale, flip: training augmentation (:class:`CaptionTransform`).
+        image_size, scale, flip, augment: training augmentation (:class:`CaptionTransform`; ``augment``: ``ours``,
+            ``crop_flip`` or ``deit``, the releases' two).
         pair_images: pair samples that share an entity (stage 2, cross-image mask consistency).
         nouns: a word list for the "all nouns" masking ablation (None: unavailable).
         entity_parser: parse every caption when it is read, overriding the shard's stored mentions: ``official``
@@ -281,6 +350,7 @@ class CaptionDataModule(SegmentationDataModule):
         image_size: int = 224,
         scale: Sequence[float] = (0.08, 1.0),
         flip: bool = True,
+        augment: str = "ours",
         shuffle_buffer: int = 1000,
         pair_images: bool = False,
         pair_buffer: int = 512,
@@ -300,15 +370,25 @@ class CaptionDataModule(SegmentationDataModule):
         entity_parser: str | None = None,
         entity_source: str = "ovsegmentor",
     ) -> None:
-        super().__init__(train=train, eval=eval, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                         num_workers=num_workers, transform=transform, generate_toy=generate_toy, pin_memory=pin_memory,
-                         shuffle_seed=shuffle_seed, max_bad_samples=max_bad_samples, max_bad_fraction=max_bad_fraction)
+        super().__init__(
+            train=train,
+            eval=eval,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            transform=transform,
+            generate_toy=generate_toy,
+            pin_memory=pin_memory,
+            shuffle_seed=shuffle_seed,
+            max_bad_samples=max_bad_samples,
+            max_bad_fraction=max_bad_fraction,
+        )
         self.shards = shards
         self.toy_shards = dict(toy_shards) if toy_shards else None
         if shards is None and self.toy_shards is None:
             raise SetupError("CaptionDataModule needs data.shards (caption webdataset shards) or data.toy_shards.")
         self.steps_per_epoch = int(steps_per_epoch)
-        self.caption_transform = CaptionTransform(image_size, scale, flip)
+        self.caption_transform = CaptionTransform(image_size, scale, flip, augment)
         self.shuffle_buffer = shuffle_buffer
         self.pair_images = pair_images
         self.pair_buffer = pair_buffer
@@ -335,7 +415,9 @@ class CaptionDataModule(SegmentationDataModule):
             try:
                 for url in shard_urls(self.shards):
                     if "://" not in url and not Path(url).is_file():
-                        problems.append(f"caption shard {url} not found (write shards with scripts/make_caption_shards.py)")
+                        problems.append(
+                            f"caption shard {url} not found (write shards with scripts/make_caption_shards.py)"
+                        )
                         break
             except DataError as err:
                 problems.append(f"{err} (write shards with scripts/make_caption_shards.py)")
@@ -353,20 +435,29 @@ class CaptionDataModule(SegmentationDataModule):
         if self.train_spec is None:
             raise SetupError("data.toy_shards needs data.train (the toy split whose captions become shards).")
         write_caption_shards(
-            from_toy(self.train_spec.root, self.train_spec.split), out, self.toy_parser(),
-            maxcount=int(self.toy_shards.get("maxcount", 100)), overwrite=True, progress=False,
+            from_toy(self.train_spec.root, self.train_spec.split),
+            out,
+            self.toy_parser(),
+            maxcount=int(self.toy_shards.get("maxcount", 100)),
+            overwrite=True,
+            progress=False,
             extra_manifest={"fingerprint": fingerprint},
         )
 
     def _toy_fingerprint(self) -> str:
         toy_manifest = Path(self.train_spec.root).parent / "manifest.json" if self.train_spec else None
-        toy_print = json.loads(toy_manifest.read_text()).get("fingerprint") if toy_manifest and toy_manifest.is_file() else ""
+        toy_print = (
+            json.loads(toy_manifest.read_text()).get("fingerprint") if toy_manifest and toy_manifest.is_file() else ""
+        )
         return f"{toy_print}/{self.toy_shards.get('maxcount', 100)}/{self.toy_shards.get('entities', 'train')}"
 
     def toy_parser(self) -> EntityParser:
         source = self.toy_shards.get("entities", "train") if self.toy_shards else "train"
-        vocabulary = (EntityVocabulary.from_names(self.train_vocabulary.classes, name=self.train_vocabulary.name)
-                      if source == "train" else EntityVocabulary.load(source))
+        vocabulary = (
+            EntityVocabulary.from_names(self.train_vocabulary.classes, name=self.train_vocabulary.name)
+            if source == "train"
+            else EntityVocabulary.load(source)
+        )
         return EntityParser(vocabulary, self.nouns)
 
     # ------------------------------------------------------------------ loaders
@@ -385,9 +476,16 @@ class CaptionDataModule(SegmentationDataModule):
         """The training stream of one rank (tests build two to check that ranks read disjoint samples)."""
         noun_parser = EntityParser(None, self.nouns) if self.nouns is not None else None
         return CaptionStream(
-            shard_urls(self.shard_location), self.caption_transform, self.steps_per_epoch * self.batch_size,
-            rank=rank, world_size=world_size, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
-            pair_images=self.pair_images, pair_buffer=self.pair_buffer, noun_parser=noun_parser,
+            shard_urls(self.shard_location),
+            self.caption_transform,
+            self.steps_per_epoch * self.batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            pair_images=self.pair_images,
+            pair_buffer=self.pair_buffer,
+            noun_parser=noun_parser,
             entity_parser=build_parser(self.entity_parser, self.entity_source) if self.entity_parser else None,
         )
 
@@ -396,6 +494,11 @@ class CaptionDataModule(SegmentationDataModule):
         self._stream = self.build_stream(rank, world)
         workers = self.num_workers
         return DataLoader(
-            self._stream, batch_size=self.batch_size, drop_last=True, num_workers=workers,
-            pin_memory=self.pin_memory, persistent_workers=False, collate_fn=collate_captions,
+            self._stream,
+            batch_size=self.batch_size,
+            drop_last=True,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+            collate_fn=collate_captions,
         )

@@ -83,7 +83,8 @@ def multi_label_info_nce(
     owner = torch.arange(batch, device=image.device) + rank * batch
     target_image = torch.zeros_like(logits_image)
     columns = (owner[:, None] * k + torch.arange(k, device=image.device)[None]).reshape(-1)
-    target_image[torch.arange(batch, device=image.device).repeat_interleave(k), columns] = flat_valid.float()
+    rows = torch.arange(batch, device=image.device).repeat_interleave(k)
+    target_image[rows, columns] = flat_valid.to(target_image.dtype)  # any float dtype (float64 golden steps)
     has_prompt = valid.any(dim=1)
     if not has_prompt.any():  # still after the gathers, so every rank takes part in them
         return (image.sum() + texts.sum()) * 0.0

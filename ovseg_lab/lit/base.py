@@ -42,6 +42,8 @@ class OpenVocabModule(L.LightningModule):
     optimizer: partial optimizer (``_partial_: true``) taking param groups.
     scheduler: partial schedule taking the optimizer, stepped every iteration.
     backbone_lr_multiplier: learning-rate factor for CLIP parameters (CAT-Seg: 0.01).
+    weight_decay_norm, weight_decay_embed, weight_decay_rule: which parameters decay
+        (:func:`~ovseg_lab.lit.optim.build_param_groups`; ``one_dim``: the GroupViT / OVSegmentor releases' rule).
     inference: :class:`InferenceConfig` fields (whole / slide).
     metric_convention: detectron2 (classes present in GT) or mmseg.
     class_strings: whose official class strings the text tower is sent for packaged benchmark vocabularies
@@ -57,6 +59,7 @@ class OpenVocabModule(L.LightningModule):
         backbone_lr_multiplier: float = 1.0,
         weight_decay_norm: float | None = 0.0,
         weight_decay_embed: float | None = 0.0,
+        weight_decay_rule: str = "types",
         inference: Mapping[str, Any] | None = None,
         metric_convention: str = "detectron2",
         num_visuals: int = 4,
@@ -69,6 +72,7 @@ class OpenVocabModule(L.LightningModule):
         self.backbone_lr_multiplier = backbone_lr_multiplier
         self.weight_decay_norm = weight_decay_norm
         self.weight_decay_embed = weight_decay_embed
+        self.weight_decay_rule = weight_decay_rule
         self.inference_cfg = InferenceConfig.from_config(inference)
         self.metric_convention = metric_convention
         self.class_strings = class_strings
@@ -258,7 +262,13 @@ class OpenVocabModule(L.LightningModule):
     def param_groups_for(self, base_lr: float, weight_decay: float) -> list[dict]:
         """The optimizer's parameter groups (a method may add its release's exemptions)."""
         return build_param_groups(
-            self, base_lr, weight_decay, self.backbone_lr_multiplier, self.weight_decay_norm, self.weight_decay_embed
+            self,
+            base_lr,
+            weight_decay,
+            self.backbone_lr_multiplier,
+            self.weight_decay_norm,
+            self.weight_decay_embed,
+            weight_decay_rule=self.weight_decay_rule,
         )
 
     # ------------------------------------------------------------------ checkpoints

@@ -24,6 +24,16 @@ def _backbone_modules(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, CLIPBackbone) or getattr(m, "is_backbone", False)]
 
 
+WEIGHT_DECAY_RULES = ("types", "one_dim")
+
+
+def one_dim_no_decay(name: str, param: torch.Tensor) -> bool:
+    """GroupViT's / OVSegmentor's exemption from weight decay (utils/optimizer.py ``set_weight_decay``): every
+    parameter of exactly one dimension and every ``.bias``; everything else decays, embedding tables, position
+    embeddings, group tokens and the 0-dimensional logit scales included."""
+    return param.ndim == 1 or name.endswith(".bias")
+
+
 def build_param_groups(
     module: nn.Module,
     lr: float,
@@ -31,18 +41,24 @@ def build_param_groups(
     backbone_lr_multiplier: float = 1.0,
     weight_decay_norm: float | None = 0.0,
     weight_decay_embed: float | None = 0.0,
+    weight_decay_rule: str = "types",
     no_decay_names: Iterable[str] = (),
 ) -> list[dict]:
     """Trainable parameters grouped by (lr, weight decay), detectron2-style.
 
     Parameters inside CLIP towers (or modules flagged ``is_backbone``) get ``lr * backbone_lr_multiplier``;
     parameters inside a module with a float attribute ``lr_multiplier`` (e.g. LSeg's decoder, 10x) have their
-    lr multiplied by it (the innermost such module wins); parameters of normalisation layers get
-    ``weight_decay_norm`` and of ``nn.Embedding`` ``weight_decay_embed`` (None: the general weight decay);
-    parameters whose own name (inside their module) contains one of ``no_decay_names`` get none (OVSeg's
-    ``build_optimizer``: Swin's ``relative_position_bias_table``).
+    lr multiplied by it (the innermost such module wins). Weight decay by ``weight_decay_rule``: ``types``
+    (ours) gives parameters of normalisation layers ``weight_decay_norm`` and of ``nn.Embedding``
+    ``weight_decay_embed`` (None: the general weight decay); ``one_dim`` is the GroupViT / OVSegmentor
+    releases' rule (:func:`one_dim_no_decay`: no decay for 1-D parameters and biases, the general one otherwise).
+    Under ``types``, parameters whose own name (inside their module) contains one of ``no_decay_names`` get none
+    (OVSeg's ``build_optimizer``: Swin's ``relative_position_bias_table``).
     """
+    if weight_decay_rule not in WEIGHT_DECAY_RULES:
+        raise ValueError(f"unknown weight_decay_rule {weight_decay_rule!r} (one of {WEIGHT_DECAY_RULES})")
     no_decay_names = tuple(no_decay_names)
+    names = {id(p): n for n, p in module.named_parameters()}
     backbone_ids = {id(p) for m in _backbone_modules(module) for p in m.parameters()}
     module_multiplier: dict[int, float] = {}
     for submodule in module.modules():  # parents come before children, so inner flags overwrite outer ones
@@ -57,7 +73,9 @@ def build_param_groups(
                 continue
             seen.add(id(param))
             decay = 0.0 if any(n in name for n in no_decay_names) else weight_decay
-            if isinstance(submodule, NORM_TYPES) and weight_decay_norm is not None:
+            if weight_decay_rule == "one_dim":
+                decay = 0.0 if one_dim_no_decay(names[id(param)], param) else weight_decay
+            elif isinstance(submodule, NORM_TYPES) and weight_decay_norm is not None:
                 decay = weight_decay_norm
             elif isinstance(submodule, nn.Embedding) and weight_decay_embed is not None:
                 decay = weight_decay_embed

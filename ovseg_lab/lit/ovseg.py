@@ -89,7 +89,8 @@ class MaskFormerModule(NonFiniteLossPolicy, LabelAwareEval):
             self.backbone_lr_multiplier,
             self.weight_decay_norm,
             self.weight_decay_embed,
-            self.no_weight_decay_names,
+            weight_decay_rule=self.weight_decay_rule,
+            no_decay_names=self.no_weight_decay_names,
         )
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int):

@@ -379,7 +379,10 @@ class OVSegmentor(nn.Module):
         projector_statistics: ``official`` projects, as the release does, the momentum branch and every token of
             every text too (their outputs unused) so the projectors' BatchNorm running statistics see what the
             release's see (image projector 2 / 4 updates per step in stage 1 / 2, text projector 6 / 8); ``ours``
-            projects only what a loss reads (2 and 2 / 3; the default, as GroupViT's release projects no more).
+            projects only what a loss reads (2 and 2 / 3; the default); ``groupvit`` projects as GroupViT's release
+            (models/multi_label_contrastive.py:209-237): the image projector sees the pooled image only (one
+            update), the text projector each caption together with its multi-label prompts in ONE BatchNorm batch
+            of B x (1 + K) rows (one update), so in training the prompts are normalised with the captions.
         momentum_mode: ``train`` (the release: the momentum encoder is a submodule of the model in train mode, so
             stochastic depth and Gumbel noise act on it) or ``eval`` (ours: fixed targets).
         entity_prompts: ``official``: answers are the template's prefix + the entities joined by " and " ("a photo
@@ -446,7 +449,7 @@ class OVSegmentor(nn.Module):
         for name, value, allowed in (
             ("group_ratio_mode", group_ratio_mode, ("detach_least", "train_most")),
             ("dice_reduction", dice_reduction, ("official", "per_mask")),
-            ("projector_statistics", projector_statistics, ("official", "ours")),
+            ("projector_statistics", projector_statistics, ("official", "ours", "groupvit")),
             ("momentum_mode", momentum_mode, ("train", "eval")),
             ("entity_prompts", entity_prompts, ("official", "ours")),
         ):
@@ -605,19 +608,27 @@ class OVSegmentor(nn.Module):
         question, answer, momentum image, shared entity), which fixes the sequence of BatchNorm updates.
         """
         captions = list(batch["caption"])
-        pooled, tokens, _ = self.text_encoder.encode(captions)
-        text_x = self.text_head(pooled)
-        self._statistics_only(self.text_head, tokens)
+        joint = self.projector_statistics == "groupvit" and self.objective == "multi_label"
+        if joint:  # GroupViT: captions and prompts through the text projector in one batch
+            prompts, valid = self.multi_label_prompts(batch["entities"], captions)
+            text_x, prompt_x = self._caption_and_prompts(captions, prompts)
+        else:
+            pooled, tokens, _ = self.text_encoder.encode(captions)
+            text_x = self.text_head(pooled)
+            self._statistics_only(self.text_head, tokens)
         out = self.image_encoder(self.normalize(batch["image"]))
         image_x = self.image_head(out.tokens.mean(dim=1))
-        # as in the release, the segment tokens pass the projector too, so that its BatchNorm statistics (used
-        # at test time on single segments) cover segments and not only their mean
-        group_x = self.image_head(out.tokens)
+        # as in OVSegmentor's release, the segment tokens pass the projector too, so that its BatchNorm statistics
+        # (used at test time on single segments) cover segments and not only their mean (not GroupViT's release)
+        group_x = None if self.projector_statistics == "groupvit" else self.image_head(out.tokens)
         losses = {"contrastive": info_nce(image_x, text_x, self.scale)}
         total = losses["contrastive"]
         if self.objective in MASKING_OBJECTIVES:
             losses["entity"] = self._entity_completion(out.tokens, batch)
             total = total + self.entity_weight * losses["entity"]
+        elif joint:
+            losses["multi_label"] = self._multi_label_loss(image_x, prompt_x, prompts, valid, batch["entities"])
+            total = total + self.multi_label_weight * losses["multi_label"]
         elif self.objective == "multi_label":
             losses["multi_label"] = self._multi_label(image_x, batch["entities"], captions)
             total = total + self.multi_label_weight * losses["multi_label"]
@@ -714,15 +725,36 @@ class OVSegmentor(nn.Module):
     def _multi_label(
         self, image_x: torch.Tensor, entities: Sequence[Sequence[str]], captions: Sequence[str]
     ) -> torch.Tensor:
-        k = self.num_prompts
         prompts, valid = self.multi_label_prompts(entities, captions)
+        texts = self.encode_text(prompts).reshape(len(entities), self.num_prompts, -1)
+        return self._multi_label_loss(image_x, texts, prompts, valid, entities)
+
+    def _multi_label_loss(
+        self,
+        image_x: torch.Tensor,
+        texts: torch.Tensor,
+        prompts: Sequence[str],
+        valid: torch.Tensor,
+        entities: Sequence[Sequence[str]],
+    ) -> torch.Tensor:
+        """The multi-label loss of images (B, D) against their prompts' embeddings (B, K, D)."""
         valid = valid.to(image_x.device)
-        texts = self.encode_text(prompts).reshape(len(entities), k, -1)
         scale = self.multi_label_logit_scale.exp().clamp(max=self.logit_scale_max)
         not_negative = (
             self._shared_prompts(prompts, entities, image_x.device) if self.shared_prompts_not_negative else None
         )
         return multi_label_info_nce(image_x, texts, valid, scale, not_negative)
+
+    def _caption_and_prompts(
+        self, captions: Sequence[str], prompts: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """GroupViT's text batch (models/multi_label_contrastive.py:217-237): every caption followed by its K
+        prompts, B x (1 + K) texts through the tower and the projector at once. Returns the captions' (B, D) and
+        the prompts' (B, K, D) embeddings."""
+        k = self.num_prompts
+        texts = [text for b, caption in enumerate(captions) for text in (caption, *prompts[b * k : (b + 1) * k])]
+        projected = self.encode_text(texts).reshape(len(captions), 1 + k, -1)
+        return projected[:, 0], projected[:, 1:]
 
     def _shared_prompts(
         self, prompts: Sequence[str], entities: Sequence[Sequence[str]], device

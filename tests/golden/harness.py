@@ -19,6 +19,7 @@ the whole tensor; small ones whole. Fixtures load with ``torch.load(weights_only
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -152,6 +153,81 @@ def digest_error(tensor: torch.Tensor, expected: Mapping[str, Any], seed: int = 
         relative_error(flat[expected["index"].long()], expected["sample"], floor),
         relative_error(_projections(flat, gen), expected["projections"], floor),
     )
+
+
+def state_change(model: torch.nn.Module, before: Mapping[str, torch.Tensor], seed: int) -> dict[str, Any]:
+    """Digests of every parameter and buffer of ``model`` (``after``) and of their change since ``before`` (``delta``):
+    what a training-steps fixture stores."""
+    return {
+        key: {
+            "after": digest(value, seed, whole=256, sample=128),
+            "delta": digest(value.double() - before[key].double(), seed, whole=256, sample=128),
+        }
+        for key, value in model.state_dict().items()
+    }
+
+
+def stored_norm(expected: Mapping[str, Any]) -> float:
+    """The norm of a :func:`digest`-ed tensor (whole, or estimated from its seeded sample)."""
+    if "whole" in expected:
+        return expected["whole"].double().norm().item()
+    numel = math.prod(expected["shape"])
+    return expected["sample"].double().norm().item() * math.sqrt(numel / len(expected["sample"]))
+
+
+def assert_steps_equal_release(module, fixture: dict, batches: list, clip: float, our_key, loss_key: str) -> None:
+    """Our optimizer steps on ``batches`` as Lightning runs them (``configure_optimizers``' optimizer and per-step
+    schedule, ``training_losses``, backward, ``clip_grad_norm_`` over the optimizer's parameters as
+    ``gradient_clip_algorithm=norm`` does, step, schedule step, ``on_train_batch_end``) against a training-steps
+    fixture: each step's loss (``loss_key`` of the release's), gradient norm before clipping and lr, then every
+    parameter and buffer (:func:`state_change`), official keys mapped by ``our_key(key, shape)`` (None: dropped by
+    our converter as never read, so the release must not have moved it either)."""
+    setup = module.configure_optimizers()
+    optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    trained = [p for g in optimizer.param_groups for p in g["params"]]
+    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    outputs = fixture["outputs"]
+    for step, batch in enumerate(batches):
+        optimizer.zero_grad()
+        loss = module.net.training_losses(batch)["loss"]
+        loss.backward()
+        official = outputs["losses"][step][loss_key]
+        assert abs(loss.item() - official) <= TOLERANCE * abs(official), (
+            f"loss of step {step}: {loss.item()} vs {official}"
+        )
+        norm = torch.nn.utils.clip_grad_norm_(trained, clip).item()
+        assert abs(norm - outputs["grad_norms"][step]) <= TOLERANCE * outputs["grad_norms"][step], f"step {step}"
+        assert abs(optimizer.param_groups[0]["lr"] - outputs["lr"][step]) <= 1e-12 * outputs["lr"][step]
+        optimizer.step()
+        scheduler.step()
+        module.on_train_batch_end(None, batch, step)  # OVSegmentor: the momentum encoder's EMA
+    after = module.state_dict()
+    real_update = outputs["lr"][0] * len(batches)  # AdamW moves every element by ~lr per step
+    compared = set()
+    for key, expected in outputs["state"].items():
+        name = our_key(key, expected["after"]["shape"])
+        if name is None:
+            stored = [expected["delta"][k] for k in ("whole", "sample", "projections") if k in expected["delta"]]
+            assert all(bool((t == 0).all()) for t in stored), f"{key}: dropped by our converter, moved by the release"
+            continue
+        if name not in after:
+            continue  # buffers the release keeps and we derive (none trained)
+        compared.add(name)
+        shape = expected["after"]["shape"]
+        ours = after[name].double().reshape(shape)
+        change = ours - before[name].double().reshape(shape)
+        assert digest_error(ours, expected["after"], fixture["seed"]) <= TOLERANCE, f"{key} after the steps"
+        # a parameter whose gradient is zero in exact arithmetic (attention key biases: softmax ignores a shift;
+        # biases right before a BatchNorm or LayerNorm: the norm removes them) moves by AdamW's normalised rounding
+        # noise only (1e-16-1e-10 against ~lr per element): there both sides must stay below 1e-3 of a real update
+        bound = 1e-3 * real_update * math.sqrt(max(1, change.numel()))
+        if stored_norm(expected["delta"]) < bound:
+            assert change.norm().item() < bound, f"{key} moves here, not in the release"
+            continue
+        error = digest_error(change, expected["delta"], fixture["seed"])
+        assert error <= TOLERANCE, f"{key}: the steps changed it {error:.2e} (relative) unlike the release"
+    missing = {n for n, _ in module.named_parameters()} - compared
+    assert not missing, f"parameters not compared with the release: {sorted(missing)[:6]}"
 
 
 def openai_clip_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:

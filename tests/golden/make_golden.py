@@ -27,6 +27,8 @@ METHODS = {
     "ovsegmentor": "tests.golden.official_ovsegmentor",
     "ovseg": "tests.golden.official_ovseg",
     "ovseg_train": "tests.golden.official_ovseg_train",
+    "groupvit_train": "tests.golden.official_groupvit_train",
+    "ovsegmentor_train": "tests.golden.official_ovsegmentor_train",
 }
 
 
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--encoding", type=Path, help="extracted PyTorch-Encoding (LSeg training: dataset, loss)")
     parser.add_argument("--ovseg", type=Path, help="extracted ov-seg (catseg_train: its training mapper)")
+    parser.add_argument(
+        "--timm", type=Path, help="timm extracted at the release's pinned tag (GroupViT 0.4.12, OVSegmentor 0.6.12)"
+    )
     parser.add_argument("--commit", help="official commit, when --official is not a git checkout")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=FIXTURE_DIR)
@@ -67,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         "lseg_train": {"clip": args.clip, "encoding": args.encoding},
         "groupvit": {"mmcv": args.mmcv, "mmseg": args.mmseg},
         "catseg_train": {"detectron2": args.detectron2, "ovseg": args.ovseg},
+        "groupvit_train": {"timm": args.timm},
+        "ovsegmentor_train": {"timm": args.timm},
     }.get(args.method, args.detectron2)
     paths = module.make(args.official, extra, args.out, official_commit(args.official, args.commit), args.seed)
     for path in paths:

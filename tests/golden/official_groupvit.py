@@ -22,10 +22,10 @@ Adaptations, all at the stub level:
   ``mmcv.Config`` is a dict with attribute access, mmseg's ``EncoderDecoder`` is an ``nn.Module`` carrying mmseg's
   own inference methods, ``mmseg.ops.resize`` is ``F.interpolate`` (its warnings dropped), ``diffdist``'s
   all-gather and ``torch.distributed`` are those of one process (rank 0 of 1).
-- The image resize of mmcv's ``Resize(keep_ratio=True)`` is cv2's bilinear filter on uint8 pixels; cv2 is not
-  installable here: the size comes from mmcv's ``rescale_size`` and the pixels from ``F.interpolate`` (bilinear,
-  ``align_corners=False``, float). cv2's fixed-point rounding to uint8 is the one part not reproduced
-  (docs/fidelity.md).
+- The image resize of mmcv's ``Resize(keep_ratio=True)`` is cv2's bilinear filter on uint8 pixels; these fixtures
+  (made before cv2 was installable here) take the size from mmcv's ``rescale_size`` and the pixels from
+  ``F.interpolate`` (bilinear, ``align_corners=False``, float) on both sides. cv2's fixed-point rounding to uint8
+  is the one part not reproduced (docs/fidelity.md: within 0.77 grey level).
 - nltk is not installed: ``WordAugTokenizeWrapper`` tags the caption with a stub whose nouns are the words of a
   fixed lexicon (``NOUN_LEXICON``), so the fixture tests the release's noun sampling, template draw and padding,
   not nltk's tagger.
@@ -213,7 +213,8 @@ def _resize(input, size=None, scale_factor=None, mode="nearest", align_corners=N
     return F.interpolate(input, size, scale_factor, mode, align_corners)  # mmseg.ops.resize without its warnings
 
 
-def install_stubs(mmseg_root: Path) -> None:
+def install_stubs(mmseg_root: Path | None) -> None:
+    """The stubs; without ``mmseg_root`` (the training fixtures) mmseg's ``EncoderDecoder`` is an empty module."""
     if "mmcv" in sys.modules:
         return
     _module("mmcv", Config=_Config, __path__=[])
@@ -226,7 +227,7 @@ def install_stubs(mmseg_root: Path) -> None:
     namespace = {"torch": torch, "F": F, "nn": nn, "resize": _resize}
     methods = {
         m: source_function(mmseg_root / "mmseg/models/segmentors/encoder_decoder.py", f"EncoderDecoder.{m}", namespace)
-        for m in ("slide_inference", "whole_inference", "inference")
+        for m in (("slide_inference", "whole_inference", "inference") if mmseg_root else ())
     }
     encoder_decoder = type("EncoderDecoder", (nn.Module,), methods)
     _module("mmseg", __path__=[])
@@ -242,7 +243,7 @@ def install_stubs(mmseg_root: Path) -> None:
 
 
 class Official:
-    def __init__(self, root: Path, mmcv_root: Path, mmseg_root: Path) -> None:
+    def __init__(self, root: Path, mmcv_root: Path | None, mmseg_root: Path | None) -> None:
         install_stubs(mmseg_root)
         self.root = root
         self.group_vit = import_official(root, "models.group_vit", ("models",))
@@ -255,10 +256,11 @@ class Official:
         self.seg = import_official(
             root, "segmentation.evaluation.group_vit_seg", ("segmentation", "segmentation.evaluation")
         )
-        geometric = mmcv_root / "mmcv/image/geometric.py"
-        namespace: dict = {}
-        source_function(geometric, "_scale_size", namespace)
-        self.rescale_size = source_function(geometric, "rescale_size", namespace)
+        if mmcv_root is not None:  # the protocol's keep-ratio resize (not needed by the training fixtures)
+            geometric = mmcv_root / "mmcv/image/geometric.py"
+            namespace: dict = {}
+            source_function(geometric, "_scale_size", namespace)
+            self.rescale_size = source_function(geometric, "rescale_size", namespace)
         self.class_tokens = source_function(
             root / "utils/misc.py",
             "build_dataset_class_tokens",

@@ -396,20 +396,22 @@ def _cross_entity_prefix(root: Path) -> str:
     raise RuntimeError("the cross-entity prompt was not found in datasets/clip_dataset.py")
 
 
-def make_schedule_fixture(root: Path, commit: str) -> dict[str, Any]:
-    """The stage-1 learning rate of every step as main_pretrain.py drives timm's scheduler (utils/lr_scheduler.py)
-    at the paper's batch 4096 (16 GPUs x 256), 977 steps per epoch."""
+def make_schedule_fixture(
+    root: Path, commit: str, stage: str = "stage1", gpus: int = 16, per_gpu: int = 256, steps_per_epoch: int = 977
+) -> dict[str, Any]:
+    """A stage's learning rate of every step as main_pretrain.py drives timm's scheduler (utils/lr_scheduler.py),
+    base / warm-up / min lr scaled by the global batch / 4096 (main_pretrain.py:590-592). Stage 1: the paper's
+    16 GPUs x 256 (scripts/run.sh), 977 steps per epoch; stage 2 (official_ovsegmentor_train.py): 8 x 128."""
     spec = importlib.util.spec_from_file_location("ovsm_lr_scheduler", root / "utils" / "lr_scheduler.py")
     lr_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lr_module)
     from omegaconf import OmegaConf
 
     default = OmegaConf.load(root / "configs" / "default.yml")
-    stage1 = OmegaConf.load(root / "configs" / "ovsegmentor" / "ovsegmentor_pretrain_vit_bert_stage1.yml")
-    train = OmegaConf.merge(default.train, stage1.train)
-    scale = 256 * 16 / 4096.0  # main_pretrain.py:590-592
+    own = OmegaConf.load(root / "configs" / "ovsegmentor" / f"ovsegmentor_pretrain_vit_bert_{stage}.yml")
+    train = OmegaConf.merge(default.train, own.train)
+    scale = per_gpu * gpus / 4096.0  # main_pretrain.py:590-592
     train.base_lr, train.warmup_lr, train.min_lr = train.base_lr * scale, train.warmup_lr * scale, train.min_lr * scale
-    steps_per_epoch = 977
     param = nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([param], lr=train.base_lr)
     scheduler = lr_module.build_scheduler(train, optimizer, steps_per_epoch)
@@ -420,7 +422,7 @@ def make_schedule_fixture(root: Path, commit: str) -> dict[str, Any]:
             scheduler.step_update(epoch * steps_per_epoch + idx)  # main_pretrain.py:356, after the step
     return {
         "method": "ovsegmentor",
-        "name": "ovsegmentor_lr_stage1",
+        "name": f"ovsegmentor_lr_{stage}",
         "official_repo": REPO,
         "official_commit": commit,
         "config": {
@@ -430,6 +432,7 @@ def make_schedule_fixture(root: Path, commit: str) -> dict[str, Any]:
             "warmup_epochs": int(train.warmup_epochs),
             "epochs": int(train.epochs),
             "steps_per_epoch": steps_per_epoch,
+            "global_batch": gpus * per_gpu,
         },
         "lr": torch.tensor(curve, dtype=torch.float64),
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import sys
 import types
 from collections.abc import Callable
@@ -132,3 +133,12 @@ def detectron2_function(detectron2_root: Path, relative_file: str, qualname: str
     }
     exec(compile(ast.Module(body=[node], type_ignores=[]), relative_file, "exec"), namespace)
     return namespace[node.name]
+
+
+def source_module(root: Path, relative_file: str, name: str) -> types.ModuleType:
+    """One file of an extracted official tree executed as a module of its own (``utils/optimizer.py``), without
+    its package's ``__init__``."""
+    spec = importlib.util.spec_from_file_location(name, root / relative_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
