@@ -24,6 +24,10 @@ METHODS = {
     "groupvit": "tests.golden.official_groupvit",
     "ovsegmentor": "tests.golden.official_ovsegmentor",
     "ovseg": "tests.golden.official_ovseg",
+    # the training-free releases: one generator, the release told apart by its segmentor file
+    "sclip": "tests.golden.official_trainingfree",
+    "naclip": "tests.golden.official_trainingfree",
+    "clearclip": "tests.golden.official_trainingfree",
 }
 
 
