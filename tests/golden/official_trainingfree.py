@@ -58,6 +58,7 @@ CLASS_FILES = (
     ("pc59", "cls_context59.txt", False),
     ("coco_stuff171", "cls_coco_stuff.txt", False),
     ("ade150", "cls_ade20k.txt", False),
+    ("cityscapes19", "cls_city_scapes.txt", False),
 )
 # per release: the protocol fixtures (name, image size (the resized picture), segmentor keywords)
 PROTOCOLS = {
