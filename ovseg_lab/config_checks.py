@@ -112,7 +112,8 @@ def _launch_problem(cfg: DictConfig) -> str | None:
 GROUP_READERS = {
     "clip": (
         *("catseg", "costvolume", "lseg", "ovseg", "ovseg_clip_adapt", "ovseg_sam"),
-        *("maskclip", "sclip", "clearclip", "naclip"),  # training-free: the frozen CLIP is the whole model
+        # training-free: the frozen CLIP is the whole model
+        *("maskclip", "sclip", "clearclip", "naclip", "vanilla_clip"),
     ),
     "finetune": ("catseg", "costvolume", "ovseg_clip_adapt"),
     "aggregation": ("catseg",),

@@ -163,6 +163,11 @@ def _build(cfg: DictConfig, stage: str, resume_step: int | None = None):
 
 def train(cfg: DictConfig) -> dict[str, dict]:
     """Fit, then evaluate every benchmark once more with the final weights and write metrics.json."""
+    if not needs_checkpoint(cfg):  # a training-free model: the run is its evaluation (train.py -m on a table works)
+        print(f"{OmegaConf.select(cfg, 'model.net._target_')} trains nothing: evaluating it instead.", file=sys.stderr)
+        with open_dict(cfg):
+            cfg.allow_untrained = True
+        return evaluate(cfg)
     check_config(cfg, "fit")  # values, combinations, launch mode: before pipeline stages, data or weights
     drop_unused_groups(cfg)  # config_resolved.yaml records only what this run builds (no CLIP for OVSegmentor)
     run_dir = run_dir_of(cfg)

@@ -15,24 +15,28 @@ import torch.nn.functional as F
 OFFSETS = tuple((a, b) for a in range(3) for b in range(3) if (a, b) != (1, 1))  # the 8 neighbours of a 3x3 cell
 
 
-def _neighbours(x: torch.Tensor, dilations: Sequence[int], centre: bool = False) -> torch.Tensor:
-    """(B, K, H, W) -> (B, K, P, H, W): the value at each neighbour (replicate border), dilation by dilation."""
+def _shifted(x: torch.Tensor, dilations: Sequence[int], centre: bool = False):
+    """The (B, K, H, W) maps read at each neighbour (replicate border), dilation by dilation, one at a time."""
     height, width = x.shape[-2:]
     offsets = sorted(OFFSETS + ((1, 1),)) if centre else OFFSETS
-    out = []
     for d in dilations:
         padded = F.pad(x, [d] * 4, mode="replicate")
-        out.extend(padded[..., a * d : a * d + height, b * d : b * d + width] for a, b in offsets)
-    return torch.stack(out, dim=2)
+        for a, b in offsets:
+            yield padded[..., a * d : a * d + height, b * d : b * d + width]
 
 
 def pamr(image: torch.Tensor, scores: torch.Tensor, num_iter: int, dilations: Sequence[int] = (8, 16)) -> torch.Tensor:
     """image (B, K, H, W) (the normalised picture), scores (B, C, h, w) -> refined scores (B, C, H, W); the
     scores are first resized to the image (bilinear, align_corners=True)."""
     scores = F.interpolate(scores, size=image.shape[-2:], mode="bilinear", align_corners=True)
-    spread = _neighbours(image, dilations, centre=True).std(dim=2, keepdim=True)
-    affinity = -(_neighbours(image, dilations) - image.unsqueeze(2)).abs() / (1e-8 + 0.1 * spread)
-    affinity = affinity.mean(dim=1, keepdim=True).softmax(dim=2)
+    spread = torch.stack(list(_shifted(image, dilations, centre=True)), dim=2).std(dim=2)  # (B, K, H, W)
+    affinity = torch.stack(
+        [(-(n - image).abs() / (1e-8 + 0.1 * spread)).mean(dim=1) for n in _shifted(image, dilations)], dim=1
+    ).softmax(dim=1)  # (B, P, H, W): the weight of each neighbour
     for _ in range(num_iter):
-        scores = (_neighbours(scores, dilations) * affinity).sum(dim=2)
+        # one neighbour at a time: (B, C, H, W) in memory instead of (B, C, P, H, W)
+        refined = torch.zeros_like(scores)
+        for p, neighbour in enumerate(_shifted(scores, dilations)):
+            refined += neighbour * affinity[:, p : p + 1]
+        scores = refined
     return scores
