@@ -74,7 +74,7 @@ PROTOCOLS = {
         ("whole", (48, 88), {"slide_crop": 0, "prob_thd": 0.42, "pamr_steps": 0}),
     ],
     "clearclip": [
-        ("slide", (72, 100), {"slide_crop": 40, "slide_stride": 24, "logit_scale": 50, "prob_thd": 0.45}),
+        ("slide", (72, 100), {"slide_crop": 43, "slide_stride": 24, "logit_scale": 50, "prob_thd": 0.45}),
     ],
 }
 
