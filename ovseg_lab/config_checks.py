@@ -110,7 +110,11 @@ def _launch_problem(cfg: DictConfig) -> str | None:
 # also left out of the recorded config: ovseg_lab.config.drop_unused_groups; tests/test_house.py keeps the two
 # consistent.)
 GROUP_READERS = {
-    "clip": ("catseg", "costvolume", "lseg", "ovseg", "ovseg_clip_adapt", "ovseg_sam"),
+    "clip": (
+        *("catseg", "costvolume", "lseg", "ovseg", "ovseg_clip_adapt", "ovseg_sam"),
+        # training-free: the frozen CLIP is the whole model
+        *("maskclip", "sclip", "clearclip", "naclip", "vanilla_clip"),
+    ),
     "finetune": ("catseg", "costvolume", "ovseg_clip_adapt"),
     "aggregation": ("catseg",),
 }

@@ -52,6 +52,7 @@ METHOD_NAMES = {
     "LSegNet": "LSeg",
     "OVSeg": "OVSeg",
     "OVSegmentor": "OVSegmentor / GroupViT",
+    "TrainingFreeSegmenter": "training-free CLIP (MaskCLIP / SCLIP / ClearCLIP / NACLIP)",
 }
 # the notebook's short toy run: CAT-Seg, 150 steps of CLIP pre-training then 200 steps (1-2 minutes on a CPU)
 TOY_TRAIN_OVERRIDES = (
@@ -187,6 +188,8 @@ class DemoApp:
         root: Path | None = None,
         output_dir: Path | None = None,
         toy_overrides: list[str] | tuple = TOY_TRAIN_OVERRIDES,
+        training_free: list[str] | tuple = (),
+        model_overrides: list[str] | tuple = (),
     ) -> None:
         self.device = resolve_device(device)
         self.models: dict[str, LoadedModel] = {}
@@ -203,6 +206,12 @@ class DemoApp:
         for path in checkpoints:
             try:
                 self.load(path)
+            except SetupError as err:
+                self.load_errors.append(str(err))
+                print(f"ERROR: {err}", file=sys.stderr)
+        for name in training_free:
+            try:
+                self.load_training_free(name, model_overrides)
             except SetupError as err:
                 self.load_errors.append(str(err))
                 print(f"ERROR: {err}", file=sys.stderr)
@@ -248,6 +257,17 @@ class DemoApp:
             label = f"{run}/{path.name} [{method_name(module)}] ({index})"
             index += 1
         loaded = LoadedModel(label, path, module, method_name(module))
+        self.models[label] = loaded
+        return loaded
+
+    def load_training_free(self, name: str, overrides: list[str] | tuple = ()) -> LoadedModel:
+        """A training-free model (``model=<name>``, CLIP's weights only: ``clip.pretrained=<file>`` offline)."""
+        from ovseg_lab.build import training_free_model
+
+        module, _ = training_free_model(name, list(overrides))
+        module.to(self.device)
+        label = f"{name} (training-free) [{method_name(module)}]"
+        loaded = LoadedModel(label, Path(f"model={name}"), module, method_name(module))
         self.models[label] = loaded
         return loaded
 
@@ -622,6 +642,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="an ovseg-lab checkpoint (any method); repeat to offer several models",
     )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="a training-free model, no checkpoint (maskclip, sclip, clearclip, naclip); repeat for several",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="with --model: Hydra overrides, e.g. clip.pretrained=/path/to/ViT-B-16.pt"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
@@ -655,7 +684,14 @@ def main(argv: list[str] | None = None) -> int:
     sam_options = json.loads(args.sam_config.read_text()) if args.sam_config else None
     toy = args.toy_overrides.split() if args.toy_overrides else TOY_TRAIN_OVERRIDES
     app = DemoApp(
-        args.checkpoint, args.device, args.sam_model, sam_options, output_dir=args.output_dir, toy_overrides=toy
+        args.checkpoint,
+        args.device,
+        args.sam_model,
+        sam_options,
+        output_dir=args.output_dir,
+        toy_overrides=toy,
+        training_free=args.model,
+        model_overrides=args.overrides,
     )
     demo = build_ui(app)
     print(f"ovseg-lab demo: {len(app.models)} model(s) on {app.device}; http://{args.host}:{args.port}", flush=True)

@@ -163,6 +163,11 @@ def _build(cfg: DictConfig, stage: str, resume_step: int | None = None):
 
 def train(cfg: DictConfig) -> dict[str, dict]:
     """Fit, then evaluate every benchmark once more with the final weights and write metrics.json."""
+    if not needs_checkpoint(cfg):  # a training-free model: the run is its evaluation (train.py -m on a table works)
+        print(f"{OmegaConf.select(cfg, 'model.net._target_')} trains nothing: evaluating it instead.", file=sys.stderr)
+        with open_dict(cfg):
+            cfg.allow_untrained = True
+        return evaluate(cfg)
     check_config(cfg, "fit")  # values, combinations, launch mode: before pipeline stages, data or weights
     drop_unused_groups(cfg)  # config_resolved.yaml records only what this run builds (no CLIP for OVSegmentor)
     run_dir = run_dir_of(cfg)
@@ -258,11 +263,23 @@ def _model_fitting_checkpoint(cfg: DictConfig, model: Any, checkpoint: dict[str,
     return rebuilt, cfg
 
 
+def needs_checkpoint(cfg: DictConfig) -> bool:
+    """Whether the configured net has weights of its own to load: a net class says otherwise with
+    ``needs_checkpoint = False`` (the training-free methods, whose only weights are CLIP's)."""
+    from hydra.utils import get_class
+
+    target = OmegaConf.select(cfg, "model.net._target_")
+    try:
+        return bool(getattr(get_class(target), "needs_checkpoint", True)) if target else True
+    except Exception:  # an unimportable target fails later with its own message
+        return True
+
+
 def evaluate(cfg: DictConfig) -> dict[str, dict]:
     """Evaluate a checkpoint (``ckpt=...``) on every configured benchmark and write metrics.json."""
     check_config(cfg, "validate")
     drop_unused_groups(cfg)
-    if not cfg.get("ckpt") and not cfg.get("allow_untrained", False):
+    if not cfg.get("ckpt") and not cfg.get("allow_untrained", False) and needs_checkpoint(cfg):
         raise SetupError("eval.py needs a checkpoint: pass ckpt=/path/to/last.ckpt (or allow_untrained=true).")
     # read before anything is built: an unreadable file is one paragraph, not minutes later
     checkpoint = read_checkpoint(cfg.ckpt, key="ckpt") if cfg.get("ckpt") else None

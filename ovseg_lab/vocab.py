@@ -30,6 +30,7 @@ PACKAGED_VOCABULARIES = (
     "voc21",
     "pc60",
     "coco_object81",
+    "cityscapes19",
 )
 
 

@@ -636,3 +636,42 @@ def test_benchmark_configs_agree_with_what_the_prepare_script_writes():
             assert 0 < background < target.num_classes, path
         checked += 1
     assert checked >= 14
+
+
+# ---------------------------------------------------------------------------------------------------- Cityscapes
+CITYSCAPES_RULE = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12}
+CITYSCAPES_RULE |= {26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}  # cityscapesscripts labels.py trainId
+
+
+def test_cityscapes19_maps_label_ids_to_train_ids(tmp_path):
+    """A fake leftImg8bit + gtFine archive (two cities, every label id 0..33 and -1 as 255): train ids of the 19
+    evaluated classes, everything else ignored; PNG images kept as they are."""
+    raw = tmp_path / "raw"
+    label_ids = np.arange(36, dtype=np.uint8).reshape(4, 9)
+    label_ids[-1, -1] = 255  # license plate (-1) is stored as 255
+    stems = []
+    for city, index in (("frankfurt", 1), ("lindau", 2)):
+        stem = f"{city}_000000_{index:06d}"
+        stems.append(stem)
+        write_png(
+            raw / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png", np.full((4, 9, 3), index * 40, np.uint8)
+        )
+        write_png(raw / "gtFine" / "val" / city / f"{stem}_gtFine_labelIds.png", label_ids)
+    out = tmp_path / "out"
+    summaries = prepare_benchmark("cityscapes", raw, out, progress=False)
+    for stem in stems:
+        expected = per_pixel(label_ids, lambda v: CITYSCAPES_RULE.get(v, 255))
+        np.testing.assert_array_equal(prepared(out, "cityscapes19", "val", stem), expected)
+        assert (out / "cityscapes19" / "images" / "val" / f"{stem}.png").is_file()
+    names = json.loads((out / "cityscapes19" / "vocab.json").read_text())
+    assert len(names) == 19 and names[0] == "road" and names[13] == "car" and names[18] == "bicycle"
+    assert summary_of(summaries, "cityscapes19").images == 2
+
+
+def test_cityscapes_without_labels_names_the_missing_file(tmp_path):
+    raw = tmp_path / "raw"
+    write_png(
+        raw / "leftImg8bit" / "val" / "bonn" / "bonn_000000_000001_leftImg8bit.png", np.zeros((2, 2, 3), np.uint8)
+    )
+    with pytest.raises(DataError, match="bonn_000000_000001_gtFine_labelIds.png"):
+        prepare_benchmark("cityscapes", raw, tmp_path / "out", progress=False)

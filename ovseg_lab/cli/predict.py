@@ -3,6 +3,7 @@
     python scripts/predict.py --checkpoint outputs/quickstart/checkpoints/last.ckpt \
         --image photo.jpg --classes "red circle,striped grass,plain sky" --output predictions/
     python scripts/predict.py --checkpoint catseg_vitb16.ckpt --image folder/ --vocab ade150 --output out/
+    ovseg-predict --model clearclip --image photo.jpg --classes "cat,sofa"   # training-free: no checkpoint
 
 Writes per image <stem>_overlay.png (legend of the classes present), <stem>_labels.png (label map) and
 <stem>_areas.json (pixels and area fraction per class) into --output, by default a folder of its own next to the
@@ -28,7 +29,15 @@ from ovseg_lab.errors import SetupError
 @guarded
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--checkpoint", type=Path, default=None, help="a train.py / converted checkpoint")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a training-free model instead of a checkpoint (maskclip, sclip, clearclip, naclip): CLIP's weights only",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="with --model: Hydra overrides, e.g. clip.pretrained=/path/to/ViT-B-16.pt"
+    )
     parser.add_argument("--image", required=True, type=Path, help="an image file or a folder of images")
     parser.add_argument("--classes", default=None, help='comma-separated class names, e.g. "cat,sofa,wall"')
     parser.add_argument(
@@ -46,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         help='OVSegmentor / GroupViT: "background" wins where no class scores above this (VOC: 0.95)',
     )
     args = parser.parse_args(argv)
+    if (args.checkpoint is None) == (args.model is None):
+        raise SetupError(
+            "Give either --checkpoint <file.ckpt> or --model <training-free model>, e.g. --model clearclip."
+        )
+    if args.overrides and args.model is None:
+        raise SetupError(f"Overrides {args.overrides} apply only with --model; a checkpoint carries its own config.")
     from ovseg_lab.checkpoints import model_from_checkpoint
     from ovseg_lab.predict import list_images, predict_paths, resolve_vocabulary, set_background_threshold
     from ovseg_lab.run_folder import RunLock
@@ -57,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = checked_device(args.device)
         images = list_images(args.image)
-        module, _ = model_from_checkpoint(args.checkpoint)
+        if args.model is not None:
+            from ovseg_lab.build import training_free_model
+
+            module, _ = training_free_model(args.model, args.overrides)
+        else:
+            module, _ = model_from_checkpoint(args.checkpoint)
         module.to(device)
         set_background_threshold(module, vocabulary, args.background_threshold)
         inference = replace(module.inference_cfg, mode=args.inference) if args.inference else None
@@ -77,14 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def output_folder(output: Path | None, checkpoint: Path) -> Path:
-    """--output, or a folder of its own next to the checkpoint's run; a file there is a clear error."""
+def output_folder(output: Path | None, checkpoint: Path | None) -> Path:
+    """--output, or a folder of its own next to the checkpoint's run (outputs/predict/ for --model); a file there is
+    a clear error."""
     import time
 
     from ovseg_lab.run_folder import record_dir
 
     if output is None:
-        output = Path(record_dir(str(checkpoint), "predict", "outputs", time.strftime("%Y-%m-%d_%H-%M-%S")))
+        output = Path(
+            record_dir(
+                str(checkpoint) if checkpoint else None, "predict", "outputs", time.strftime("%Y-%m-%d_%H-%M-%S")
+            )
+        )
     if output.exists() and not output.is_dir():
         raise SetupError(f"--output {output} is a file; give a folder (created if missing) for the per-image outputs.")
     return output

@@ -29,6 +29,10 @@ METHODS = {
     "ovseg_train": "tests.golden.official_ovseg_train",
     "groupvit_train": "tests.golden.official_groupvit_train",
     "ovsegmentor_train": "tests.golden.official_ovsegmentor_train",
+    # the training-free releases: one generator, the release told apart by its segmentor file
+    "sclip": "tests.golden.official_trainingfree",
+    "naclip": "tests.golden.official_trainingfree",
+    "clearclip": "tests.golden.official_trainingfree",
 }
 
 

@@ -1,7 +1,8 @@
 """Benchmark preparation: official raw archives -> the prepared layout read by ``ovseg_lab.data.benchmark``.
 
 ``scripts/prepare_datasets.py NAME --raw DIR --out DIR`` is the command-line front end; ``prepare_benchmark``
-is the same thing from Python. One module per dataset family (coco, ade, pascal_context, voc); ``core`` holds
+is the same thing from Python. One module per dataset family (coco, ade, pascal_context, voc, cityscapes); ``core``
+holds
 the writing, resuming and summarising they share. This package imports neither torch nor Lightning at load
 time, so the script starts at once.
 """
@@ -23,6 +24,7 @@ PREPARERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "pc59": ("pascal_context", "PC59", ("pc59", "pc59b")),
     "pc459": ("pascal_context", "PC459", ("pc459",)),
     "voc20": ("voc", "VOC20", ("voc20", "voc20b")),
+    "cityscapes": ("cityscapes", "Cityscapes19", ("cityscapes19",)),
 }
 # benchmarks written as a by-product of another name
 ALIASES = {"voc20b": "voc20", "pc59b": "pc59"}
