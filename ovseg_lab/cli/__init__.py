@@ -1,8 +1,8 @@
 """Command-line entry points (``[project.scripts]`` in pyproject.toml: ovseg-train, ovseg-eval, ovseg-predict, ...).
 
 ``scripts/*.py``, ``train.py`` and ``eval.py`` are thin wrappers around these modules. Every command shares one error
-guard: a :class:`~ovseg_lab.errors.SetupError` (also one wrapped by Hydra's ``instantiate``) or a full disk becomes
-one paragraph on stderr and exit status 2, never a traceback. Hydra commands (train, eval, mine) add the run-folder
+guard: a :class:`~ovseg_lab.errors.SetupError` (also one wrapped by Hydra's ``instantiate``), a full disk or an
+unwritable output becomes one paragraph on stderr and exit status 2, never a traceback. Hydra commands (train, eval, mine) add the run-folder
 lock and sweep handling of :func:`ovseg_lab.runner.main_guard`.
 """
 
@@ -13,17 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ovseg_lab.errors import SetupError, user_error
-
-
-def as_user_error(err: BaseException) -> SetupError | None:
-    """The user-facing error behind ``err``: a (wrapped) SetupError, or a full disk as one; None for a bug."""
-    from ovseg_lab.utils.io import disk_full_message, is_disk_full
-
-    setup = user_error(err)
-    if setup is None and is_disk_full(err):
-        setup = SetupError(disk_full_message(getattr(err, "filename", None) or "the output folder"))
-    return setup
+from ovseg_lab.errors import SetupError, as_user_error
 
 
 def report(err: SetupError) -> None:

@@ -11,7 +11,7 @@ from ovseg_lab.runner import main_guard, train
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    results = main_guard(train, cfg)
+    results = main_guard(train, cfg, training=True)
     # A scalar for Hydra sweepers that optimise: mean mIoU over the evaluation benchmarks.
     return sum(r["mIoU"] for r in results.values()) / len(results) if results else None
 
