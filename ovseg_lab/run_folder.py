@@ -34,7 +34,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ovseg_lab.errors import FolderOfAnotherRun, RunFolderBusy, SetupError
-from ovseg_lab.utils.io import check_writable, write_text
+from ovseg_lab.utils.io import check_writable, remove_temporaries, write_text
 
 LOCK_NAME = ".lock"
 
@@ -129,6 +129,7 @@ class RunLock:
                         self.path.unlink()
                     except FileNotFoundError:
                         pass
+                    remove_temporaries(self.folder)  # what the dead owner was writing when it was killed
                     continue
                 if pid == os.getpid() and host == socket.gethostname():
                     return  # ours (a lock file left by an earlier run of this same process)

@@ -379,3 +379,68 @@ def test_lightning_values_are_refused_before_the_run_builds_anything(tmp_path):
     assert "Invalid configuration" in proc.stderr and "Error in call to target" not in proc.stderr
     assert "trainer.val_check_interval='abc'" in proc.stderr and "every_n_train_steps=-5" in proc.stderr
     assert not (run / "wandb").exists() and not (run / "config_resolved.yaml").exists()
+
+
+def test_taking_over_a_dead_owners_lock_removes_its_cut_short_temporaries(tmp_path):
+    """A SIGKILL during an atomic write leaves ``.<name>.<random>.tmp`` beside the target (never renamed)."""
+    import socket
+
+    from ovseg_lab.run_folder import RunLock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    (tmp_path / "checkpoints").mkdir()
+    stale = tmp_path / "checkpoints" / ".last.ckpt.abc123.tmp"
+    stale.write_bytes(b"half")
+    (tmp_path / "metrics.json").write_text("{}")
+    lock = RunLock.acquire(tmp_path)
+    lock.release()
+    assert not stale.exists() and (tmp_path / "metrics.json").is_file()
+
+
+def test_ctrl_c_outside_lightning_is_one_line_and_exit_130(capsys):
+    from ovseg_lab.cli import interruptible
+
+    def main():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stop:
+        interruptible(main, "rerun with ckpt_path=last")()
+    assert stop.value.code == 130
+    assert "interrupted (Ctrl-C): rerun with ckpt_path=last" in capsys.readouterr().err
+
+
+def test_a_killed_pipeline_stage_continues_its_own_checkpoint(tmp_path):
+    """The record policy refuses a fresh run over a stage's weights: a stage killed after a checkpoint resumes it."""
+    from omegaconf import OmegaConf
+
+    import ovseg_lab.pipeline as pipeline
+
+    cfg = OmegaConf.create(
+        {
+            "seed": 1,
+            "pipeline": {
+                "dir": str(tmp_path),
+                "stages": {
+                    "a": {
+                        "run": "tests.test_record_policy.record_ckpt_path",
+                        "config": "train",
+                        "overrides": ["experiment=quickstart", "model=costvolume"],
+                    }
+                },
+            },
+        }
+    )
+    folder = Path(pipeline.stage_dir("a", _root_=cfg))
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"")
+    pipeline.run_stages(cfg)
+    assert (tmp_path / "ckpt_path.txt").read_text() == "last"
+
+
+def record_ckpt_path(cfg) -> None:
+    """A stand-in stage run: records the ckpt_path it was given (next to the stage folders)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    Path(HydraConfig.get().runtime.output_dir).parent.joinpath("ckpt_path.txt").write_text(str(cfg.ckpt_path))

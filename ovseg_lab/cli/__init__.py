@@ -38,6 +38,22 @@ def guarded(main: Callable[..., int | None]) -> Callable[..., int]:
     return wrapper
 
 
+def interruptible(main: Callable[..., Any], what_next: str) -> Callable[..., Any]:
+    """Decorator for a Hydra command: Ctrl-C outside Lightning's own handling (composing, building the data, the
+    final evaluation) is one line and exit status 130, not a KeyboardInterrupt traceback. Every record is written
+    atomically, so what is on disk is complete; ``what_next`` says how to go on."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted (Ctrl-C): {what_next}\n", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return wrapper
+
+
 def _tool(module: str) -> Callable[[], int]:
     """A command running ``<module>.main()`` (it parses sys.argv itself) under the guard."""
 

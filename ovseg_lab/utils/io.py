@@ -38,6 +38,17 @@ def mkstemp_beside(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
     return fd, tmp
 
 
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of :func:`mkstemp_beside` under ``folder``: left by a process killed (SIGKILL)
+    while it wrote, they are never renamed onto their target. Only for a folder whose owner is gone."""
+    removed = []
+    for path in Path(folder).rglob(".*.tmp*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def is_disk_full(err: BaseException, folder: str | os.PathLike | None = None) -> bool:
     """ENOSPC, or what torch.save's C++ writer says instead ("unexpected pos"), with the folder really (nearly) full."""
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
