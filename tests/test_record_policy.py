@@ -444,3 +444,35 @@ def record_ckpt_path(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     Path(HydraConfig.get().runtime.output_dir).parent.joinpath("ckpt_path.txt").write_text(str(cfg.ckpt_path))
+
+
+def _loops(epochs: dict[str, int], batches_completed: int, batches_processed: int) -> dict:
+    return {
+        "loops": {
+            "fit_loop": {
+                "epoch_progress": {"total": dict(epochs), "current": dict(epochs)},
+                "epoch_loop.batch_progress": {
+                    "total": {"ready": 8, "started": 8, "completed": batches_completed, "processed": batches_processed}
+                },
+            }
+        }
+    }
+
+
+def test_a_resumed_runs_epoch_counter_is_repaired_in_its_mid_epoch_checkpoints():
+    """The loop state of the step-8 checkpoint of a run resumed from the step-4 one (4 batches per epoch: both at an
+    epoch's last batch), as Lightning 2.x saved it: epoch 1 in progress but not counted as started. Resumed from it,
+    the run logged epoch 1 for epoch 2's rows (the fault-injection suite's CSV diff, weights exact)."""
+    from ovseg_lab.lit.resume import count_the_epoch_in_progress
+
+    lagging = _loops({"ready": 1, "started": 1, "processed": 1, "completed": 1}, 7, 8)
+    count_the_epoch_in_progress(lagging, epoch=1)
+    uninterrupted = {"ready": 2, "started": 2, "processed": 1, "completed": 1}  # the same step, never resumed
+    assert lagging["loops"]["fit_loop"]["epoch_progress"] == {"total": uninterrupted, "current": uninterrupted}
+    for untouched, epoch in (
+        (_loops(uninterrupted, 7, 8), 1),  # already right
+        (_loops({"ready": 2, "started": 2, "processed": 2, "completed": 2}, 8, 8), 2),  # saved at the end of training
+    ):
+        before = json.dumps(untouched)
+        count_the_epoch_in_progress(untouched, epoch=epoch)
+        assert json.dumps(untouched) == before
