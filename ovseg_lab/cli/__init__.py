@@ -8,9 +8,10 @@ lock and sweep handling of :func:`ovseg_lab.runner.main_guard`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ovseg_lab.errors import SetupError, as_user_error
@@ -28,6 +29,9 @@ def guarded(main: Callable[..., int | None]) -> Callable[..., int]:
     def wrapper(*args: Any, **kwargs: Any) -> int:
         try:
             return int(main(*args, **kwargs) or 0)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted (Ctrl-C): {RERUN}\n", file=sys.stderr)
+            return 130
         except Exception as err:
             setup = as_user_error(err)
             if setup is None:
@@ -38,6 +42,20 @@ def guarded(main: Callable[..., int | None]) -> Callable[..., int]:
     return wrapper
 
 
+RERUN = "every file is written whole (complete or absent); rerun the same command."
+
+
+@contextlib.contextmanager
+def ctrl_c_exits_130(what_next: str = RERUN) -> Iterator[None]:
+    """Ctrl-C inside the block (a command's imports: torch and Lightning take seconds) is one line and exit status
+    130, not a KeyboardInterrupt traceback through the import machinery."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"\ninterrupted (Ctrl-C): {what_next}\n", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 def interruptible(main: Callable[..., Any], what_next: str) -> Callable[..., Any]:
     """Decorator for a Hydra command: Ctrl-C outside Lightning's own handling (composing, building the data, the
     final evaluation) is one line and exit status 130, not a KeyboardInterrupt traceback. Every record is written
@@ -45,11 +63,8 @@ def interruptible(main: Callable[..., Any], what_next: str) -> Callable[..., Any
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
+        with ctrl_c_exits_130(what_next):
             return main(*args, **kwargs)
-        except KeyboardInterrupt:
-            print(f"\ninterrupted (Ctrl-C): {what_next}\n", file=sys.stderr)
-            raise SystemExit(130) from None
 
     return wrapper
 
