@@ -265,6 +265,9 @@ def config_problems(cfg: DictConfig, stage: str = "fit") -> list[str]:
                     f"finetune.prompt_depth={depth} exceeds the {layers} blocks of the image tower of "
                     f"CLIP {clip.get('model_name')} (finetune=prompt prompts the image tower only)"
                 )
+    from ovseg_lab.config_schema import schema_problems
+
+    problems += schema_problems(cfg)  # what goes to Lightning's Trainer and callbacks
     problems += _learning_rate_problems(_get(cfg, "model"))
     problems += _crop_problems(cfg)
     problems += _unread_group_problems(cfg)

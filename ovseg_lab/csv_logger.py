@@ -4,7 +4,8 @@ Lightning's ``CSVLogger`` deletes ``metrics.csv`` whenever its folder is not emp
 directory will be deleted"): with the fixed ``csv/`` folder of our runs (``version: ""``) a resumed run lost the
 curves of its steps before the kill, and a rerun in the same folder lost the earlier run's. Here:
 
-- rows are written to disk at every checkpoint (Lightning buffers 100 steps);
+- rows are written to disk at every checkpoint, before it (Lightning buffers 100 steps; ``ResumeState`` flushes
+  the loggers while the checkpoint is assembled);
 - a resumed run (``resume_step`` = the checkpoint's global step) keeps every row logged before that step and
   appends; rows logged after the checkpoint by the killed process are dropped, because the resumed run logs
   those steps again: every step appears exactly once;

@@ -5,6 +5,10 @@ A :class:`SetupError` means the run cannot start or continue because of somethin
 paragraph and exit non-zero, without a traceback.
 """
 
+from __future__ import annotations
+
+import errno
+
 
 class SetupError(RuntimeError):
     """Something the user must fix; the message says what and how."""
@@ -14,8 +18,30 @@ class DataError(SetupError):
     """A data file or folder is missing or malformed; the message names it."""
 
 
-class RunFolderBusy(SetupError):
-    """Another live run holds the run folder; nothing of this run may be written there (not even error.txt)."""
+class FolderOfAnotherRun(SetupError):
+    """The folder holds another run's records, or a live run's lock: nothing of this command may be written there
+    (not even error.txt)."""
+
+
+class RunFolderBusy(FolderOfAnotherRun):
+    """Another live run holds the run folder."""
+
+
+def _worker_original(err: SetupError) -> SetupError:
+    """``err`` as raised inside a DataLoader worker, not torch's re-raise of it.
+
+    torch re-raises a worker's exception in the main process as ``type(err)("Caught DataError in DataLoader worker
+    process 0.\\nOriginal Traceback (most recent call last): ... ovseg_lab.errors.DataError: <message>")``: the user
+    (and error.txt) got 15 lines of worker traceback around our one paragraph. The message is the text after the
+    last ``<module>.<class>: `` of that traceback."""
+    text = str(err)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return err
+    marker = f"{type(err).__module__}.{type(err).__qualname__}: "
+    at = text.rfind(marker)
+    if at < 0:
+        return err
+    return type(err)(text[at + len(marker) :].strip())
 
 
 def user_error(err: BaseException) -> SetupError | None:
@@ -25,11 +51,36 @@ def user_error(err: BaseException) -> SetupError | None:
     missing ``clip.weights`` file or BERT offline would reach the user (and error.txt, which make_table quotes)
     as that wrapper (``raise ... from e``): its ``__cause__`` chain still holds our own one-paragraph error. (Not
     ``__context__``: an unrelated bug raised while a SetupError was being handled must keep its traceback.)
+    A SetupError re-raised by torch from a DataLoader worker is unwrapped to its own message.
     """
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, SetupError):
-            return err
+            return _worker_original(err)
         seen.add(id(err))
         err = err.__cause__
+    return None
+
+
+# permission denied / read-only file system: the output location, which the user can change
+UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def as_user_error(err: BaseException, where: object = "the output folder") -> SetupError | None:
+    """The user-facing error behind ``err``: a (wrapped) SetupError, a full disk or an unwritable output location
+    as one; None for a bug. ``where``: the folder named when the error does not carry a file name."""
+    from ovseg_lab.utils.io import disk_full_message, is_disk_full
+
+    setup = user_error(err)
+    if setup is not None:
+        return setup
+    filename = getattr(err, "filename", None) or where
+    if is_disk_full(err):
+        return SetupError(disk_full_message(filename))
+    if isinstance(err, OSError) and err.errno in UNWRITABLE:
+        return SetupError(
+            f"Cannot use {filename}: {err.strerror} (a read-only output location, or a file this user may not read). "
+            "Point the output elsewhere (hydra.run.dir=... / paths.log_dir=... / --output ...) or fix the "
+            "permissions, then rerun."
+        )
     return None

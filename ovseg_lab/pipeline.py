@@ -155,6 +155,11 @@ def _run_stage(cfg: DictConfig, name: str, spec: DictConfig, out: Path, parent_h
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     sub = _compose(str(spec.get("config", "train")), overrides, out)
+    if "ckpt_path" in sub and not sub.get("ckpt_path") and (out / "checkpoints" / "last.ckpt").is_file():
+        # a stage killed after a checkpoint continues it (the record policy refuses a fresh run over its weights)
+        print(f"[pipeline] stage {name}: resuming its unfinished run from {out / 'checkpoints' / 'last.ckpt'}")
+        with open_dict(sub):
+            sub.ckpt_path = "last"
     try:
         HydraConfig.instance().set_config(sub)
         with open_dict(sub):

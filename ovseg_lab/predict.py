@@ -177,6 +177,25 @@ def write_outputs(
     return Prediction(stem, labels, areas, overlay_path, labels_path, areas_path)
 
 
+def check_same_classes(out_dir: Path, vocabulary: Vocabulary) -> None:
+    """An output folder holding predictions for another class list is refused: the new run would replace the files
+    of the images they share (same names, other label ids) and leave the others, a folder of two class lists.
+    The same class list may write again (a rerun, e.g. after Ctrl-C, writes the same files)."""
+    classes = list(vocabulary.classes)
+    for areas in sorted(out_dir.glob("*_areas.json")) if out_dir.is_dir() else []:
+        try:
+            earlier = json.loads(areas.read_text(encoding="utf-8")).get("classes")
+        except (OSError, ValueError, AttributeError):
+            earlier = None
+        if earlier != classes:
+            shown = ", ".join(map(str, earlier[:8])) if isinstance(earlier, list) else "unreadable"
+            raise SetupError(
+                f"--output {out_dir} holds predictions for another class list ({areas.name}: [{shown}]; this run: "
+                f"[{', '.join(classes[:8])}]); writing there would replace some of them and mix two vocabularies. "
+                "Give another --output folder."
+            )
+
+
 def predict_paths(
     module,
     paths: Iterable[Path],

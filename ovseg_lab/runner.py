@@ -23,10 +23,10 @@ from ovseg_lab.config import (
     without_pretrained_weights,
 )
 from ovseg_lab.config_checks import check_config
-from ovseg_lab.errors import RunFolderBusy, SetupError, user_error
+from ovseg_lab.errors import FolderOfAnotherRun, SetupError, as_user_error
 from ovseg_lab.preflight import check_run
 from ovseg_lab.speed import apply_speed
-from ovseg_lab.utils.io import disk_full_message, is_disk_full, write_json, write_text
+from ovseg_lab.utils.io import write_json, write_text
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -325,19 +325,26 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _record_failure(cfg: DictConfig, text: str) -> None:
-    """error.txt in the run directory: make_table.py marks the job as failed and quotes the first line."""
+def _record_failure(cfg: DictConfig, text: str) -> str | None:
+    """error.txt in the run directory: make_table.py marks the job as failed and quotes the first line.
+
+    Never raises (the error path runs when the disk is full or the folder unwritable): returns why error.txt could
+    not be written, for the paragraph, or None."""
+    path = run_dir_of(cfg) / "error.txt"
     try:
-        write_text(run_dir_of(cfg) / "error.txt", text.rstrip() + "\n")
-    except OSError:
-        pass
+        write_text(path, text.rstrip() + "\n")
+    except Exception as err:  # noqa: BLE001  (OSError, or our SetupError for a full disk)
+        return f"(error.txt could not be written to {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    return None
 
 
-def main_guard(fn, cfg: DictConfig) -> Any:
+def main_guard(fn, cfg: DictConfig, training: bool = False) -> Any:
     """Claim the run folder, run ``fn(cfg)``; a :class:`SetupError` becomes a one-paragraph message and exit status 2.
 
-    The folder is locked before anything is written into it (a second run on it stops here, naming the first).
-    A SetupError wrapped by Hydra's instantiate, and a full disk, count as SetupErrors (:func:`user_error`).
+    The folder is locked before anything is written into it (a second run on it stops here, naming the first), and
+    the record policy applies (``ovseg_lab.run_folder``: ``training`` runs may continue the folder's own checkpoint;
+    nothing else writes into another run's folder). A SetupError wrapped by Hydra's instantiate or re-raised from a
+    DataLoader worker, a full disk and an unwritable output count as SetupErrors (:func:`as_user_error`).
     In a multirun sweep a failing job records error.txt and raises an ordinary exception, which Hydra stores
     as that job's result: the remaining jobs still run (Hydra reports the failure when the sweep ends).
     """
@@ -345,20 +352,18 @@ def main_guard(fn, cfg: DictConfig) -> Any:
 
     lock = None
     try:
-        lock = claim_run_dir(cfg, run_dir_of(cfg))
+        lock = claim_run_dir(cfg, run_dir_of(cfg), training)
         return fn(cfg)
     except Exception as err:
-        setup = user_error(err)
-        if setup is None and is_disk_full(err):
-            setup = SetupError(disk_full_message(getattr(err, "filename", None) or run_dir_of(cfg)))
+        setup = as_user_error(err, run_dir_of(cfg))
         if setup is None:
             import traceback
 
             _record_failure(cfg, f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
             raise
-        print(f"\nERROR: {setup}\n", file=sys.stderr)
-        if not isinstance(setup, RunFolderBusy):  # the folder is another run's: leave no trace in it
-            _record_failure(cfg, str(setup))
+        # the folder of another run (or a live one's): leave no trace in it
+        unrecorded = None if isinstance(setup, FolderOfAnotherRun) else _record_failure(cfg, str(setup))
+        print(f"\nERROR: {setup}" + (f"\n{unrecorded}" if unrecorded else "") + "\n", file=sys.stderr)
         if _in_multirun():
             raise JobFailed(str(setup)) from None
         sys.exit(2)

@@ -67,6 +67,11 @@ def _parse_names(path: Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"Vocabulary file not found: {path}") from None
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"Vocabulary file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+            "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+        ) from None
     if path.suffix == ".json":
         try:
             names = json.loads(text)

@@ -1,29 +1,20 @@
 """Command-line entry points (``[project.scripts]`` in pyproject.toml: ovseg-train, ovseg-eval, ovseg-predict, ...).
 
 ``scripts/*.py``, ``train.py`` and ``eval.py`` are thin wrappers around these modules. Every command shares one error
-guard: a :class:`~ovseg_lab.errors.SetupError` (also one wrapped by Hydra's ``instantiate``) or a full disk becomes
-one paragraph on stderr and exit status 2, never a traceback. Hydra commands (train, eval, mine) add the run-folder
+guard: a :class:`~ovseg_lab.errors.SetupError` (also one wrapped by Hydra's ``instantiate``), a full disk or an
+unwritable output becomes one paragraph on stderr and exit status 2, never a traceback. Hydra commands (train, eval, mine) add the run-folder
 lock and sweep handling of :func:`ovseg_lab.runner.main_guard`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from ovseg_lab.errors import SetupError, user_error
-
-
-def as_user_error(err: BaseException) -> SetupError | None:
-    """The user-facing error behind ``err``: a (wrapped) SetupError, or a full disk as one; None for a bug."""
-    from ovseg_lab.utils.io import disk_full_message, is_disk_full
-
-    setup = user_error(err)
-    if setup is None and is_disk_full(err):
-        setup = SetupError(disk_full_message(getattr(err, "filename", None) or "the output folder"))
-    return setup
+from ovseg_lab.errors import SetupError, as_user_error
 
 
 def report(err: SetupError) -> None:
@@ -38,12 +29,42 @@ def guarded(main: Callable[..., int | None]) -> Callable[..., int]:
     def wrapper(*args: Any, **kwargs: Any) -> int:
         try:
             return int(main(*args, **kwargs) or 0)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted (Ctrl-C): {RERUN}\n", file=sys.stderr)
+            return 130
         except Exception as err:
             setup = as_user_error(err)
             if setup is None:
                 raise
             report(setup)
             return 2
+
+    return wrapper
+
+
+RERUN = "every file is written whole (complete or absent); rerun the same command."
+
+
+@contextlib.contextmanager
+def ctrl_c_exits_130(what_next: str = RERUN) -> Iterator[None]:
+    """Ctrl-C inside the block (a command's imports: torch and Lightning take seconds) is one line and exit status
+    130, not a KeyboardInterrupt traceback through the import machinery."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"\ninterrupted (Ctrl-C): {what_next}\n", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def interruptible(main: Callable[..., Any], what_next: str) -> Callable[..., Any]:
+    """Decorator for a Hydra command: Ctrl-C outside Lightning's own handling (composing, building the data, the
+    final evaluation) is one line and exit status 130, not a KeyboardInterrupt traceback. Every record is written
+    atomically, so what is on disk is complete; ``what_next`` says how to go on."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with ctrl_c_exits_130(what_next):
+            return main(*args, **kwargs)
 
     return wrapper
 

@@ -27,7 +27,30 @@ from ovseg_lab.cli import guarded
 from ovseg_lab.convert import FORMATS
 from ovseg_lab.convert.common import check_against, lightning_checkpoint, load_official
 from ovseg_lab.errors import SetupError
-from ovseg_lab.utils.io import atomic_path
+from ovseg_lab.utils.io import atomic_path, check_writable
+
+
+def check_output(target: Path, overwrite: bool) -> None:
+    """Before converting: ``--output`` is not a record of a training run (the record policy of
+    ``ovseg_lab.run_folder``), exists only with ``--overwrite``, and can be written (a read-only folder or full disk
+    was found only after the whole conversion ran)."""
+    from ovseg_lab.errors import FolderOfAnotherRun
+    from ovseg_lab.run_folder import run_holding
+
+    held = run_holding(target)
+    if held is not None:
+        run, records = held
+        raise FolderOfAnotherRun(
+            f"--output {target} lies in the training run {run} ({', '.join(records[:5])}); a converted checkpoint "
+            "never replaces or joins a run's records. Give a file elsewhere, e.g. --output checkpoints/<name>.ckpt."
+        )
+    if target.is_dir():
+        raise SetupError(
+            f"--output {target} is a folder; give the checkpoint file to write, e.g. {target}/<name>.ckpt."
+        )
+    if target.exists() and not overwrite:
+        raise SetupError(f"--output {target} exists; pass --overwrite to replace it, or give another file.")
+    check_writable(target.parent, "--output's folder")
 
 
 def convert(fmt: str, source: Path, target: Path, overrides: list[str]) -> tuple[Path, list[str]]:
@@ -73,8 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", required=True, choices=sorted(FORMATS))
     parser.add_argument("--input", required=True, type=Path, help="official checkpoint file")
     parser.add_argument("--output", required=True, type=Path, help="ovseg-lab checkpoint to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     args = parser.parse_args(argv)
-    out, used = convert(args.format, args.input, args.output, overrides)
+    from ovseg_lab.run_folder import RunLock
+
+    check_output(args.output, args.overwrite)
+    # one writer at a time in the output's folder; the file itself is written atomically (complete or absent)
+    lock = RunLock.acquire(args.output.parent, elsewhere="give another --output folder")
+    try:
+        out, used = convert(args.format, args.input, args.output, overrides)
+    finally:
+        lock.release()
     print(f"wrote {out}")
     if FORMATS[args.format].usage:
         print("use it with: " + FORMATS[args.format].usage.format(out=out, overrides=" ".join(used)))

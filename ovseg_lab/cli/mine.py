@@ -5,6 +5,7 @@ import hydra
 from omegaconf import DictConfig
 
 import ovseg_lab.resolvers  # noqa: F401
+from ovseg_lab.cli import interruptible
 from ovseg_lab.config import CONF_DIR
 from ovseg_lab.runner import main_guard
 
@@ -14,6 +15,9 @@ def main(cfg: DictConfig) -> None:
     from ovseg_lab.ovseg_chain import mine_from_config
 
     main_guard(mine_from_config, cfg)
+
+
+main = interruptible(main, "rerun the same command.")
 
 
 if __name__ == "__main__":

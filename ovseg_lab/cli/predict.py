@@ -62,14 +62,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.overrides and args.model is None:
         raise SetupError(f"Overrides {args.overrides} apply only with --model; a checkpoint carries its own config.")
     from ovseg_lab.checkpoints import model_from_checkpoint
-    from ovseg_lab.predict import list_images, predict_paths, resolve_vocabulary, set_background_threshold
-    from ovseg_lab.run_folder import RunLock
+    from ovseg_lab.predict import (
+        check_same_classes,
+        list_images,
+        predict_paths,
+        resolve_vocabulary,
+        set_background_threshold,
+    )
+    from ovseg_lab.run_folder import RunLock, check_not_another_runs
 
     vocabulary = resolve_vocabulary(args.classes, args.vocab)
     output = output_folder(args.output, args.checkpoint)
     # one writer per output folder (a second predict into it exits 2 naming this one), before minutes of loading
     lock = RunLock.acquire(output, elsewhere="give another --output folder")
     try:
+        check_not_another_runs(output, None, training=False, key="--output")
+        check_same_classes(output, vocabulary)
         device = checked_device(args.device)
         images = list_images(args.image)
         if args.model is not None:
@@ -82,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         set_background_threshold(module, vocabulary, args.background_threshold)
         inference = replace(module.inference_cfg, mode=args.inference) if args.inference else None
         report = predict_paths(module, images, vocabulary, output, inference)
+    except KeyboardInterrupt:
+        # every output file is written atomically: what is there is complete; the same command redoes the rest
+        print(
+            f"\ninterrupted: the predictions written so far in {output} are complete (each file is written whole); "
+            "rerun the same command to predict every image.\n",
+            file=sys.stderr,
+        )
+        return 130
     finally:
         lock.release()
     for result in report.results:
@@ -98,11 +114,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def output_folder(output: Path | None, checkpoint: Path | None) -> Path:
-    """--output, or a folder of its own next to the checkpoint's run (outputs/predict/ for --model); a file there is
-    a clear error."""
+    """--output, or a folder of its own next to the checkpoint's run (outputs/predict/ for --model); checked before
+    anything is loaded (a file in its place, read-only, a full disk: one paragraph each)."""
     import time
 
     from ovseg_lab.run_folder import record_dir
+    from ovseg_lab.utils.io import check_writable
 
     if output is None:
         output = Path(
@@ -110,8 +127,7 @@ def output_folder(output: Path | None, checkpoint: Path | None) -> Path:
                 str(checkpoint) if checkpoint else None, "predict", "outputs", time.strftime("%Y-%m-%d_%H-%M-%S")
             )
         )
-    if output.exists() and not output.is_dir():
-        raise SetupError(f"--output {output} is a file; give a folder (created if missing) for the per-image outputs.")
+    check_writable(output, "--output")
     return output
 
 

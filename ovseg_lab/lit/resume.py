@@ -64,6 +64,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def count_the_epoch_in_progress(checkpoint: dict[str, Any], epoch: int) -> None:
+    """Repair Lightning's epoch counter in a checkpoint saved mid-epoch (in ``on_train_batch_end``).
+
+    A run Lightning 2.x resumes from a checkpoint saved at an epoch's last batch finishes that epoch but never counts
+    the next one as started (``epoch_progress`` ready / started stay at the finished count): that next epoch's
+    checkpoints then read as "epoch finished", and a run resumed from one of them trains on with the epoch number
+    one short (the CSV's ``epoch`` column after kills at two epoch boundaries, with weights still exact). Saved
+    mid-epoch, ``epoch`` (ours, ``trainer.current_epoch`` at the save) is in progress: counted as started."""
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, batches = fit_loop.get("epoch_progress"), fit_loop.get("epoch_loop.batch_progress")
+    if not epochs or not batches:
+        return
+    total = batches["total"]
+    if total["completed"] != total["processed"] - 1:  # not saved inside a training batch's end
+        return
+    for part in ("total", "current"):
+        progress = epochs[part]
+        if progress["ready"] == progress["started"] == progress["processed"] == progress["completed"] == epoch:
+            progress["ready"] = progress["started"] = epoch + 1
+
+
 class ResumeState(L.Callback):
     """Save RNG states and the data position in checkpoints; restore them when ``trainer.fit(ckpt_path=...)``."""
 
@@ -71,6 +92,10 @@ class ResumeState(L.Callback):
         self._pending_rng: dict[str, Any] | None = None
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # the curves up to this checkpoint reach the disk before it does: flushed only after the save (the logger's
+        # after_save_checkpoint), a kill between the two lost the rows a resumed run does not log again
+        for logger in trainer.loggers:
+            logger.save()
         # ModelCheckpoint saves in on_train_batch_end, after the batch was processed: `processed` counts it
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         checkpoint[STATE_KEY] = {
@@ -84,6 +109,7 @@ class ResumeState(L.Callback):
         state = checkpoint.get(STATE_KEY)
         if state is None or trainer.state.fn != "fit":
             return
+        count_the_epoch_in_progress(checkpoint, int(state["epoch"]))  # before Lightning restores its loops
         datamodule = trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "resume_at"):
             datamodule.resume_at(state["epoch"], state["batches_in_epoch"])

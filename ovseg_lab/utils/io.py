@@ -38,6 +38,17 @@ def mkstemp_beside(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
     return fd, tmp
 
 
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of :func:`mkstemp_beside` under ``folder``: left by a process killed (SIGKILL)
+    while it wrote, they are never renamed onto their target. Only for a folder whose owner is gone."""
+    removed = []
+    for path in Path(folder).rglob(".*.tmp*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def is_disk_full(err: BaseException, folder: str | os.PathLike | None = None) -> bool:
     """ENOSPC, or what torch.save's C++ writer says instead ("unexpected pos"), with the folder really (nearly) full."""
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -64,6 +75,38 @@ def disk_full_message(path: str | os.PathLike) -> str:
         f"or point the run elsewhere (hydra.run.dir=... / paths.log_dir=...), then rerun (ckpt_path=last resumes "
         f"from the last complete checkpoint)."
     )
+
+
+# Less free space than this where a run starts: it would fail at its first checkpoint or record, minutes in
+MIN_FREE_BYTES = 16 * 2**20
+
+
+def check_writable(folder: str | os.PathLike, key: str) -> None:
+    """Before any work: ``folder`` (given by ``key``, e.g. ``hydra.run.dir`` or ``--output``) can be created and
+    written, with some free space. Each problem is one :class:`SetupError` paragraph naming the key and the path:
+    an existing file in its place, a read-only location, a full disk."""
+    folder = Path(folder).expanduser().absolute()
+    if folder.exists() and not folder.is_dir():
+        raise SetupError(f"{key}={folder} is a file; give a folder (created if missing).")
+    existing = folder
+    while not existing.exists():  # the deepest part of the path that exists: what the folder is created in
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SetupError(f"{key}={folder} cannot be created: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SetupError(
+            f"{key}={folder} cannot be written: {existing} is read-only for this user (or on a read-only file "
+            f"system). Give a writable location ({key}=...) or change its permissions."
+        )
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return
+    if free < MIN_FREE_BYTES:
+        raise SetupError(
+            f"The disk is full: {free / 2**20:.1f} MiB free on the file system of {existing}, where {key}={folder} "
+            f"would be written. Free some space, or give another location ({key}=...), then rerun."
+        )
 
 
 @contextmanager
