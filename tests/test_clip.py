@@ -80,6 +80,19 @@ def test_position_embeddings_follow_the_input_size():
     assert out.dense.shape == (1, 32, 6, 8)
 
 
+def test_float64_model_keeps_float64_text_and_position_grid():
+    """No float32 round trip in a float64 model (the float64 golden training steps depend on it); fp32 stays fp32."""
+    clip = tiny_clip().double().eval()
+    assert clip.encode_vocabulary(["sky"]).dtype == torch.float64
+    pos = clip.model.visual.positional_embedding
+    side = int((pos.shape[0] - 1) ** 0.5)
+    grid = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(6, 8), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)[0]
+    resized = clip._positional_embedding((6, 8))
+    assert resized.dtype == torch.float64 and torch.equal(resized[1:], expected)
+    assert tiny_clip().encode_vocabulary(["sky"]).dtype == torch.float32
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_trains_exactly_its_parameters(strategy):
     finetune = {"strategy": strategy, "prompt_length": 3 if strategy == "prompt" else 0, "prompt_depth": 0}

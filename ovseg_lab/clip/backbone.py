@@ -41,6 +41,14 @@ class DenseFeatures:
     cls: torch.Tensor
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is in a lower precision (fp16 / bf16), else unchanged: the text embeddings and the
+    resized position grid are computed in float32 under mixed precision, and keep float64 in a float64 model
+    (a float32 round trip there shifts the features by ~1e-7, which can flip a ReLU of the decoder guidance that
+    lies that close to zero, and then the release's gradients, see docs/fidelity.md "CAT-Seg training")."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _to_plain(cfg: Any) -> Any:
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -227,7 +235,8 @@ class CLIPBackbone(nn.Module):
             return pos
         cls_pos, patch_pos = pos[:1], pos[1:]
         patch_pos = patch_pos.reshape(1, stored[0], stored[1], -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic", align_corners=False).to(pos.dtype)
+        patch_pos = F.interpolate(_at_least_fp32(patch_pos), size=grid, mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.to(pos.dtype)
         return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)[0]], dim=0)
 
     def _embed(
@@ -368,7 +377,7 @@ class CLIPBackbone(nn.Module):
             for synonym in class_synonyms(name, self.synonyms):
                 prompts.extend(t.format(synonym) for t in templates)
                 owners.append(class_index)
-        embeddings = F.normalize(self.encode_text(prompts).float(), dim=-1)
+        embeddings = F.normalize(_at_least_fp32(self.encode_text(prompts)), dim=-1)
         num_templates = len(templates)
         embeddings = embeddings.reshape(len(owners), num_templates, -1)
         if len(owners) != len(class_names):  # average synonyms per class

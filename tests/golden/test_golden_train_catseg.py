@@ -253,7 +253,9 @@ def exact_clip_constants(net: torch.nn.Module) -> None:
 def test_golden_train_catseg_three_optimizer_steps_equal_the_release(compose_cfg):
     """Three iterations from the same weights and batches: forward, the official loss, backward, full-model gradient
     clipping at 0.01 (Lightning's clip_gradients, as the recipe's trainer runs it), AdamW with our groups, the
-    schedule; every trained parameter and AdamW's second moments afterwards (float64 both sides; see the bound below)."""
+    schedule; every trained parameter and AdamW's second moments afterwards, within 1e-5 (float64 both sides: a float32
+    round trip anywhere shifts the features by ~1e-7, enough to flip a ReLU of the decoder guidance that lies that
+    close to zero after the first step, and the gradients of the res5 guidance path then differ by ~2e-4)."""
     from lightning.pytorch.plugins.precision import Precision
     from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 
@@ -291,17 +293,11 @@ def test_golden_train_catseg_three_optimizer_steps_equal_the_release(compose_cfg
     mapped = convert_catseg_state_dict({n: torch.zeros(0) for n in official}, prefix="")
     ours = dict(net.named_parameters())
     errors = {m: digest_error(ours[m].detach(), official[o]) for o, m in zip(official, mapped)}
-    above = {name: error for name, error in errors.items() if error > TOLERANCE}
-    # NOT yet the 1e-5 criterion everywhere (open, docs/fidelity.md "CAT-Seg training"): every loss and gradient norm
-    # agrees to 1.2e-6 and our own run moves by 2e-10 under a 1e-10 perturbation of its weights, but after three steps
-    # the res5 guidance path (head.upsample2, head.decoder_guidance.1) ends 1.4e-5 / 1.6e-5 from the release and
-    # AdamW's second moments of the head up to 1.4e-4: per-layer gradients of steps 2-3 differ at ~1e-4. Bounded here
-    # at the measured values (x3), so that any larger departure fails.
-    assert set(above) <= {"head.upsample2.weight", "head.decoder_guidance.1.0.weight"}, above
-    assert max(errors.values()) <= 5 * TOLERANCE, max(errors.items(), key=lambda item: item[1])
-    moments = []
+    assert max(errors.values()) <= TOLERANCE, max(errors.items(), key=lambda item: item[1])
+    moments = {}
     for official_name, our_name in zip(fixture["outputs"]["exp_avg_sq"], mapped):
         state = optimizer.state.get(ours[our_name])
         if state:  # the dense last block's q (never computed here): no gradient, no AdamW state
-            moments.append(digest_error(state["exp_avg_sq"], fixture["outputs"]["exp_avg_sq"][official_name]))
-    assert len(moments) == len(mapped) - 1 and max(moments) <= 5e-4, max(moments)
+            moments[our_name] = digest_error(state["exp_avg_sq"], fixture["outputs"]["exp_avg_sq"][official_name])
+    assert len(moments) == len(mapped) - 1
+    assert max(moments.values()) <= TOLERANCE, max(moments.items(), key=lambda item: item[1])
