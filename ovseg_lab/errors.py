@@ -8,6 +8,10 @@ paragraph and exit non-zero, without a traceback.
 from __future__ import annotations
 
 import errno
+import os
+import shutil
+import sys
+from pathlib import Path
 
 
 class SetupError(RuntimeError):
@@ -69,7 +73,6 @@ UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 def as_user_error(err: BaseException, where: object = "the output folder") -> SetupError | None:
     """The user-facing error behind ``err``: a (wrapped) SetupError, a full disk or an unwritable output location
     as one; None for a bug. ``where``: the folder named when the error does not carry a file name."""
-    from ovseg_lab.utils.io import disk_full_message, is_disk_full
 
     setup = user_error(err)
     if setup is not None:
@@ -84,3 +87,36 @@ def as_user_error(err: BaseException, where: object = "the output folder") -> Se
             "permissions, then rerun."
         )
     return None
+
+
+def is_disk_full(err: BaseException, folder: str | os.PathLike | None = None) -> bool:
+    """ENOSPC, or what torch.save's C++ writer says instead ("unexpected pos"), with the folder really (nearly) full."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    if "No space left" in text:
+        return True
+    if "unexpected pos" in text and folder is not None:
+        try:
+            return shutil.disk_usage(folder).free < 64 * 2**20
+        except OSError:
+            return False
+    return False
+
+
+def disk_full_message(path: str | os.PathLike) -> str:
+    folder = Path(path).parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return (
+        f"The disk is full: could not write {path} ({free} on the file system of {folder}). Free some space, "
+        f"or point the run elsewhere (hydra.run.dir=... / paths.log_dir=...), then rerun (ckpt_path=last resumes "
+        f"from the last complete checkpoint)."
+    )
+
+
+def report(err: SetupError) -> None:
+    """The one-paragraph form every command prints."""
+    print(f"\nERROR: {err}\n", file=sys.stderr)

@@ -33,7 +33,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ovseg_lab.errors import FolderOfAnotherRun, RunFolderBusy, SetupError
+from ovseg_lab.errors import FolderOfAnotherRun, RunFolderBusy, SetupError, report
 from ovseg_lab.utils.io import check_writable, remove_temporaries, write_text
 
 LOCK_NAME = ".lock"
@@ -290,8 +290,6 @@ class CheckOutputLocation(Callback):
             if training is not None:
                 check_not_another_runs(str(folder), config, training, key)
         except SetupError as err:
-            from ovseg_lab.cli import report
-
             report(err)
             sys.exit(2)
 

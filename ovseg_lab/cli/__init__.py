@@ -14,12 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ovseg_lab.errors import SetupError, as_user_error
-
-
-def report(err: SetupError) -> None:
-    """The one-paragraph form every command prints."""
-    print(f"\nERROR: {err}\n", file=sys.stderr)
+from ovseg_lab.errors import as_user_error, report
 
 
 def guarded(main: Callable[..., int | None]) -> Callable[..., int]:

@@ -18,8 +18,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from ovseg_lab.errors import SetupError
-from ovseg_lab.utils.io import disk_full_message, is_disk_full, mkstemp_beside
+from ovseg_lab.errors import SetupError, disk_full_message, is_disk_full
+from ovseg_lab.utils.io import mkstemp_beside
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -13,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ovseg_lab.errors import SetupError
+from ovseg_lab.errors import SetupError, disk_full_message, is_disk_full
 
 
 def _process_umask() -> int:
@@ -47,34 +46,6 @@ def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
-
-
-def is_disk_full(err: BaseException, folder: str | os.PathLike | None = None) -> bool:
-    """ENOSPC, or what torch.save's C++ writer says instead ("unexpected pos"), with the folder really (nearly) full."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(err)
-    if "No space left" in text:
-        return True
-    if "unexpected pos" in text and folder is not None:
-        try:
-            return shutil.disk_usage(folder).free < 64 * 2**20
-        except OSError:
-            return False
-    return False
-
-
-def disk_full_message(path: str | os.PathLike) -> str:
-    folder = Path(path).parent
-    try:
-        free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
-    except OSError:
-        free = "free space unknown"
-    return (
-        f"The disk is full: could not write {path} ({free} on the file system of {folder}). Free some space, "
-        f"or point the run elsewhere (hydra.run.dir=... / paths.log_dir=...), then rerun (ckpt_path=last resumes "
-        f"from the last complete checkpoint)."
-    )
 
 
 # Less free space than this where a run starts: it would fail at its first checkpoint or record, minutes in
