@@ -259,8 +259,9 @@ class OpenVocabModule(L.LightningModule):
             "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
         }
 
-    def param_groups_for(self, base_lr: float, weight_decay: float) -> list[dict]:
-        """The optimizer's parameter groups (a method may add its release's exemptions)."""
+    def param_groups_for(self, base_lr: float, weight_decay: float, **exemptions: Any) -> list[dict]:
+        """The optimizer's parameter groups; a method adds its release's exemptions (``build_param_groups``'
+        keywords, e.g. ``no_decay_names``)."""
         return build_param_groups(
             self,
             base_lr,
@@ -269,6 +270,7 @@ class OpenVocabModule(L.LightningModule):
             self.weight_decay_norm,
             self.weight_decay_embed,
             weight_decay_rule=self.weight_decay_rule,
+            **exemptions,
         )
 
     # ------------------------------------------------------------------ checkpoints

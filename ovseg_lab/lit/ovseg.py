@@ -24,7 +24,6 @@ from ovseg_lab.eval.inference import segment
 from ovseg_lab.layers.contrastive import info_nce
 from ovseg_lab.lit.base import OpenVocabModule, to_unit_float
 from ovseg_lab.lit.nonfinite import NonFiniteLossPolicy
-from ovseg_lab.lit.optim import build_param_groups
 from ovseg_lab.utils.io import atomic_path
 from ovseg_lab.vocab import with_release_strings
 
@@ -81,17 +80,8 @@ class MaskFormerModule(NonFiniteLossPolicy, LabelAwareEval):
         # parameter names without weight decay (experiment=ovseg: the release's Swin position bias tables)
         self.no_weight_decay_names = tuple(no_weight_decay_names)
 
-    def param_groups_for(self, base_lr: float, weight_decay: float) -> list[dict]:
-        return build_param_groups(
-            self,
-            base_lr,
-            weight_decay,
-            self.backbone_lr_multiplier,
-            self.weight_decay_norm,
-            self.weight_decay_embed,
-            weight_decay_rule=self.weight_decay_rule,
-            no_decay_names=self.no_weight_decay_names,
-        )
+    def param_groups_for(self, base_lr: float, weight_decay: float, **exemptions: Any) -> list[dict]:
+        return super().param_groups_for(base_lr, weight_decay, no_decay_names=self.no_weight_decay_names, **exemptions)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int):
         images = to_unit_float(batch["image"])

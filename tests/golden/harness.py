@@ -129,6 +129,22 @@ def relative_error(ours: torch.Tensor, official: torch.Tensor, floor: float = 1e
     return float((ours - official).norm() / official.norm().clamp_min(floor))
 
 
+def groups_by_parameter(module: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_key: str = "lr") -> dict:
+    """Parameter name -> its optimizer group's lr (``lr_key``: ``initial_lr`` once a schedule has scaled ``lr``),
+    weight decay, betas and eps, as plain floats (the form a fixture stores and a test compares)."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    return {
+        names[id(p)]: {
+            "lr": float(g[lr_key]),
+            "weight_decay": float(g["weight_decay"]),
+            "betas": [float(b) for b in g["betas"]],
+            "eps": float(g["eps"]),
+        }
+        for g in optimizer.param_groups
+        for p in g["params"]
+    }
+
+
 def undecided_pixels(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Pixels whose top-2 class scores are closer than the comparison's tolerance (``TOLERANCE`` x the scores' RMS).
 

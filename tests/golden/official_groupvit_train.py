@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tests.golden.harness import save_fixture, seeded_input, state_change
+from tests.golden.harness import groups_by_parameter, save_fixture, seeded_input, state_change
 from tests.golden.official_groupvit import CAPTIONS, ENCODERS, NOUN_LEXICON, PROJECTION, REPO, TEXT, Official, perturb
 from tests.golden.official_stubs import source_module
 from tests.golden.official_timm import release_timm, transform_fixture
@@ -97,17 +97,7 @@ def make_groups_fixture(root: Path, commit: str, seed: int) -> dict[str, Any]:
     model = off.build("groupvit")
     recipe = perturb(model, seed)
     optimizer = source_module(root, "utils/optimizer.py", "gvit_optimizer").build_optimizer(cfg.train, model)
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = {
-        names[id(p)]: {
-            "lr": float(g["lr"]),
-            "weight_decay": float(g["weight_decay"]),
-            "betas": [float(b) for b in g["betas"]],
-            "eps": float(g["eps"]),
-        }
-        for g in optimizer.param_groups
-        for p in g["params"]
-    }
+    groups = groups_by_parameter(model, optimizer)
     config = {
         "encoder": ENCODERS["groupvit"],
         "text": TEXT,

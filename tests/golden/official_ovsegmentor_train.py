@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tests.golden.harness import save_fixture, state_change
+from tests.golden.harness import groups_by_parameter, save_fixture, state_change
 from tests.golden.official_ovsegmentor import (
     CONFIG,
     LOSS_CAPTIONS,
@@ -100,17 +100,7 @@ def make_groups_fixture(root: Path, commit: str, seed: int, stage: str) -> dict[
     model, recipe = official_model(root, stage, seed)
     optimizer_module = source_module(root, "utils/optimizer.py", "ovsm_optimizer")
     optimizer = optimizer_module.build_optimizer(cfg.train, model)
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = {
-        names[id(p)]: {
-            "lr": float(g["lr"]),
-            "weight_decay": float(g["weight_decay"]),
-            "betas": [float(b) for b in g["betas"]],
-            "eps": float(g["eps"]),
-        }
-        for g in optimizer.param_groups
-        for p in g["params"]
-    }
+    groups = groups_by_parameter(model, optimizer)
     config = {**CONFIG, "group_ratio": 0.5, "base_lr": float(cfg.train.base_lr)}
     frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
     return _record(

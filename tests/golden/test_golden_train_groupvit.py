@@ -17,7 +17,7 @@ from ovseg_lab.convert.groupvit import convert_groupvit_state_dict
 from ovseg_lab.lit.caption import CaptionPretrainModule
 from ovseg_lab.lit.optim import lr_schedule
 from tests.conftest import compose
-from tests.golden.harness import TOLERANCE, assert_steps_equal_release, load_fixture
+from tests.golden.harness import TOLERANCE, assert_steps_equal_release, groups_by_parameter, load_fixture
 from tests.golden.official_timm import assert_transform_equals_release
 from tests.golden.test_golden_groupvit import our_net
 
@@ -69,11 +69,9 @@ def test_golden_train_groupvit_parameter_groups_equal_release():
         weight_decay_rule=cfg.model.weight_decay_rule,
     )
     optimizer = module.configure_optimizers()["optimizer"]
-    names = {id(p): n for n, p in module.named_parameters()}
-    ours = {
-        names[id(p)]: (g["initial_lr"], g["weight_decay"], *g["betas"], g["eps"])
-        for g in optimizer.param_groups
-        for p in g["params"]
+    ours = {  # base lr: the schedule (which has already scaled "lr") multiplies "initial_lr"
+        name: (g["lr"], g["weight_decay"], *g["betas"], g["eps"])
+        for name, g in groups_by_parameter(module, optimizer, lr_key="initial_lr").items()
     }
     shapes = {k: shape for k, shape, _, _ in fixture["state"]}
     expected = {}
@@ -85,12 +83,8 @@ def test_golden_train_groupvit_parameter_groups_equal_release():
     wrong = [(n, ours[n], expected[n]) for n in expected if ours[n] != pytest.approx(expected[n], rel=1e-12)]
     assert not wrong, f"{len(wrong)} parameters differ, e.g. {wrong[:3]}"
     module.weight_decay_rule = "types"  # the test can fail: ours decays biases and spares the token embedding
-    decayed = {
-        names[id(p)]
-        for g in module.configure_optimizers()["optimizer"].param_groups
-        for p in g["params"]
-        if g["weight_decay"] > 0
-    }
+    types_groups = groups_by_parameter(module, module.configure_optimizers()["optimizer"], lr_key="initial_lr")
+    decayed = {name for name, g in types_groups.items() if g["weight_decay"] > 0}
     assert decayed != {n for n, e in expected.items() if e[1] > 0}
 
 

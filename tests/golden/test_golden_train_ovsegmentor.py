@@ -20,7 +20,7 @@ from ovseg_lab.convert.ovsegmentor import convert_ovsegmentor_state_dict, rename
 from ovseg_lab.lit.caption import CaptionPretrainModule
 from ovseg_lab.lit.optim import lr_schedule
 from tests.conftest import compose
-from tests.golden.harness import TOLERANCE, assert_steps_equal_release, load_fixture
+from tests.golden.harness import TOLERANCE, assert_steps_equal_release, groups_by_parameter, load_fixture
 from tests.golden.official_timm import assert_transform_equals_release
 from tests.golden.test_golden_ovsegmentor import caption_batch, our_net
 
@@ -98,11 +98,9 @@ def test_golden_train_ovsegmentor_parameter_groups_equal_release(stage):
     fixture = load_fixture(f"ovsegmentor_train_groups_{stage}")
     module = our_module(fixture, stage)
     optimizer = module.configure_optimizers()["optimizer"]
-    names = {id(p): n for n, p in module.named_parameters()}
     ours = {  # base lr: the schedule (which has already scaled "lr") multiplies "initial_lr"
-        names[id(p)]: (g["initial_lr"], g["weight_decay"], *g["betas"], g["eps"])
-        for g in optimizer.param_groups
-        for p in g["params"]
+        name: (g["lr"], g["weight_decay"], *g["betas"], g["eps"])
+        for name, g in groups_by_parameter(module, optimizer, lr_key="initial_lr").items()
     }
     shapes = {k: shape for k, shape, _, _ in fixture["state"]}
     expected = {}
@@ -116,8 +114,8 @@ def test_golden_train_ovsegmentor_parameter_groups_equal_release(stage):
     assert not wrong, f"{len(wrong)} parameters differ, e.g. {wrong[:3]}"
     # the test can fail: our detectron2-style rule decays biases and spares embedding tables
     module.weight_decay_rule = "types"
-    types_groups = module.configure_optimizers()["optimizer"].param_groups
-    decayed = {names[id(p)] for g in types_groups for p in g["params"] if g["weight_decay"] > 0}
+    types_groups = groups_by_parameter(module, module.configure_optimizers()["optimizer"], lr_key="initial_lr")
+    decayed = {name for name, g in types_groups.items() if g["weight_decay"] > 0}
     assert decayed != {n for n, e in expected.items() if e[1] > 0}
 
 
